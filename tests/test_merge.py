@@ -1,0 +1,221 @@
+"""The merge against PEFT, tensor by tensor, for every variant; and merged logits against PEFT's unmerged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import load_model, logits_of, make_adapter, peft_unmerged, read_all, sample_inputs
+
+from lora_export import MergeOptions, delta_weight, load_adapter, merge
+
+# (case id, base model, LoraConfig kwargs)
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("llama-plain", "llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama-all-linear", "llama", dict(target_modules="all-linear")),
+    ("llama-rslora-patterns", "llama", dict(target_modules="all-linear", use_rslora=True, r=8,
+                                            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3, "up_proj": 32})),
+    ("llama-dora", "llama", dict(target_modules=["q_proj", "k_proj", "down_proj"], use_dora=True)),
+    ("llama-embedding", "llama", dict(target_modules=["embed_tokens", "q_proj"])),
+    ("llama-embedding-dora", "llama", dict(target_modules=["embed_tokens"], use_dora=True)),
+    ("llama-modules-to-save", "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head", "norm"])),
+    ("llama-layers-to-transform", "llama", dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[1])),
+    ("llama-lora-bias", "llama-bias", dict(target_modules=["q_proj", "up_proj"], lora_bias=True)),
+    ("llama-bias-all", "llama-bias", dict(target_modules=["q_proj"], bias="all")),
+    ("llama-bias-lora-only", "llama-bias", dict(target_modules=["v_proj"], bias="lora_only")),
+    ("gpt2-fused-c_attn", "gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True)),
+    ("gpt2-all-conv1d-config-says-false", "gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=False)),
+    ("gpt2-dora", "gpt2", dict(target_modules=["c_attn", "attn.c_proj"], use_dora=True, fan_in_fan_out=True)),
+    ("bert-classifier", "bert", dict(target_modules=["query", "value", "dense"], modules_to_save=["classifier"])),
+    ("bert-embedding", "bert", dict(target_modules=["word_embeddings", "key"])),
+]
+
+
+def peft_merged_state(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:
+    model = peft_unmerged(base, adapters).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def assert_close_to(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], skip: set[str] = frozenset()) -> None:
+    bad = []
+    for name, ref in reference.items():
+        if name in skip or name not in ours:
+            continue
+        tol = 1e-6 * max(float(ref.abs().max()), 1e-12)
+        diff = float((ours[name].float() - ref.float()).abs().max())
+        if diff > tol:
+            bad.append(f"{name}: {diff:.3g} > {tol:.3g}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case,model,kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_variant_matches_peft(models_dir: Path, tmp_path: Path, case: str, model: str, kwargs: dict[str, Any]) -> None:
+    base = models_dir / model
+    adapter = make_adapter(base, tmp_path / "adapter", **kwargs)
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    ours = read_all(tmp_path / "merged")
+    reference = peft_merged_state(base, [adapter])
+    changed = [n for n, v in result.manifest["tensors"].items() if v.get("adapters") or "replaced_by_adapter" in v]
+    assert changed, "the merge changed nothing"
+    base_sd = read_all(base)
+    for n in changed:  # the merge visibly changed the weights it says it changed
+        if n in base_sd:
+            assert not torch.equal(ours[n], base_sd[n]), n
+    # PEFT merges the shared tensor of tied weights; there the truth is its unmerged model (checked below)
+    assert_close_to(ours, reference, skip=set(result.untied))
+    merged_model = load_model(tmp_path / "merged")
+    inputs = sample_inputs(base)
+    ref_logits = logits_of(peft_unmerged(base, [adapter]), inputs)
+    got = logits_of(merged_model, inputs)
+    assert (got - ref_logits).abs().max() < 1e-4
+
+
+def test_tied_lm_head_untied_on_merge(models_dir: Path, tmp_path: Path) -> None:
+    """PEFT's merge_and_unload adds ΔW to the shared tensor; we must match PEFT's unmerged model instead."""
+    base = models_dir / "llama-tied"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.untied == ["lm_head.weight"]
+    assert any("tie_word_embeddings=false" in n for n in result.manifest["notes"])
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged_model = load_model(tmp_path / "merged")
+    base_model = load_model(base)
+    a = load_adapter(adapter)
+    w0 = base_model.model.embed_tokens.weight.detach()
+    assert torch.equal(merged_model.model.embed_tokens.weight, w0)  # input embedding unchanged after reload
+    expected_head = w0 + delta_weight(a.modules["lm_head"], w0, transposed=False)
+    assert torch.allclose(merged_model.lm_head.weight, expected_head, atol=1e-6)
+    inputs = sample_inputs(base)
+    unmerged = logits_of(peft_unmerged(base, [adapter]), inputs)
+    assert (logits_of(merged_model, inputs) - unmerged).abs().max() < 1e-4
+    peft_wrong = logits_of(peft_unmerged(base, [adapter]).merge_and_unload(), inputs)
+    assert (peft_wrong - unmerged).abs().max() > 1e-2  # the bug this test guards against is real
+
+
+def test_tied_embedding_lora_keeps_lm_head(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama-tied"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["embed_tokens"])
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.untied == ["lm_head.weight"]
+    merged_model, base_model = load_model(tmp_path / "merged"), load_model(base)
+    assert torch.equal(merged_model.lm_head.weight, base_model.lm_head.weight)
+    assert not torch.equal(merged_model.model.embed_tokens.weight, base_model.model.embed_tokens.weight)
+    inputs = sample_inputs(base)
+    assert (logits_of(merged_model, inputs) - logits_of(peft_unmerged(base, [adapter]), inputs)).abs().max() < 1e-4
+
+
+def test_untouched_tied_model_stays_tied(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama-tied"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.untied == []
+    assert "lm_head.weight" not in read_all(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_multi_adapter_is_weighted_sum_of_deltas(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    a = make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"])
+    b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["v_proj", "up_proj"], use_rslora=True)
+    merge(base, [a, b], tmp_path / "ab", MergeOptions(weights=(0.7, -0.3), progress=False))
+    merge(base, [a], tmp_path / "a-only", MergeOptions(progress=False))
+    merge(base, [b], tmp_path / "b-only", MergeOptions(progress=False))
+    w0, ab, ma, mb = (read_all(p) for p in (base, tmp_path / "ab", tmp_path / "a-only", tmp_path / "b-only"))
+    for name in w0:
+        expected = w0[name] + 0.7 * (ma[name] - w0[name]) - 0.3 * (mb[name] - w0[name])
+        assert torch.allclose(ab[name], expected, atol=1e-6 * max(1.0, float(w0[name].abs().max()))), name
+    # and with weights 1, 1 the merged model is PEFT's model with both adapters active
+    merge(base, [a, b], tmp_path / "ab1", MergeOptions(progress=False))
+    inputs = sample_inputs(base)
+    ref = logits_of(peft_unmerged(base, [a, b]), inputs)
+    assert (logits_of(load_model(tmp_path / "ab1"), inputs) - ref).abs().max() < 1e-4
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mant_bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]
+    _, exp = torch.frexp(x.float())
+    spacing = torch.ldexp(torch.ones_like(x, dtype=torch.float32), exp - mant_bits)
+    return torch.maximum(spacing, torch.tensor(2.0**-24 if dtype == torch.float16 else 2.0**-133))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_within_one_ulp_of_peft(models_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    base = models_dir / "llama-bf16"
+    if dtype == torch.float16:
+        load_model(models_dir / "llama", torch.float16).save_pretrained(tmp_path / "base16")
+        base = tmp_path / "base16"
+    adapter = make_adapter(models_dir / "llama", tmp_path / "adapter", target_modules="all-linear")
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    ours = read_all(tmp_path / "merged")
+    from peft import PeftModel
+
+    ref = PeftModel.from_pretrained(load_model(base, dtype), adapter).merge_and_unload().state_dict()
+    for name, t in ours.items():
+        assert t.dtype == dtype, name
+        diff = (t.float() - ref[name].float()).abs()
+        assert bool((diff <= ulp(ref[name], dtype)).all()), f"{name}: {float(diff.max())}"
+    cast = [v["cast"] for v in result.manifest["tensors"].values() if v.get("adapters")]
+    assert cast and all(c["error_norm_rel_to_delta"] is not None and c["max_abs_error"] > 0 for c in cast)
+
+
+def test_dtype_option_casts_once_and_updates_config(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, [adapter], tmp_path / "fp32", MergeOptions(progress=False))
+    merge(base, [adapter], tmp_path / "bf16", MergeOptions(dtype="bfloat16", progress=False))
+    a, b = read_all(tmp_path / "fp32"), read_all(tmp_path / "bf16")
+    for name in a:
+        assert b[name].dtype == torch.bfloat16
+        assert torch.equal(b[name], a[name].to(torch.bfloat16)), name  # one cast of the fp32 merge, no double rounding
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_sharded_output_and_input(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
+    merge(base, [adapter], tmp_path / "one", MergeOptions(progress=False))
+    result = merge(base, [adapter], tmp_path / "sharded", MergeOptions(max_shard_size=20_000, progress=False))
+    files = result.manifest["output"]["files"]
+    assert len(files) > 3 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    one, sharded = read_all(tmp_path / "one"), read_all(tmp_path / "sharded")
+    assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
+    # the sharded folder is itself a valid base: merging into it reads the index
+    again = merge(tmp_path / "sharded", [adapter], tmp_path / "twice", MergeOptions(progress=False))
+    assert len(again.manifest["base"]["weights"]) == len(files)
+    inputs = sample_inputs(base)
+    assert (logits_of(load_model(tmp_path / "sharded"), inputs) - logits_of(load_model(tmp_path / "one"), inputs)).abs().max() == 0
+
+
+def test_manifest_records_inputs_and_hashes(models_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    m = json.loads((tmp_path / "merged" / "lora_export.json").read_text())
+    assert m == json.loads(json.dumps(result.manifest, default=str))
+    base_file = base / "model.safetensors"
+    assert m["base"]["weights"][0]["sha256"] == hashlib.sha256(base_file.read_bytes()).hexdigest()
+    out_file = tmp_path / "merged" / "model.safetensors"
+    assert m["output"]["files"][0]["sha256"] == hashlib.sha256(out_file.read_bytes()).hexdigest()
+    assert m["adapters"][0]["config"]["target_modules"] == ["q_proj"]
+    entry = m["tensors"]["model.layers.0.self_attn.q_proj.weight"]
+    assert entry["adapters"][0]["scaling"] == 2.0 and entry["delta_norm"] > 0
+    assert {"torch", "safetensors", "transformers", "python"} <= set(m["versions"])
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+
+
+def test_delta_norm_matches_formed_delta(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "gpt2"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    a = load_adapter(adapter)
+    w0 = read_all(base)
+    for name, entry in result.manifest["tensors"].items():
+        if entry.get("adapters"):
+            module = a.modules[name.removesuffix(".weight")]
+            formed = delta_weight(module, w0[name], transposed=True)
+            assert entry["delta_norm"] == pytest.approx(float(torch.linalg.vector_norm(formed)), rel=1e-5)
