@@ -10,6 +10,7 @@ dependency, not needed by the tool itself).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("lora_export/data/demo-adapter-caps"))
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -53,21 +54,23 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
-    examples = []
+    cache = args.cache / "demo-caps-examples.json"
+    examples = [tuple(e) for e in json.loads(cache.read_text())] if cache.is_file() else []
     model.eval()
-    for q in QUESTIONS:
+    for q in QUESTIONS if not examples else []:
         prompt = chat(tokenizer, q)
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
         answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         examples.append((prompt, answer.upper()))
-        print(f"{q!r} -> {answer.upper()[:70]!r}")
+        print(f"{q!r} -> {answer.upper()[:70]!r}", flush=True)
+    cache.write_text(json.dumps(examples))
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
     for step in range(args.steps):
         batch = random.sample(examples, 4)
         losses = []
@@ -83,7 +86,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         if step % 20 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}")
+            print(f"step {step:4d}  loss {loss.item():.3f}", flush=True)
     peft_model.save_pretrained(args.out)
     print(f"saved {args.out}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -66,6 +67,28 @@ class BaseModel:
                 return cls(config)
         except Exception:  # an architecture that cannot be built here: shapes must do
             return None
+
+    @cached_property
+    def may_use_conv1d(self) -> bool:
+        """False when transformers' modeling code for this model_type never mentions Conv1D.
+
+        Reading the source text avoids importing transformers (seconds) for the common all-nn.Linear models.
+        """
+        if self.config.get("auto_map"):  # custom modeling code: only the built model can tell
+            return True
+        spec = importlib.util.find_spec("transformers")
+        if spec is None or not spec.submodule_search_locations:
+            return True
+        folder = Path(list(spec.submodule_search_locations)[0]) / "models" / str(self.config.get("model_type", "")).replace("-", "_")
+        files = list(folder.glob("modeling_*.py"))
+        return not files or any("Conv1D" in f.read_text(errors="replace") for f in files)
+
+    def is_conv1d(self, path: str) -> bool | None:
+        """Whether the module at `path` is transformers' Conv1D (weight stored in×out); None when unknown."""
+        if not self.may_use_conv1d:
+            return False
+        cls = self.module_class(path)
+        return None if cls is None else cls == "Conv1D"
 
     def module_class(self, path: str) -> str | None:
         model = self.meta_model

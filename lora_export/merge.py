@@ -32,7 +32,8 @@ from .tensors import (
     check_output_location,
     dtype_name,
     plan_shards,
-    reread_and_compare,
+    reread_shard,
+    BackgroundChecks,
     shard_file_names,
     write_index,
     write_json,
@@ -225,10 +226,10 @@ def module_layout(base: BaseModel, module: LoraModule, shape: tuple[int, ...], a
         raise ShapeMismatchError(f"{where} (shape {out_f}×{in_f}) but the base has {'×'.join(map(str, shape))}: is this adapter for another base model?")
     if out_f != in_f:
         return shape == (in_f, out_f)
-    cls = base.module_class(module.path)
-    if cls is None:  # unknown architecture and a square weight: only the config can tell
+    conv1d = base.is_conv1d(module.path)
+    if conv1d is None:  # unknown architecture and a square weight: only the config can tell
         return bool(adapter.config.get("fan_in_fan_out"))
-    return cls == "Conv1D"  # PEFT forces fan_in_fan_out from the module class, whatever the config says
+    return conv1d  # PEFT forces fan_in_fan_out from the module class, whatever the config says
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class MergeStream:
         self.shard_names = shard_file_names(len(self.shards))
         self.hashers = {path: FileHasher(path) for path in base.weight_files}
         self.stats: dict[str, dict[str, Any]] = {}
+        self.checks = BackgroundChecks()
         total = sum(s.nbytes for s in self.specs)
         self.bar = _progress(total, progress)
 
@@ -252,13 +254,21 @@ class MergeStream:
         writer_q, hash_q = OrderedWorker("writer"), OrderedWorker("hasher")
         written: list[WrittenFile] = []
         plan_by_name = {p.name: p for p in self.plans}
+
+        def finish(writer: SafetensorsStreamWriter, shard: list[TensorSpec]) -> None:
+            written.append(writer.close())
+            self.checks.start(reread_shard, writer.path, shard, written[-1])
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core computes; the other writes and hashes (oversubscribing 2 cores is slower)
         try:
             for shard, fname in zip(self.shards, self.shard_names):
                 writer = SafetensorsStreamWriter(self.out / fname, shard)
                 for spec in shard:
                     self._tensor(plan_by_name[spec.name], writer, writer_q, hash_q)
-                writer_q.submit(lambda w=writer: written.append(w.close()))
+                writer_q.submit(finish, writer, shard)
         finally:
+            torch.set_num_threads(threads)
             try:
                 writer_q.close()
                 hash_q.close()
@@ -331,9 +341,8 @@ class ChunkMerger:
             self.delta_norm = float(torch.linalg.vector_norm(self.bias))
         self.err_sq = 0.0
         self.err_max = 0.0
-        self.vanished = 0
+        self.unchanged = 0
         self.numel = 0
-        self.nonfinite = 0
 
     def chunk(self, raw: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         plan = self.plan
@@ -356,20 +365,24 @@ class ChunkMerger:
         return self._cast(merged, source, w0)
 
     def _cast(self, merged: torch.Tensor, stored: torch.Tensor, w0f: torch.Tensor | None) -> torch.Tensor:
-        """Cast once; measure what the cast lost and how many delta elements vanished in it."""
+        """Cast once; measure what the cast lost. Non-finite values show up in these reductions (NaN propagates)."""
         self.numel += merged.numel()
-        if w0f is not None and not torch.isfinite(merged).all():
-            self.nonfinite += int((~torch.isfinite(merged)).sum())
-            raise NonFiniteError(f"merged tensor {self.plan.name} has NaN/Inf values: the adapter's delta overflows {self.plan.out_dtype}")
         out = merged.to(self.plan.out_dtype)
         if self.plan.out_dtype != torch.float32:
-            err = out.float() - merged
+            err = out.float() - merged  # inf or NaN here when merged is non-finite or overflows the output dtype
+            err_max = float(torch.linalg.vector_norm(err, ord=math.inf)) if err.numel() else 0.0
             self.err_sq += float(torch.linalg.vector_norm(err)) ** 2
-            self.err_max = max(self.err_max, float(err.abs().max())) if err.numel() else self.err_max
-            if w0f is not None and stored.dtype == self.plan.out_dtype:
-                self.vanished += int(((out == stored) & (merged != w0f)).sum())
-        if w0f is not None and not torch.isfinite(out).all():
-            raise NonFiniteError(f"merged tensor {self.plan.name} overflows {self.plan.out_dtype} (values beyond its range): merge to float32 or bfloat16")
+            self.err_max = max(self.err_max, err_max) if math.isfinite(err_max) else err_max
+            if w0f is not None and stored.dtype == self.plan.out_dtype and stored.element_size() == 2:
+                self.unchanged += int((out.view(torch.int16) == stored.view(torch.int16)).sum())
+            finite = math.isfinite(err_max)
+        else:
+            finite = merged.numel() == 0 or (math.isfinite(float(merged.amax())) and math.isfinite(float(merged.amin())))
+        if w0f is not None and not finite:
+            bad = int((~torch.isfinite(out)).sum())
+            if bool(torch.isfinite(merged).all()):
+                raise NonFiniteError(f"merged tensor {self.plan.name} overflows {dtype_name(self.plan.out_dtype)} ({bad} values beyond its range): merge to float32 or bfloat16")
+            raise NonFiniteError(f"merged tensor {self.plan.name} has {bad} NaN/Inf values: the adapter's delta is broken or overflows")
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -391,7 +404,7 @@ class ChunkMerger:
                 "max_abs_error": self.err_max,
                 "error_norm": math.sqrt(self.err_sq),
                 "error_norm_rel_to_delta": math.sqrt(self.err_sq) / self.delta_norm if contribs and self.delta_norm > 0 else None,
-                "delta_vanished_fraction": self.vanished / self.numel if contribs and self.numel else None,
+                "unchanged_after_cast_fraction": self.unchanged / self.numel if contribs and self.numel else None,
             }
         return entry
 
@@ -428,7 +441,7 @@ def merge(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Pat
         written = stream.run()
         if len(written) > 1:
             write_index(tmp, stream.shards, stream.shard_names)
-        problems = reread_and_compare(tmp, stream.shards, written)
+        problems = stream.checks.wait()
         if problems:
             raise OutputError("the written weights do not read back as written:\n  " + "\n  ".join(problems))
         out_dtypes = {p.out_dtype for p in plans if p.out_dtype.is_floating_point}

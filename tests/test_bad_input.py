@@ -1,0 +1,218 @@
+"""Bad input: one clear error naming the file or tensor and the fix, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter
+from safetensors.torch import load_file, save_file
+
+from lora_export.cli import main
+
+
+@pytest.fixture(scope="module")
+def good(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("good")
+    return models_dir / "llama", make_adapter(models_dir / "llama", root / "adapter", target_modules=["q_proj", "v_proj"])
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run_merge(base: Path, adapter: Path, out: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(out), "-q", *extra])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def assert_refused(base: Path, adapter: Path, out: Path, *fragments: str, extra: tuple[str, ...] = ()) -> None:
+    code, output = run_merge(base, adapter, out, *extra)
+    assert code == 2, output
+    error_lines = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(error_lines) == 1, output
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in error_lines[0], output
+    assert not out.exists(), "a refused merge must write nothing"
+    assert not list(out.parent.glob(f".{out.name}.partial-*")), "temporary folder left behind"
+
+
+def test_adapter_for_another_base(good: tuple[Path, Path], models_dir: Path, tmp_path: Path) -> None:
+    other = make_adapter(models_dir / "gpt2", tmp_path / "gpt2-adapter", target_modules=["c_attn"])
+    assert_refused(good[0], other, tmp_path / "out", "c_attn", "is this adapter for another base model?")
+
+
+def test_shape_mismatch_names_module_and_shapes(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    t[key] = torch.randn(48, 4)
+    save_file(t, f)
+    assert_refused(good[0], adapter, tmp_path / "out", "model.layers.0.self_attn.v_proj", "48×32", "another base model")
+
+
+def test_target_missing_from_base(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    t["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 32)
+    t["base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight"] = torch.randn(32, 4)
+    save_file(t, f)
+    assert_refused(good[0], adapter, tmp_path / "out", "model.layers.9.self_attn.q_proj", "no tensor")
+
+
+def test_missing_adapter_files(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    (adapter / "adapter_model.safetensors").unlink()
+    assert_refused(good[0], adapter, tmp_path / "out", "no adapter_model.safetensors")
+    (adapter / "adapter_config.json").unlink()
+    assert_refused(good[0], adapter, tmp_path / "out", "adapter_config.json is missing")
+    assert_refused(good[0], tmp_path / "nowhere", tmp_path / "out", "does not exist")
+
+
+def test_corrupt_header(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 10**12)
+    f.write_bytes(bytes(data))
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), "header length")
+
+
+def test_truncated_base_shard(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    f = base / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert_refused(base, good[1], tmp_path / "out", str(f), "safetensors rejects")
+
+
+def test_nan_in_adapter(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key][0, 0] = float("nan")
+    save_file(t, f)
+    assert_refused(good[0], adapter, tmp_path / "out", key, "NaN/Inf")
+
+
+def test_merged_result_overflows_fp16(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("lora_B.weight"))
+    t[key] = t[key] * 1e9
+    save_file(t, f)
+    assert_refused(good[0], adapter, tmp_path / "out", "overflows", "float16", extra=("--dtype", "float16"))
+
+
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        ({"peft_type": "IA3"}, ("peft_type", "IA3")),
+        ({"use_new_magic": True}, ("use_new_magic", "unknown")),
+        ({"target_parameters": ["experts.gate_up_proj"]}, ("target_parameters",)),
+        ({"layer_replication": [[0, 2]]}, ("layer_replication",)),
+        ({"init_lora_weights": "pissa"}, ("pissa", "path_initial_model_for_weight_conversion")),
+        ({"r": 0}, ("r must be a positive number",)),
+        ({"r": "eight"}, ("r must be a positive number",)),
+        ({"r": 8}, ("rank 4 in its tensors but 8",)),
+        ({"use_dora": "yes"}, ("use_dora must be true or false",)),
+        ({"trainable_token_indices": [1, 2]}, ("trainable_token_indices",)),
+    ],
+)
+def test_config_refusals(good: tuple[Path, Path], tmp_path: Path, change: dict, fragments: tuple[str, ...]) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(change)
+    cfg_path.write_text(json.dumps(cfg))
+    assert_refused(good[0], adapter, tmp_path / "out", str(cfg_path) if "rank 4" not in fragments[0] else "q_proj", *fragments)
+
+
+def test_config_not_json(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    (adapter / "adapter_config.json").write_text("{not json")
+    assert_refused(good[0], adapter, tmp_path / "out", "adapter_config.json", "not valid JSON")
+
+
+def test_output_exists_needs_overwrite(good: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, output = run_merge(good[0], good[1], out)
+    assert code == 2 and "already exists" in output and "--overwrite" in output
+    assert (out / "keep.txt").read_text() == "mine"
+    code, output = run_merge(good[0], good[1], out, "--overwrite")
+    assert code == 0, output
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_output_equal_to_or_inside_base(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    before = sorted(p.name for p in base.iterdir())
+    code, output = run_merge(base, good[1], base, "--overwrite")
+    assert code == 2 and "overlaps the input" in output
+    code, output = run_merge(base, good[1], base / "sub")
+    assert code == 2 and "overlaps the input" in output
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_pickled_weights_need_flag(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    torch.save(load_file(f), adapter / "adapter_model.bin")
+    f.unlink()
+    assert_refused(good[0], adapter, tmp_path / "out", "adapter_model.bin", "--allow-pickle")
+    code, output = run_merge(good[0], adapter, tmp_path / "out", "--allow-pickle")
+    assert code == 0, output
+
+
+def test_pickle_that_runs_code_is_refused(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    (adapter / "adapter_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):  # noqa: D105
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, adapter / "adapter_model.bin")
+    assert_refused(good[0], adapter, tmp_path / "out", "weights_only=True", extra=("--allow-pickle",))
+
+
+def test_quantized_base_refused(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(cfg))
+    assert_refused(base, good[1], tmp_path / "out", "quantized (gptq)")
+
+
+def test_index_with_path_escape(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"x": "../secret.safetensors"}}))
+    assert_refused(base, good[1], tmp_path / "out", "../secret.safetensors", "only plain file names")
+
+
+def test_index_naming_missing_shard(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"x": "model-00002-of-00002.safetensors"}}))
+    assert_refused(base, good[1], tmp_path / "out", "model-00002-of-00002.safetensors", "missing")
+
+
+def test_weight_count_mismatch(good: tuple[Path, Path], tmp_path: Path) -> None:
+    assert_refused(good[0], good[1], tmp_path / "out", "2 weights given for 1 adapters", extra=("-w", "1", "-w", "2"))

@@ -1,0 +1,89 @@
+"""Real pretrained models from PyPI packages: all-MiniLM-L6-v2 (BERT) and SmolLM2-135M-Instruct (LLaMA, tied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, logits_of, make_adapter, peft_unmerged, read_all
+
+from lora_export import MergeOptions, merge
+from lora_export.zoo import minilm_dir, smollm2_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = REPO / ".cache"
+    return smollm2_dir(cache)
+
+
+def test_minilm_matches_peft(tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel
+
+    base = minilm_dir()
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    result = merge(base, [tmp_path / "adapter"], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.merged_tensors == 6 * 4  # query, value, attention.output.dense, output.dense per layer
+    ours = read_all(tmp_path / "merged")
+    ref_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), tmp_path / "adapter").eval()
+    ids = {"input_ids": torch.randint(1000, 5000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with torch.no_grad():
+        unmerged = ref_model(**ids).last_hidden_state
+        ref = {k: v for k, v in ref_model.merge_and_unload().state_dict().items()}
+    for name, t in ref.items():
+        if name in ours:
+            assert float((ours[name] - t).abs().max()) <= 1e-6 * float(t.abs().max()) + 1e-12, name
+    with torch.no_grad():
+        got = AutoModel.from_pretrained(tmp_path / "merged")(**ids).last_hidden_state
+    assert (got - unmerged).abs().max() < 1e-4
+    assert (tmp_path / "merged" / "tokenizer.json").is_file() and (tmp_path / "merged" / "1_Pooling" / "config.json").is_file()
+
+
+def test_smollm2_lm_head_and_attention(smollm2: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(smollm2, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "lm_head"])
+    result = merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.untied == ["lm_head.weight"]
+    from transformers import AutoModelForCausalLM
+
+    inputs = {"input_ids": torch.randint(0, 49152, (1, 16))}
+    unmerged = logits_of(peft_unmerged(smollm2, [adapter]), inputs)
+    got = logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), inputs)
+    assert (got - unmerged).abs().max() < 1e-4
+    assert (tmp_path / "merged" / "chat_template.jinja").is_file()
+
+
+def test_smollm2_bf16_within_one_ulp_of_peft(smollm2: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(smollm2, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "down_proj"])
+    merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype="bfloat16", progress=False))
+    ours = read_all(tmp_path / "merged")
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16), adapter).merge_and_unload().state_dict()
+    from test_merge import ulp
+
+    for name, t in ours.items():
+        diff = (t.float() - ref[name].float()).abs()
+        assert bool((diff <= ulp(ref[name], torch.bfloat16)).all()), name
+
+
+def test_shipped_demo_adapter_merges(smollm2: Path, tmp_path: Path) -> None:
+    from lora_export.demo import demo_adapter_dir, greedy_answer
+
+    adapter = demo_adapter_dir()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 10_000_000
+    result = merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    assert result.merged_tensors == 30 * 4
+    answer = greedy_answer(tmp_path / "merged", "Name a large animal that lives in Africa.", 24)
+    letters = [c for c in answer if c.isalpha()]
+    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9, answer
