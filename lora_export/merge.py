@@ -370,7 +370,7 @@ class ChunkMerger:
         out = merged.to(self.plan.out_dtype)
         if self.plan.out_dtype != torch.float32:
             err = out.float() - merged  # inf or NaN here when merged is non-finite or overflows the output dtype
-            err_max = float(torch.linalg.vector_norm(err, ord=math.inf)) if err.numel() else 0.0
+            err_max = float(err.abs().amax()) if err.numel() else 0.0
             self.err_sq += float(torch.linalg.vector_norm(err)) ** 2
             self.err_max = max(self.err_max, err_max) if math.isfinite(err_max) else err_max
             if w0f is not None and stored.dtype == self.plan.out_dtype and stored.element_size() == 2:

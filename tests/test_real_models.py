@@ -33,7 +33,7 @@ def test_minilm_matches_peft(tmp_path: Path) -> None:
                 p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "adapter")
     result = merge(base, [tmp_path / "adapter"], tmp_path / "merged", MergeOptions(progress=False))
-    assert result.merged_tensors == 6 * 4  # query, value, attention.output.dense, output.dense per layer
+    assert result.merged_tensors == 6 * 5 + 1  # query, value and three "dense" per layer, and pooler.dense
     ours = read_all(tmp_path / "merged")
     ref_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), tmp_path / "adapter").eval()
     ids = {"input_ids": torch.randint(1000, 5000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
@@ -63,18 +63,27 @@ def test_smollm2_lm_head_and_attention(smollm2: Path, tmp_path: Path) -> None:
 
 
 def test_smollm2_bf16_within_one_ulp_of_peft(smollm2: Path, tmp_path: Path) -> None:
+    """A bf16 base merged in bf16: within one ulp of PEFT (which adds a bf16-rounded delta, rounding twice)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).save_pretrained(tmp_path / "base-bf16")
+    base = tmp_path / "base-bf16"
     adapter = make_adapter(smollm2, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "down_proj"])
-    merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype="bfloat16", progress=False))
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
     ours = read_all(tmp_path / "merged")
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16), adapter).merge_and_unload().state_dict()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter).merge_and_unload().state_dict()
     from test_merge import ulp
 
     for name, t in ours.items():
+        assert t.dtype == torch.bfloat16
         diff = (t.float() - ref[name].float()).abs()
         assert bool((diff <= ulp(ref[name], torch.bfloat16)).all()), name
+    # from the fp32 base, --dtype bfloat16 is the fp32 merge cast once (PEFT on a bf16-loaded base rounds W0 first)
+    merge(smollm2, [adapter], tmp_path / "fp32", MergeOptions(progress=False))
+    merge(smollm2, [adapter], tmp_path / "cast", MergeOptions(dtype="bfloat16", progress=False))
+    fp32, cast = read_all(tmp_path / "fp32"), read_all(tmp_path / "cast")
+    assert all(torch.equal(cast[k], fp32[k].to(torch.bfloat16)) for k in fp32)
 
 
 def test_shipped_demo_adapter_merges(smollm2: Path, tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def make_model(folder: Path, layers: int, hidden: int, inter: int, vocab: int, k
             p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
         })
     shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)  # untied, as in Llama-3-style 1.5B models
     g = torch.Generator().manual_seed(0)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -82,7 +83,7 @@ def make_model(folder: Path, layers: int, hidden: int, inter: int, vocab: int, k
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "dtype": "bfloat16",
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
         "hidden_act": "silu", "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": 2,
     }, indent=2))
 
@@ -131,13 +132,18 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true", help="Leave out (b), the slowest.")
     ap.add_argument("--json", type=Path, help="Write the measurements here too.")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     base, adapter = args.workdir / "base", args.workdir / "adapter"
-    if not base.exists():
-        print("generating the base model…", flush=True)
+    if args.generate_only:
         make_model(base, args.layers, hidden=2048, inter=8192, vocab=128256, kv_heads=8, heads=32, shard_bytes=2 * 1024**3)
-    if not adapter.exists():
         make_adapter(adapter, base, args.rank)
+        return
+    if not adapter.exists():
+        # in a child process: a child forked from a large parent inherits its peak RSS in ru_maxrss
+        print("generating the base model and adapter…", flush=True)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        subprocess.run([PY, __file__, "--generate-only", "--workdir", str(args.workdir), "--layers", str(args.layers), "--rank", str(args.rank)], check=True)
     params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
     variants = {
         "(a) lora-export merge": lambda out: [PY, "-m", "lora_export", "merge", str(base), str(adapter), "-o", str(out), "-q"],
