@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError, InputError, NonFiniteError, UnsafeInputError, UnsupportedError
-from .tensors import TensorStore, sha256_file
+from .tensors import TensorStore, read_json_object, sha256_file
 
 PREFIX = "base_model.model."
 
@@ -111,14 +111,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     if not folder.is_dir():
         raise InputError(f"adapter folder {folder} does not exist")
-    if not path.is_file():
-        raise InputError(f"{path} is missing: is {folder} a PEFT adapter folder (saved with save_pretrained)?")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e}): re-save the adapter with PEFT") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    config = read_json_object(path, f"is {folder} a PEFT adapter folder (saved with save_pretrained)?", AdapterError, ": re-save the adapter with PEFT")
     check_config(config, path)
     return config
 

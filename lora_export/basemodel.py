@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, UnsafeInputError, UnsupportedError
-from .tensors import TensorStore, safe_child, sha256_file
+from .tensors import TensorStore, read_json_object, safe_child, sha256_file
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -123,16 +123,7 @@ class BaseModel:
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path} is missing: is {folder} a transformers model folder (saved with save_pretrained)?")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(folder / "config.json", f"is {folder} a transformers model folder (saved with save_pretrained)?")
 
 
 def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorStore]:

@@ -418,6 +418,19 @@ class BackgroundChecks:
         return list(self._problems)
 
 
+def read_json_object(path: Path, missing_hint: str, error: type[Exception] = InputError, fix: str = "") -> dict[str, Any]:
+    """A JSON object from `path`, or one error naming the file, what is wrong and the fix."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {missing_hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
