@@ -6,8 +6,6 @@ implement is refused by name, so an adapter is either merged exactly or not at a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -81,10 +79,6 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     # Base tensor name → full replacement: modules_to_save, trained biases, base_layer weights PEFT saved.
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def files(self) -> list[dict[str, Any]]:
         cfg = self.path / "adapter_config.json"
@@ -248,9 +242,3 @@ def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any],
         raise AdapterError(f"{file}: module {path}: lora_B.bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     return LoraModule(path, kind, r, float(alpha), scaling, a, b, magnitude, bias)
 
-
-def adapter_digest(adapter: LoraAdapter) -> str:
-    """A short identity for an adapter: its weights' and config's hashes."""
-    h = hashlib.sha256(adapter.sha256.encode())
-    h.update(json.dumps(adapter.config, sort_keys=True).encode())
-    return h.hexdigest()

@@ -90,12 +90,14 @@ class BaseModel:
         cls = self.module_class(path)
         return None if cls is None else cls == "Conv1D"
 
-    def module_class(self, path: str) -> str | None:
+    @cached_property
+    def module_classes(self) -> dict[str, str] | None:
         model = self.meta_model
-        if model is None:
-            return None
-        module = dict(model.named_modules()).get(path)
-        return type(module).__name__ if module is not None else None
+        return None if model is None else {name: type(m).__name__ for name, m in model.named_modules()}
+
+    def module_class(self, path: str) -> str | None:
+        classes = self.module_classes
+        return None if classes is None else classes.get(path)
 
     def tied_aliases(self) -> dict[str, str]:
         """Weight names the checkpoint does not store because they are tied: {output name: stored name}."""
@@ -112,14 +114,6 @@ class BaseModel:
         if dst in self.store or src not in self.store:
             return {}
         return {dst: src}
-
-    def input_embedding_name(self) -> str | None:
-        model = self.meta_model
-        if model is None:
-            return None
-        names = {id(m): n for n, m in model.named_modules()}
-        inp = model.get_input_embeddings()
-        return names[id(inp)] + ".weight" if inp is not None and id(inp) in names else None
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:

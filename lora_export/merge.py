@@ -87,9 +87,7 @@ def delta_weight(module: LoraModule, base_weight: torch.Tensor, transposed: bool
         return delta
     v = w0 + delta
     m = module.magnitude.float()
-    if module.kind == "embedding":  # (vocab, dim): one norm per dim, over the vocabulary
-        return v * (m / torch.linalg.vector_norm(v, dim=0)) - w0
-    if transposed:  # (in, out): one norm per output column
+    if transposed:  # (in, out) or (vocab, dim): one norm per output column, over the rows
         return v * (m / torch.linalg.vector_norm(v, dim=0)) - w0
     return v * (m / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1) - w0
 
@@ -291,7 +289,7 @@ class MergeStream:
         if any(c.module.magnitude is not None for c in plan.deltas):
             self._dora_tensor(plan, info, hasher, writer, writer_q, hash_q)
             return
-        merger = ChunkMerger(plan, self.base)
+        merger = ChunkMerger(plan)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw = store.read_rows(plan.source, r0, r1)
@@ -315,7 +313,7 @@ class MergeStream:
             d = c.weight * delta_weight(c.module, w0, c.transposed)
             norms.append(float(torch.linalg.vector_norm(d)))
             merged += d
-        merger = ChunkMerger(plan, self.base)
+        merger = ChunkMerger(plan)
         out = merger.finish_full(raw, w0, merged, norms)
         writer_q.submit(writer.write, out)
         self.bar.update(out.numel() * out.element_size())
@@ -325,7 +323,7 @@ class MergeStream:
 class ChunkMerger:
     """Merges one tensor chunk by chunk; accumulates the numbers the manifest reports."""
 
-    def __init__(self, plan: TensorPlan, base: BaseModel):
+    def __init__(self, plan: TensorPlan):
         self.plan = plan
         self.left = self.right = None
         if plan.deltas:

@@ -29,9 +29,9 @@ def merge_text(result: MergeResult) -> str:
     casts = [v["cast"] for v in merged.values() if v.get("cast") and v["cast"]["error_norm_rel_to_delta"] is not None]
     if casts:
         worst = max(c["error_norm_rel_to_delta"] for c in casts)
-        vanished = max(c["unchanged_after_cast_fraction"] or 0.0 for c in casts)
+        unchanged = max(c["unchanged_after_cast_fraction"] or 0.0 for c in casts)
         lines.append(
-            f"  cast        worst ‖cast error‖/‖ΔW‖ = {worst:.3g}; worst share of elements the cast returned to their base value = {vanished:.2%}"
+            f"  cast        worst ‖cast error‖/‖ΔW‖ = {worst:.3g}; worst share of elements the cast returned to their base value = {unchanged:.2%}"
         )
     for note in m["notes"]:
         lines.append(f"  note        {note}")

@@ -68,10 +68,6 @@ class TensorInfo:
     end: int
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def row_bytes(self) -> int:
         rows = self.shape[0] if self.shape else 1
         return (self.end - self.start) // rows if rows else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib import metadata
 from pathlib import Path
 
@@ -58,5 +59,7 @@ def smollm2_dir(cache: Path | str) -> Path:
     config = json.loads((tmp / "config.json").read_text())
     config.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # an incomplete earlier build
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out
