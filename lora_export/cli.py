@@ -53,10 +53,11 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (lora_export.json) on stdout instead of a summary.")
+@click.option("--rehash-output", is_flag=True, help="Hash every written shard again from disk (each shard is always re-parsed and size-checked).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def merge(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights: tuple[float, ...], dtype: str,
-          max_shard_size: str, overwrite: bool, allow_pickle: bool, as_json: bool, quiet: bool) -> None:
+          max_shard_size: str, overwrite: bool, allow_pickle: bool, as_json: bool, rehash_output: bool, quiet: bool) -> None:
     """Fold LoRA adapters into BASE_DIR: W = W0 + Σ wᵢ·ΔWᵢ, computed in float32 and cast once.
 
     Streams tensor by tensor (memory stays at a few tensors, whatever the model's size), writes a folder that
@@ -72,7 +73,7 @@ def merge(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights
     from .report import merge_text, to_json
 
     options = MergeOptions(dtype=dtype, weights=weights, max_shard_size=parse_size(max_shard_size), allow_pickle=allow_pickle,
-                           overwrite=overwrite, progress=not quiet)
+                           overwrite=overwrite, progress=not quiet, rehash_output=rehash_output)
     result = merge_fn(base_dir, adapter_dirs, out_dir, options)
     click.echo(to_json(result.manifest) if as_json else merge_text(result))
 

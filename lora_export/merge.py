@@ -53,6 +53,7 @@ class MergeOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     progress: bool = True
+    rehash_output: bool = False  # hash every written shard again from disk (slow; mostly reads the page cache back)
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,8 @@ def module_layout(base: BaseModel, module: LoraModule, shape: tuple[int, ...], a
 class MergeStream:
     """Reads each planned tensor in row chunks, merges, casts, hands bytes to the writer; records statistics."""
 
-    def __init__(self, base: BaseModel, plans: list[TensorPlan], out: Path, max_shard_size: int, progress: bool):
-        self.base, self.plans, self.out = base, plans, out
+    def __init__(self, base: BaseModel, plans: list[TensorPlan], out: Path, max_shard_size: int, progress: bool, rehash: bool = False):
+        self.base, self.plans, self.out, self.rehash = base, plans, out, rehash
         self.specs = [TensorSpec(p.name, p.out_dtype, p.shape) for p in plans]
         self.shards = plan_shards(self.specs, max_shard_size)
         self.shard_names = shard_file_names(len(self.shards))
@@ -255,7 +256,7 @@ class MergeStream:
 
         def finish(writer: SafetensorsStreamWriter, shard: list[TensorSpec]) -> None:
             written.append(writer.close())
-            self.checks.start(reread_shard, writer.path, shard, written[-1])
+            self.checks.start(reread_shard, writer.path, shard, written[-1], self.rehash)
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one core computes; the other writes and hashes (oversubscribing 2 cores is slower)
@@ -367,12 +368,16 @@ class ChunkMerger:
         self.numel += merged.numel()
         out = merged.to(self.plan.out_dtype)
         if self.plan.out_dtype != torch.float32:
-            err = out.float() - merged  # inf or NaN here when merged is non-finite or overflows the output dtype
-            err_max = float(err.abs().amax()) if err.numel() else 0.0
-            self.err_sq += float(torch.linalg.vector_norm(err)) ** 2
+            err = out.float().sub_(merged).reshape(-1)  # inf or NaN here when merged is non-finite or overflows the output dtype
+            if err.numel():
+                lo, hi = (float(v) for v in torch.aminmax(err))
+                err_max = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+                self.err_sq += float(torch.dot(err, err))
+            else:
+                err_max = 0.0
             self.err_max = max(self.err_max, err_max) if math.isfinite(err_max) else err_max
             if w0f is not None and stored.dtype == self.plan.out_dtype and stored.element_size() == 2:
-                self.unchanged += int((out.view(torch.int16) == stored.view(torch.int16)).sum())
+                self.unchanged += int(torch.count_nonzero(out.view(torch.int16) == stored.view(torch.int16)))
             finite = math.isfinite(err_max)
         else:
             finite = merged.numel() == 0 or (math.isfinite(float(merged.amax())) and math.isfinite(float(merged.amin())))
@@ -435,7 +440,7 @@ def merge(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Pat
     plans, untied, notes = plan_merge(base, adapters, weights, options.dtype)
 
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
-        stream = MergeStream(base, plans, tmp, options.max_shard_size, options.progress)
+        stream = MergeStream(base, plans, tmp, options.max_shard_size, options.progress, options.rehash_output)
         written = stream.run()
         if len(written) > 1:
             write_index(tmp, stream.shards, stream.shard_names)

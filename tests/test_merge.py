@@ -219,3 +219,22 @@ def test_delta_norm_matches_formed_delta(models_dir: Path, tmp_path: Path) -> No
             module = a.modules[name.removesuffix(".weight")]
             formed = delta_weight(module, w0[name], transposed=True)
             assert entry["delta_norm"] == pytest.approx(float(torch.linalg.vector_norm(formed)), rel=1e-5)
+
+
+def test_reread_finds_a_shard_changed_on_disk(models_dir: Path, tmp_path: Path) -> None:
+    from lora_export.tensors import SafetensorsStreamWriter, TensorSpec, reread_shard
+
+    spec = TensorSpec("w", torch.float32, (4, 4))
+    writer = SafetensorsStreamWriter(tmp_path / "s.safetensors", [spec])
+    writer.write(torch.arange(16, dtype=torch.float32).reshape(4, 4))
+    written = writer.close()
+    assert reread_shard(writer.path, [spec], written, rehash=True) == []
+    data = bytearray(writer.path.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte flipped: only the re-hash sees it
+    writer.path.write_bytes(bytes(data))
+    assert reread_shard(writer.path, [spec], written, rehash=False) == []
+    problems = reread_shard(writer.path, [spec], written, rehash=True)
+    assert len(problems) == 1 and "sha256 on disk" in problems[0]
+    writer.path.write_bytes(bytes(data[:-4]))
+    problems = reread_shard(writer.path, [spec], written, rehash=False)
+    assert len(problems) == 1 and "cannot parse" in problems[0]
