@@ -86,11 +86,17 @@ def delta_weight(module: LoraModule, base_weight: torch.Tensor, transposed: bool
         delta = delta.T
     if module.magnitude is None:
         return delta
-    v = w0 + delta
-    m = module.magnitude.float()
-    if transposed:  # (in, out) or (vocab, dim): one norm per output column, over the rows
-        return v * (m / torch.linalg.vector_norm(v, dim=0)) - w0
-    return v * (m / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1) - w0
+    scale = dora_scale(module, w0, transposed, delta)
+    return (w0 + delta) * (scale if transposed else scale.unsqueeze(1)) - w0
+
+
+def dora_scale(module: LoraModule, w0: torch.Tensor, transposed: bool, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA's m / ‖W0 + ΔW‖, one per output feature, fp32. Transposed layouts ((in, out), (vocab, dim)) take the
+    norm over their rows."""
+    if delta is None:
+        delta = module.scaling * (module.lora_B.float() @ module.lora_A.float())
+        delta = delta.T if transposed else delta
+    return module.magnitude.float() / torch.linalg.vector_norm(w0.float() + delta, dim=0 if transposed else 1)
 
 
 def lora_factors(module: LoraModule, weight: float, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
