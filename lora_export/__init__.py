@@ -13,12 +13,15 @@ from .errors import (  # noqa: E402
     UnsupportedError,
     VerifyError,
 )
+from .lora_runtime import LoraLayer, apply_lora, load_unmerged  # noqa: E402
 from .merge import MergeOptions, MergeResult, delta_weight, merge  # noqa: E402
+from .verify import TOLERANCES, VerifyOptions, VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "AdapterError",
     "InputError",
     "LoraAdapter",
+    "LoraLayer",
     "LoraExportError",
     "LoraModule",
     "MergeOptions",
@@ -26,10 +29,16 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "ShapeMismatchError",
+    "TOLERANCES",
     "UnsupportedError",
     "VerifyError",
+    "VerifyOptions",
+    "VerifyReport",
     "__version__",
+    "apply_lora",
     "delta_weight",
     "load_adapter",
+    "load_unmerged",
     "merge",
+    "verify",
 ]

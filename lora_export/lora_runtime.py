@@ -209,6 +209,9 @@ def model_class(folder: Path) -> Any:
 
 
 def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # "Loading weights" bars for every model would bury the report
     cls = model_class(Path(folder))
     try:
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)

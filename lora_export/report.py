@@ -41,3 +41,38 @@ def merge_text(result: MergeResult) -> str:
 
 def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=str)
+
+
+def verify_text(report: Any) -> str:
+    """Short and readable: what was compared, a PASS/FAIL line per check, the tolerances, where it diverged."""
+    lines = [
+        f"verify {report.merged} ({report.model_class}, {report.merged_dtype})",
+        f"  against {report.base} + {', '.join(report.adapters)} applied at run time, float32"
+        + (f", weights {report.weights}" if any(w != 1.0 for w in report.weights) else ""),
+        f"  inputs  {'; '.join(c['name'] for c in report.cases)}",
+    ]
+    for check in report.checks:
+        lines.append(f"  {'PASS' if check.passed else 'FAIL'}  {check.name:<22} {check.summary}")
+        lines.extend(f"        {f}" for f in check.failures[:5])
+        if len(check.failures) > 5:
+            lines.append(f"        … {len(check.failures) - 5} more in the JSON report")
+    gen = report.generation or {}
+    if report.merged_dtype != "float32" and report.merged_dtype in gen:
+        g = gen[report.merged_dtype]
+        verdict = "identical" if g["identical"] else f"differ from token {g['first_difference']}"
+        lines.append(f"  info  greedy tokens, merged {report.merged_dtype} vs unmerged float32: {verdict} (of {gen['max_new_tokens']})")
+    for dtype, tol in report.tolerances.items():
+        lines.append(f"  tolerance {dtype}: rel ≤ {tol['max_rel']:g}, cosine ≥ {tol['min_cosine']:g}, top-1 flip gap ≤ {tol['max_flip_gap']:g}, "
+                     f"KL ≤ {tol['max_kl']:g}, weights within {tol['weight_ulps']:g} ulp + 1e-6·max|W|")
+    d = report.diagnosis
+    if d:
+        first = d["first_divergence"]
+        where = f"{first['module']} (layer {first['layer']}), rel error {first['rel_error']:.3g}" if first else "no module beyond tolerance"
+        lines.append(f"  diagnosis ({d['compares']}, {d['case']}): first divergence at {where}")
+        weights = report.checks[0]
+        if weights.passed:
+            lines.append("        every merged tensor is within tolerance of W0 + ΔW: the difference arises in the computation")
+        for t in d["worst_tensors"][:3] if not weights.passed else []:
+            lines.append(f"        tensor {t['tensor']}: max |Δ| = {t['max_rel']:.3g}·max|W| (beyond tolerance by {t['excess_over_tolerance']:.3g}·max|W|)")
+    lines.append(f"  result: {'PASS' if report.passed else 'FAIL'}")
+    return "\n".join(lines)

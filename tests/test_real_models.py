@@ -96,3 +96,47 @@ def test_shipped_demo_adapter_merges(smollm2: Path, tmp_path: Path) -> None:
     answer = greedy_answer(tmp_path / "merged", "Name a large animal that lives in Africa.", 24)
     letters = [c for c in answer if c.isalpha()]
     assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9, answer
+
+
+def test_verify_smollm2_bf16_demo_adapter(smollm2: Path, tmp_path: Path) -> None:
+    from lora_export.demo import demo_adapter_dir
+    from lora_export.report import verify_text
+    from lora_export.verify import VerifyOptions, verify
+
+    adapter = demo_adapter_dir()
+    merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype="bfloat16", progress=False))
+    report = verify(smollm2, [adapter], tmp_path / "merged", VerifyOptions(max_new_tokens=32))
+    assert report.passed, [c.failures for c in report.checks]
+    assert report.cases[0]["name"].startswith("chat prompts")  # SmolLM2 has a tokenizer and a chat template
+    checks = {c.name: c for c in report.checks}
+    merge_err = max(m.max_rel for m in checks["merge (float32)"].metrics)
+    cast_err = max(m.max_rel for m in checks["cast (bfloat16)"].metrics)
+    assert merge_err < 1e-3 and cast_err > 10 * merge_err  # the cast, not the merge, makes the difference
+    gen = report.generation["bfloat16"]
+    text = verify_text(report)
+    expected = "identical" if gen["identical"] else f"differ from token {gen['first_difference']}"
+    assert f"merged bfloat16 vs unmerged float32: {expected}" in text
+    letters = [c for c in report.generation["unmerged_text"] if c.isalpha()]
+    assert sum(c.isupper() for c in letters) > 0.75 * len(letters)  # the demo adapter answers (mostly) in capitals
+
+
+def test_verify_minilm_encoder(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from lora_export.verify import VerifyOptions, verify
+
+    base = minilm_dir()
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    merge(base, [tmp_path / "adapter"], tmp_path / "merged", MergeOptions(progress=False))
+    report = verify(base, [tmp_path / "adapter"], tmp_path / "merged", VerifyOptions())
+    assert report.passed, [c.failures for c in report.checks]
+    assert report.model_class == "BertModel" and report.generation is None
+    outputs = {m.output for c in report.checks for m in c.metrics}
+    assert outputs == {"last_hidden_state", "pooler_output"}

@@ -1,0 +1,208 @@
+"""verify: passes on correct merges of every variant, and FAILS, naming the right layer, on broken ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter
+from safetensors.torch import load_file, save_file
+from test_merge import VARIANTS
+
+from lora_export import MergeOptions, merge
+from lora_export.cli import main
+from lora_export.verify import TOLERANCES, VerifyOptions, verify
+
+FAST = VerifyOptions(max_new_tokens=8)
+
+
+def checks_by_name(report: Any) -> dict[str, Any]:
+    return {c.name: c for c in report.checks}
+
+
+@pytest.mark.parametrize("case,model,kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_verify_passes_on_correct_merge(models_dir: Path, tmp_path: Path, case: str, model: str, kwargs: dict[str, Any]) -> None:
+    base = models_dir / model
+    adapter = make_adapter(base, tmp_path / "adapter", **kwargs)
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    assert report.passed, [c.failures for c in report.checks]
+    names = set(checks_by_name(report))
+    assert {"weights (float32)", "merge (float32)"} <= names
+    assert ("generation (float32)" in names) == (model != "bert")
+    merge_check = checks_by_name(report)["merge (float32)"]
+    assert merge_check.metrics and all(m.max_rel < 1e-5 for m in merge_check.metrics)
+    assert report.diagnosis is None
+
+
+def test_verify_passes_on_weighted_multi_adapter(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    a = make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"])
+    b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["v_proj", "up_proj"], use_dora=True)
+    merge(base, [a, b], tmp_path / "merged", MergeOptions(weights=(0.7, 0.3), progress=False))
+    assert verify(base, [a, b], tmp_path / "merged", VerifyOptions(weights=(0.7, 0.3), max_new_tokens=8)).passed
+    # the same merge checked against other weights is wrong
+    report = verify(base, [a, b], tmp_path / "merged", VerifyOptions(weights=(0.3, 0.7), max_new_tokens=8))
+    assert not report.passed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Broken merges: the verifier must fail and point at the right place
+
+
+def edit_merged(folder: Path, edit: Any) -> None:
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def assert_fails_at(report: Any, module: str, layer: str) -> None:
+    assert not report.passed
+    first = report.diagnosis["first_divergence"]
+    assert first is not None, report.diagnosis
+    assert first["module"] == module, first
+    assert first["layer"] == layer
+
+
+def test_fails_on_wrong_scaling(models_dir: Path, tmp_path: Path) -> None:
+    """Merged with α/√r (rsLoRA) while the adapter says α/r."""
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    wrong = tmp_path / "wrong-adapter"
+    shutil.copytree(adapter, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    merge(base, [wrong], tmp_path / "merged", MergeOptions(progress=False))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    assert_fails_at(report, "model.layers.0.self_attn.q_proj", "model.layers.0")
+    checks = checks_by_name(report)
+    assert not checks["weights (float32)"].passed and not checks["merge (float32)"].passed
+    worst = report.diagnosis["worst_tensors"][0]["tensor"]
+    assert worst.endswith(("q_proj.weight", "v_proj.weight"))
+
+
+def test_fails_on_missing_fan_in_fan_out_transpose(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "gpt2"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["attn.c_proj"], fan_in_fan_out=True)
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    w0 = load_file(base / "model.safetensors")
+    ad = load_file(adapter / "adapter_model.safetensors")
+
+    def untransposed(t: dict[str, torch.Tensor]) -> None:
+        for i in range(2):
+            p = f"transformer.h.{i}.attn.c_proj"
+            a, b = ad[f"base_model.model.{p}.lora_A.weight"], ad[f"base_model.model.{p}.lora_B.weight"]
+            t[f"{p}.weight"] = w0[f"{p}.weight"] + 2.0 * (b @ a)  # s = 8/4; ΔW not transposed to Conv1D's (in, out)
+
+    edit_merged(tmp_path / "merged", untransposed)
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    assert_fails_at(report, "transformer.h.0.attn.c_proj", "transformer.h.0")
+
+
+def test_fails_on_one_layer_left_unmerged(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules="all-linear")
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    w0 = load_file(base / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit_merged(tmp_path / "merged", lambda t: t.update({name: w0[name]}))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    assert_fails_at(report, "model.layers.1.mlp.up_proj", "model.layers.1")
+    weights = checks_by_name(report)["weights (float32)"]
+    assert len(weights.failures) == 1 and weights.failures[0].startswith(name)
+    assert report.diagnosis["worst_tensors"][0]["tensor"] == name
+
+
+def test_fails_on_adapter_merged_into_another_base(models_dir: Path, tmp_path: Path) -> None:
+    from conftest import tiny_llama
+
+    torch.manual_seed(999)
+    tiny_llama(tied=False).save_pretrained(tmp_path / "other-base")
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(tmp_path / "other-base", [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    assert_fails_at(report, "model.embed_tokens", "model.embed_tokens")
+    assert len(checks_by_name(report)["weights (float32)"].failures) > 10
+
+
+def test_fails_on_broken_bf16_artifact_and_names_the_tensor(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(dtype="bfloat16", progress=False))
+    w0 = load_file(base / "model.safetensors")
+    name = "model.layers.0.self_attn.v_proj.weight"
+    edit_merged(tmp_path / "merged", lambda t: t.update({name: w0[name].to(torch.bfloat16)}))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    checks = checks_by_name(report)
+    assert not checks["weights (bfloat16)"].passed and checks["merge (float32)"].passed
+    assert report.diagnosis["worst_tensors"][0]["tensor"] == name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Half precision: the difference is attributed to the cast
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_difference_is_the_cast(models_dir: Path, tmp_path: Path, dtype: str) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules="all-linear")
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(dtype=dtype, progress=False))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    checks = checks_by_name(report)
+    assert report.passed, [c.failures for c in report.checks]
+    merge_err = max(m.max_rel for m in checks["merge (float32)"].metrics)
+    cast_err = max(m.max_rel for m in checks[f"cast ({dtype})"].metrics)
+    assert merge_err < 1e-5 < cast_err < TOLERANCES[dtype].max_rel  # the cast is where the difference comes from
+    gen = report.generation[dtype]
+    assert gen["identical"] == (gen["first_difference"] is None)
+    assert report.merged_dtype == dtype and set(report.tolerances) == {"float32", dtype}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI: exit codes, JSON, text
+
+
+def test_cli_exit_codes_and_json(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, [adapter], tmp_path / "good", MergeOptions(progress=False))
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "good"), "--json", str(tmp_path / "r.json"), "--max-new-tokens", "4"])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS  merge (float32)" in ok.output and "result: PASS" in ok.output and "tolerance float32" in ok.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] is True and data["tolerances"]["float32"]["max_rel"] == TOLERANCES["float32"].max_rel
+    assert {c["name"] for c in data["checks"]} >= {"weights (float32)", "merge (float32)", "generation (float32)"}
+
+    w0 = load_file(base / "model.safetensors")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    edit_merged(tmp_path / "bad", lambda t: t.update({"model.layers.1.self_attn.q_proj.weight": w0["model.layers.1.self_attn.q_proj.weight"]}))
+    bad = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "bad"), "--json", str(tmp_path / "b.json"), "--max-new-tokens", "4"])
+    assert bad.exit_code == 1, bad.output
+    assert "FAIL  merge (float32)" in bad.output and "first divergence at model.layers.1.self_attn.q_proj" in bad.output
+    assert json.loads((tmp_path / "b.json").read_text())["passed"] is False
+
+    missing = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "Error:" in missing.output and "nope" in missing.output
+    too_few = runner.invoke(main, ["verify", str(base), str(tmp_path / "good")])
+    assert too_few.exit_code == 2
+
+
+def test_broken_merges_are_far_beyond_the_float32_tolerance(models_dir: Path, tmp_path: Path) -> None:
+    """The float32 tolerance leaves room for fp32 noise of deep models; a missing delta is still 10× beyond it."""
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["o_proj"])
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    w0 = load_file(base / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    edit_merged(tmp_path / "merged", lambda t: t.update({name: w0[name]}))
+    report = verify(base, [adapter], tmp_path / "merged", FAST)
+    worst = max(m.max_rel for m in checks_by_name(report)["merge (float32)"].metrics)
+    assert worst > 10 * TOLERANCES["float32"].max_rel
