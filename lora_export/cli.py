@@ -120,6 +120,101 @@ def verify(paths: tuple[Path, ...], weights: tuple[float, ...], prompts_file: An
         raise VerifyError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
 
 
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _print_report(report: dict[str, Any], json_file: Path | None) -> None:
+    from .report import pipeline_text, to_json
+
+    click.echo(pipeline_text(report))
+    if json_file:
+        json_file.write_text(to_json(report) + "\n")
+
+
+@main.command("merge-and-onnx")
+@click.argument("base_dir", type=EXISTING_DIR)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option("-o", "--output", "out_dir", required=True, type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default="auto", show_default=True,
+              help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).")
+@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option("--optimize", is_flag=True, help="Save ONNX Runtime's extended graph optimisations in the model (verified like the plain one).")
+@click.option("--no-past", is_flag=True, help="Decoders: export without past key/values inputs and present outputs.")
+@click.option("--max-new-tokens", default=16, show_default=True, help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report here (it is written even when a check fails).")
+@handle_errors
+def merge_and_onnx(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights: tuple[float, ...], dtype: str, opset: int,
+                   optimize: bool, no_past: bool, max_new_tokens: int, overwrite: bool, allow_pickle: bool, json_file: Path | None) -> None:
+    """Base + adapters → merged → verified → ONNX → verified, in one command.
+
+    Merges (float32 math, one cast), checks the merged model against the unmerged one (lora-export verify's checks),
+    exports ONNX with torch.onnx.export(dynamo=True) — decoders with past_key_values.N.key/value inputs and
+    present.N.key/value outputs, dynamic batch and sequence — and checks the ONNX model in ONNX Runtime against
+    PyTorch at batch 1 and 4, short and long, padded, one decode step, and greedy generation with the KV cache.
+    OUT_DIR gets model.onnx (+ model.onnx.data over 2 GB), tokenizer files, merged/ with the merge's manifest,
+    report.json and report.md. When any check fails it exits 1 and OUT_DIR is not written.
+
+    \b
+    Example:
+      lora-export merge-and-onnx ./smollm2 ./adapters/caps -o ./smollm2-caps-onnx --optimize
+    """
+    from .exporters.onnx import OnnxOptions
+    from .merge import MergeOptions
+    from .pipeline import ExportOptions, PipelineFailed, merge_and_onnx as run
+    from .verify import VerifyOptions
+
+    merge_options = MergeOptions(dtype=dtype, weights=weights, allow_pickle=allow_pickle, overwrite=overwrite)
+    options = ExportOptions(onnx=OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens))
+    try:
+        result = run(base_dir, adapter_dirs, out_dir, merge_options, options, VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle), log=_echo_err)
+    except PipelineFailed as e:
+        _print_report(e.report, json_file)
+        raise
+    _print_report(result.report, json_file)
+
+
+@main.command()
+@click.argument("merged_dir", type=EXISTING_DIR)
+@click.option("-o", "--output", "out_dir", required=True, type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "pt2"]), default="onnx", show_default=True,
+              help="onnx: torch.onnx.export(dynamo=True); torchscript: torch.jit.trace (deprecated in torch 2.13; torch.jit.script "
+                   "cannot compile transformers models); pt2: torch.export.export.")
+@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
+@click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
+@click.option("--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report here.")
+@handle_errors
+def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool, no_past: bool, max_new_tokens: int, overwrite: bool,
+           json_file: Path | None) -> None:
+    """Export an already merged model folder and prove the artifact matches PyTorch.
+
+    ONNX is checked in ONNX Runtime (as in merge-and-onnx); TorchScript (.pt) and torch.export (.pt2) artifacts are
+    reloaded in a fresh Python process and compared with PyTorch eager at shapes other than the export's. Both
+    torch formats are exported without past key/values. Exit code 1 and nothing written when a check fails.
+
+    \b
+    Examples:
+      lora-export export ./smollm2-caps -o ./smollm2-caps-onnx
+      lora-export export ./smollm2-caps -o ./smollm2-caps-pt2 --format pt2
+    """
+    from .exporters.onnx import OnnxOptions
+    from .pipeline import ExportOptions, PipelineFailed, export as run
+
+    options = ExportOptions(format=fmt, onnx=OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens), overwrite=overwrite)
+    try:
+        result = run(merged_dir, out_dir, options, log=_echo_err)
+    except PipelineFailed as e:
+        _print_report(e.report, json_file)
+        raise
+    _print_report(result.report, json_file)
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/lora-export-demo"), show_default=True,
               help="Where the base model folder and the merged model are written.")

@@ -41,6 +41,10 @@ class OutputError(LoraExportError):
     """The output location is unusable: exists, overlaps an input, or cannot be written."""
 
 
+class ExportError(LoraExportError):
+    """An exporter failed or wrote a graph that does not pass onnx.checker."""
+
+
 class VerifyError(LoraExportError):
     """A numerical check failed. Exit code 1, distinct from bad input."""
 

@@ -76,3 +76,58 @@ def verify_text(report: Any) -> str:
             lines.append(f"        tensor {t['tensor']}: max |Δ| = {t['max_rel']:.3g}·max|W| (beyond tolerance by {t['excess_over_tolerance']:.3g}·max|W|)")
     lines.append(f"  result: {'PASS' if report.passed else 'FAIL'}")
     return "\n".join(lines)
+
+
+def _check_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [("PASS" if c["passed"] else "FAIL", c["name"], c["summary"]) for c in report["checks"]]
+
+
+def pipeline_text(report: dict[str, Any]) -> str:
+    """merge-and-onnx / export: what was written, a PASS/FAIL line per check, the generated text when there is one."""
+    export = report.get("export", {})
+    lines = [f"{report['command']}: {'PASS' if report['passed'] else 'FAIL'}"]
+    if export.get("format") == "onnx":
+        lines.append(f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, opset {export['opset']}, {export['seconds']:.1f} s"
+                     f"{', optimized' if export.get('optimized') else ''}{', with past' if export.get('with_past') else ''})")
+    elif export:
+        lines.append(f"  {export['format']:<8} {export['file']}  ({export['exporter']}, {export['seconds']:.1f} s)")
+    for status, name, summary in _check_rows(report):
+        lines.append(f"  {status}  {name:<22} {summary}")
+    for c in report["checks"]:
+        lines.extend(f"        {f}" for f in c["failures"][:5])
+    text = export.get("generation_text")
+    if text:
+        lines.append(f"  pytorch     {text['pytorch']!r}")
+        lines.append(f"  onnxruntime {text['onnxruntime']!r}")
+    diagnosis = (report.get("verify") or {}).get("diagnosis")
+    if diagnosis and diagnosis.get("first_divergence"):
+        d = diagnosis["first_divergence"]
+        lines.append(f"  diagnosis: first divergence at {d['module']} (rel error {d['rel_error']:.3g})")
+    if report["passed"]:
+        lines.append(f"  report   report.json, report.md  ({report['seconds']:.1f} s)")
+    else:
+        lines.append("  nothing was written to the output folder")
+    return "\n".join(lines)
+
+
+def pipeline_markdown(report: dict[str, Any]) -> str:
+    export = report.get("export", {})
+    lines = [f"# lora-export {report['command']}: {'PASS' if report['passed'] else 'FAIL'}", ""]
+    if "inputs" in report:
+        for k, v in report["inputs"].items():
+            lines.append(f"- {k}: `{v}`")
+    if export:
+        lines.append(f"- artifact: {', '.join(export.get('files', [export.get('file', '')]))} ({export.get('exporter')}, dtype {export.get('dtype')})")
+    lines += ["", "| check | result | compares | summary |", "|---|---|---|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['name']} | {'PASS' if c['passed'] else 'FAIL'} | {c['compares']} | {c['summary']} |")
+    tolerances = (report.get("verify") or {}).get("tolerances") or {}
+    if tolerances:
+        lines += ["", "Tolerances:", ""]
+        for dtype, tol in tolerances.items():
+            lines.append(f"- {dtype}: " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
+    text = export.get("generation_text")
+    if text:
+        lines += ["", "Greedy generation:", "", f"- PyTorch: `{text['pytorch']}`", f"- ONNX Runtime: `{text['onnxruntime']}`"]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)

@@ -38,12 +38,31 @@ def tiny_bert() -> Any:
     return BertForSequenceClassification(cfg)
 
 
+def tiny_decoder(family: str) -> Any:
+    """Tiny random decoders of other families, for the exporters."""
+    import transformers as T
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    configs = {
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**common, num_key_value_heads=2)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**common, num_key_value_heads=2)),
+        "phi": lambda: T.PhiForCausalLM(T.PhiConfig(**common)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                                    max_position_embeddings=128, word_embed_proj_dim=32)),
+    }
+    return configs[family]()
+
+
 BUILDERS = {
     "llama": lambda: tiny_llama(tied=False),
     "llama-tied": lambda: tiny_llama(tied=True),
     "llama-bias": lambda: tiny_llama(tied=False, bias=True),
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
+    "qwen2": lambda: tiny_decoder("qwen2"),
+    "mistral": lambda: tiny_decoder("mistral"),
+    "phi": lambda: tiny_decoder("phi"),
+    "opt": lambda: tiny_decoder("opt"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Exporters: ONNX (with past key/values), TorchScript and torch.export, each re-run and compared with PyTorch."""

@@ -1,0 +1,179 @@
+"""The headline verbs: `export` (a merged folder → a verified artifact) and `merge_and_onnx` (base + adapters →
+merge → verify → ONNX → verify), each writing a report and nothing that looks finished when a check fails."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import InputError, UnsupportedError, VerifyError
+from .exporters.onnx import OnnxOptions, export_onnx, onnx_files, verify_onnx
+from .lora_runtime import load_model
+from .merge import MergeOptions, library_versions, merge
+from .tensors import atomic_output_dir, check_output_location, sha256_file
+from .verify import DTYPES, Check, VerifyOptions, load_tokenizer, stored_dtype, verify
+
+FORMATS = ("onnx", "torchscript", "pt2")
+# Files a runtime needs beside the graph to tokenize and generate.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: str = "onnx"
+    onnx: OnnxOptions = OnnxOptions()
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class PipelineResult:
+    output: Path
+    report: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+class PipelineFailed(VerifyError):
+    """A check failed: nothing was written to the output; the report travels with the error."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def _prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
+    """A short chat prompt (or plain text) for the generation check, the EOS id, and the tokenizer."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        return None, None, None
+    text = "What is the capital of France?"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return list(ids), tokenizer.eos_token_id, tokenizer
+
+
+def _files(folder: Path) -> list[dict[str, Any]]:
+    return [{"name": str(p.relative_to(folder)), "sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def export_artifact(merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]) -> tuple[dict[str, Any], list[Check]]:
+    """Export the merged folder into `out` (which exists) in options.format and prove it against PyTorch."""
+    dtype = stored_dtype(merged_dir)
+    if options.format == "onnx" and dtype == "bfloat16":
+        raise UnsupportedError(
+            f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
+            "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
+        )
+    model = load_model(merged_dir, DTYPES[dtype])
+    prompt, eos, tokenizer = _prompt_tokens(merged_dir)
+    section: dict[str, Any] = {"format": options.format, "dtype": dtype}
+    if options.format == "onnx":
+        log(f"exporting ONNX (opset {options.onnx.opset}{', past key/values' if options.onnx.with_past else ''}) …")
+        exported = export_onnx(model, out / "model.onnx", options.onnx, log)
+        log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
+        checks, generation = verify_onnx(model, exported, options.onnx, options.seed, prompt, eos)
+        section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
+        section["files"] = [p.name for p in onnx_files(exported.path)]
+        if generation and tokenizer is not None:
+            section["generation_text"] = {"pytorch": tokenizer.decode(generation["reference"]), "onnxruntime": tokenizer.decode(generation["tokens"])}
+    else:
+        from .exporters.torchscript import export_torch
+
+        log(f"exporting {options.format} …")
+        info, checks = export_torch(model, out, options.format, options.seed)
+        section.update(info)
+    for name in SIDE_FILES:
+        if (merged_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(merged_dir / name, out / name)
+    return section, checks
+
+
+def _report(kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float) -> dict[str, Any]:
+    return {
+        "tool": "lora-export", "command": kind, "passed": all(c.passed for c in checks), "inputs": inputs, **sections,
+        "checks": [asdict(c) for c in checks], "seconds": time.perf_counter() - started, "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = library_versions()
+    for name in ("onnx", "onnxruntime", "onnxscript", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def _finish(out: Path, report: dict[str, Any], checks: list[Check]) -> None:
+    from .report import pipeline_markdown, to_json
+
+    if not report["passed"]:
+        failed = [c.name for c in checks if not c.passed]
+        raise PipelineFailed(f"{len(failed)} check(s) failed: {', '.join(failed)}; nothing was written", report)
+    report["output_files"] = _files(out)
+    (out / "report.json").write_text(to_json(report) + "\n")
+    (out / "report.md").write_text(pipeline_markdown(report))
+
+
+def export(merged_dir: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(), log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+    """Export an already merged folder to ONNX, TorchScript or torch.export, verified against PyTorch eager."""
+    started = time.perf_counter()
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if options.format not in FORMATS:
+        raise InputError(f"unknown format {options.format!r}: choose one of {', '.join(FORMATS)}")
+    if not (merged_dir / "config.json").is_file():
+        raise InputError(f"{merged_dir} is not a model folder (no config.json)")
+    check_output_location(out_dir, [merged_dir], options.overwrite)
+    with atomic_output_dir(out_dir, options.overwrite) as tmp:
+        section, checks = export_artifact(merged_dir, tmp, options, log)
+        report = _report("export", {"merged": str(merged_dir)}, {"export": section}, checks, started)
+        _finish(tmp, report, checks)
+    return PipelineResult(out_dir, report, checks)
+
+
+def merge_and_onnx(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Path | str,
+                   merge_options: MergeOptions = MergeOptions(), options: ExportOptions = ExportOptions(),
+                   verify_options: VerifyOptions = VerifyOptions(), log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+    """Merge → verify (merged vs unmerged) → export ONNX → verify (ONNX Runtime vs PyTorch), into OUT_DIR:
+    model.onnx (+ model.onnx.data), tokenizer files, merged/ (with its lora_export.json), report.json, report.md."""
+    started = time.perf_counter()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    adapters = [Path(a) for a in adapter_dirs]
+    if merge_options.dtype == "bfloat16":
+        raise UnsupportedError("--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
+                               "use float16 or float32 (lora-export merge writes bfloat16 folders)")
+    check_output_location(out_dir, [base_dir, *adapters], merge_options.overwrite)
+    with atomic_output_dir(out_dir, merge_options.overwrite) as tmp:
+        log("merging …")
+        merged = merge(base_dir, adapters, tmp / "merged", MergeOptions(**{**asdict(merge_options), "overwrite": False}))
+        if stored_dtype(tmp / "merged") == "bfloat16":
+            raise UnsupportedError(f"{base_dir} is stored in bfloat16 and ONNX Runtime's CPU provider has no bfloat16 kernels: pass --dtype float16 or float32")
+        log("verifying merged vs unmerged …")
+        vreport = verify(base_dir, adapters, tmp / "merged", VerifyOptions(**{**asdict(verify_options), "weights": merge_options.weights}))
+        section, export_checks = export_artifact(tmp / "merged", tmp, options, log)
+        checks = vreport.checks + export_checks
+        vdict = vreport.to_dict()
+        sections = {
+            "merge": {"output": "merged", "dtype": merged.manifest["output"]["dtype"], "merged_tensors": merged.merged_tensors,
+                      "untied": merged.untied, "notes": merged.manifest["notes"], "manifest": "merged/lora_export.json"},
+            "verify": {k: vdict[k] for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis")},
+            "export": section,
+        }
+        inputs = {"base": str(base_dir), "adapters": [str(a) for a in adapters], "weights": list(merge_options.weights) or [1.0] * len(adapters)}
+        report = _report("merge-and-onnx", inputs, sections, checks, started)
+        _finish(tmp, report, checks)
+    return PipelineResult(out_dir, report, checks)
+
