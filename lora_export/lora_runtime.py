@@ -208,6 +208,16 @@ def model_class(folder: Path) -> Any:
     return transformers.AutoModel
 
 
+def model_kind(model: nn.Module) -> str:
+    """causal-lm, sequence-classification or encoder, from the model's class name."""
+    name = type(model).__name__
+    if "CausalLM" in name or "LMHead" in name:
+        return "causal-lm"
+    if "SequenceClassification" in name:
+        return "sequence-classification"
+    return "encoder"
+
+
 def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     from transformers.utils import logging
 

@@ -504,7 +504,21 @@ def write_config(config: dict[str, Any], folder: Path, dtype: str, out_dtypes: s
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
-    write_json(folder / "config.json", config)
+    write_json(folder / "config.json", with_legacy_rope(config))
+
+
+def with_legacy_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes RoPE settings only as `rope_parameters`; 4.x reads only `rope_theta` / `rope_scaling` and
+    otherwise silently falls back to its default θ (seen: SmolLM2's θ = 100000 read as 10000 by 4.57, logits off by
+    10%). Write both, with the same values, so the merged folder means the same to either."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return config
+    config = {**config, "rope_theta": rope["rope_theta"]}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        config["rope_scaling"] = scaling
+    return config
 
 
 def library_versions() -> dict[str, str]:

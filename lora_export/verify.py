@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .lora_runtime import effective_state, load_model, load_unmerged
+from .lora_runtime import effective_state, load_model, load_unmerged, model_kind
 from .merge import MergeOptions, merge
 from .tensors import TensorStore, read_json_object
 
@@ -176,15 +176,6 @@ def make_cases(config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], s
                     mask[row, seq - pad:] = 0
         cases.append(Case(f"random {batch}×{seq}{' padded' if batch > 1 else ''}", {"input_ids": ids, "attention_mask": mask}))
     return cases
-
-
-def model_kind(model: nn.Module) -> str:
-    name = type(model).__name__
-    if "CausalLM" in name or "LMHead" in name:
-        return "causal-lm"
-    if "SequenceClassification" in name:
-        return "sequence-classification"
-    return "encoder"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

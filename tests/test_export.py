@@ -153,3 +153,21 @@ def test_bfloat16_onnx_is_refused(models_dir: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["export", str(models_dir / "llama-bf16"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "bfloat16" in r.output and "float16 or float32" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_fallback_exporter_is_named_with_its_reason(merged_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.onnx.export
+
+    def dynamo_broken(*args: object, **kwargs: object) -> object:
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
+    logged: list[str] = []
+    result = export(merged_models["gpt2"], tmp_path / "out", ExportOptions(onnx=OnnxOptions(opset=18, max_new_tokens=4)), log=logged.append)
+    assert result.passed
+    assert result.report["export"]["exporter"] == "torch.onnx.export(dynamo=False) fallback"
+    assert any("simulated dynamo failure" in line for line in logged)
+    assert "simulated dynamo failure" in result.report["export"]["notes"][0]
+    assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == 18

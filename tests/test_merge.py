@@ -238,3 +238,22 @@ def test_reread_finds_a_shard_changed_on_disk(models_dir: Path, tmp_path: Path) 
     writer.path.write_bytes(bytes(data[:-4]))
     problems = reread_shard(writer.path, [spec], written, rehash=False)
     assert len(problems) == 1 and "cannot parse" in problems[0]
+
+
+def test_config_keeps_rope_theta_for_transformers_4(models_dir: Path, tmp_path: Path) -> None:
+    """A config written by transformers 5 (rope_parameters only) gets rope_theta too, so 4.x reads the same θ."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(models_dir / "llama", base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg["rope_parameters"] = {"rope_theta": 50000.0, "rope_type": "default"}
+    (base / "config.json").write_text(json.dumps(cfg))
+    adapter = make_adapter(models_dir / "llama", tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    out = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert out["rope_theta"] == 50000.0 and out["rope_parameters"]["rope_theta"] == 50000.0
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "merged").rope_parameters["rope_theta"] == 50000.0

@@ -17,14 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def model_kind(model: nn.Module) -> str:
-    name = type(model).__name__
-    if "CausalLM" in name or "LMHead" in name:
-        return "causal-lm"
-    if "SequenceClassification" in name:
-        return "sequence-classification"
-    return "encoder"
+from ..lora_runtime import model_kind
 
 
 def _cache_keyword(model: nn.Module) -> str:

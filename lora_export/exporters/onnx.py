@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ExportError, UnsupportedError
 from ..verify import TOLERANCES, Case, Check, compare, compare_tokens
-from .graphs import Graph, build_graph, position_ids_for
+from .graphs import CacheShape, Graph, build_graph, cache_shape, position_ids_for
 
 TWO_GB = 2 * 1024**3
 
@@ -225,10 +225,11 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
     dtype_name = {torch.float32: "float32", torch.float16: "float16"}[dtype]
     graph = build_graph(model, export.with_past)
     sess = session(export.path)
-    have = [i.name for i in sess.get_inputs()]
-    if have != graph.input_names:
-        return [Check("onnx inputs", "graph input names", dtype_name, False, f"expected {graph.input_names}, found {have}",
-                      [f"input names differ: {have}"])], None
+    have = {i.name for i in sess.get_inputs()}, {o.name for o in sess.get_outputs()}
+    if have[0] != set(graph.input_names) or not set(graph.output_names) <= have[1]:
+        found = f"inputs {sorted(have[0])}, outputs {sorted(have[1])}"
+        return [Check("onnx names", "graph input and output names", dtype_name, False, f"expected {graph.input_names} → {graph.output_names}, found {found}",
+                      [f"input/output names differ from the contract: {found}"])], None
     vocab = int(model.config.get_text_config().vocab_size)
     metrics = []
     decode_from = None
@@ -236,7 +237,7 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
         with torch.no_grad():
             ref = graph.module(*inputs)
         ref = (ref,) if isinstance(ref, torch.Tensor) else ref
-        got = sess.run(None, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})
+        got = sess.run(graph.output_names, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})  # by name, not position
         metrics += _compare_outputs(graph, name, inputs, past_len, ref, got)
         decode_from = (inputs, ref)
     if graph.with_past and decode_from is not None:  # one decode step on top of the padded prefill's cache
@@ -247,15 +248,15 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
         inputs = (step, mask2, position_ids_for(mask2, 1), *ref[1:])
         with torch.no_grad():
             ref2 = graph.module(*inputs)
-        got2 = sess.run(None, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})
+        got2 = sess.run(graph.output_names, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})
         metrics += _compare_outputs(graph, f"decode {ids.shape[0]}×1 past {ids.shape[1]}", inputs, ids.shape[1], ref2, got2)
     check = _metrics_check("onnx vs pytorch", f"ONNX Runtime vs PyTorch eager, {dtype_name}", dtype_name, metrics)
     checks = [check]
     generation = None
     if graph.kind == "causal-lm" and graph.with_past and options.max_new_tokens > 0:
         prompt = prompt or torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(seed + 2)).tolist()
-        torch_tokens = greedy_loop(lambda *a: [_to_numpy(t) for t in _as_tuple(graph.module(*[torch.from_numpy(x) for x in a]))], graph, prompt, options.max_new_tokens, eos, dtype)
-        ort_tokens = greedy_loop(lambda *a: sess.run(None, dict(zip(graph.input_names, a))), graph, prompt, options.max_new_tokens, eos, dtype)
+        torch_tokens = greedy_loop(lambda *a: [_to_numpy(t) for t in _as_tuple(graph.module(*[torch.from_numpy(x) for x in a]))], graph.cache, prompt, options.max_new_tokens, eos, dtype)
+        ort_tokens = greedy_loop(lambda *a: sess.run(graph.output_names, dict(zip(graph.input_names, a))), graph.cache, prompt, options.max_new_tokens, eos, dtype)
         generation = compare_tokens(torch_tokens, ort_tokens)
         generation["prompt_tokens"] = prompt
         ok = generation["identical"]
@@ -279,9 +280,8 @@ def _metrics_check(name: str, compares: str, dtype: str, metrics: list[Any]) -> 
 
 
 @torch.no_grad()
-def greedy_loop(run: Callable[..., Sequence[np.ndarray]], graph: Graph, prompt: list[int], n: int, eos: int | None, dtype: torch.dtype) -> list[int]:
+def greedy_loop(run: Callable[..., Sequence[np.ndarray]], shape: CacheShape, prompt: list[int], n: int, eos: int | None, dtype: torch.dtype) -> list[int]:
     """Greedy decoding with the exported graph's contract: prefill with an empty cache, then one token per step."""
-    shape = graph.cache
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     past = [np.zeros((1, shape.kv_heads, 0, shape.head_dim), dtype=np_dtype) for _ in range(2 * shape.layers)]
     ids = np.asarray([prompt], dtype=np.int64)
@@ -304,3 +304,19 @@ def onnx_files(path: Path) -> list[Path]:
     data = path.with_name(path.name + ".data")
     return [path] + ([data] if data.exists() else [])
 
+
+
+def onnx_generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
+    """Answer a chat prompt with the ONNX model in `folder` (model.onnx + tokenizer + config), in ONNX Runtime."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    shape = cache_shape(AutoConfig.from_pretrained(folder, local_files_only=True))
+    sess = session(folder / "model.onnx")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    names = [i.name for i in sess.get_inputs()]
+    outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names[3:]]  # presents in the order of the pasts
+    dtype = torch.float16 if sess.get_inputs()[3].type == "tensor(float16)" else torch.float32
+    tokens = greedy_loop(lambda *a: sess.run(outputs, dict(zip(names, a))), shape, ids, max_new_tokens, tokenizer.eos_token_id, dtype)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
