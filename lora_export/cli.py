@@ -182,7 +182,8 @@ def merge_and_onnx(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path
 @click.option("-o", "--output", "out_dir", required=True, type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "pt2"]), default="onnx", show_default=True,
               help="onnx: torch.onnx.export(dynamo=True); torchscript: torch.jit.trace (deprecated in torch 2.13; torch.jit.script "
-                   "cannot compile transformers models); pt2: torch.export.export.")
+                   "cannot compile transformers models); pt2: torch.export.export. Decoders in torchscript/pt2 need transformers 5 "
+                   "(4.x builds masks with torch.vmap, which neither can record).")
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
 @click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")

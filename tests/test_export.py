@@ -14,6 +14,7 @@ from conftest import make_adapter
 
 from lora_export import MergeOptions, merge
 from lora_export.cli import main
+from lora_export.errors import ExportError, UnsupportedError
 from lora_export.exporters import onnx as onnx_exporter
 from lora_export.exporters.onnx import OnnxOptions, export_onnx, verify_onnx
 from lora_export.exporters.torchscript import check_torch_artifact
@@ -102,6 +103,13 @@ def test_float16_export(models_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_torch_formats(merged_models: dict[str, Path], models_dir: Path, tmp_path: Path, fmt: str, family: str) -> None:
+    import transformers
+
+    if family != "bert" and int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(UnsupportedError, match="torch.vmap"):  # refused, not exported broken
+            export(merged_models[family], tmp_path / "out", ExportOptions(format=fmt))
+        assert not (tmp_path / "out").exists()
+        return
     result = export(merged_models[family], tmp_path / "out", ExportOptions(format=fmt))
     assert result.passed, result.checks[0].failures
     artifact = tmp_path / "out" / ("model.pt" if fmt == "torchscript" else "model.pt2")
@@ -165,6 +173,13 @@ def test_fallback_exporter_is_named_with_its_reason(merged_models: dict[str, Pat
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
     logged: list[str] = []
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # the TorchScript-based exporter cannot trace 4.x's vmap masks
+        with pytest.raises(ExportError, match="both exporters"):
+            export(merged_models["gpt2"], tmp_path / "out", ExportOptions(onnx=OnnxOptions(max_new_tokens=4)), log=logged.append)
+        assert any("simulated dynamo failure" in line for line in logged) and not (tmp_path / "out").exists()
+        return
     result = export(merged_models["gpt2"], tmp_path / "out", ExportOptions(onnx=OnnxOptions(opset=18, max_new_tokens=4)), log=logged.append)
     assert result.passed
     assert result.report["export"]["exporter"] == "torch.onnx.export(dynamo=False) fallback"

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, UnsupportedError
+from ..lora_runtime import model_kind
 from ..verify import Case, Check, TOLERANCES, compare
 from .graphs import build_graph, position_ids_for
 
@@ -63,6 +64,12 @@ def _cases(kind: str, input_names: list[str], vocab: int, seed: int) -> list[tup
 
 def export_torch(model: nn.Module, out: Path, fmt: str, seed: int = 0) -> tuple[dict[str, Any], list[Check]]:
     """Write out/model.pt or out/model.pt2; reload it in a fresh Python process; compare with eager."""
+    if model_kind(model) == "causal-lm" and _transformers_major() < 5:
+        raise UnsupportedError(
+            f"{fmt} with transformers 4.x: its decoders build attention masks with torch.vmap, which torch.jit.trace cannot "
+            "record (RuntimeError: unordered_map::at) and torch.export cannot save (SerializeError on flat_apply). "
+            "Use --format onnx, or transformers 5"
+        )
     graph = build_graph(model, with_past=False)
     path = out / FILES[fmt]
     started = time.perf_counter()
@@ -104,6 +111,12 @@ def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) 
     worst = max(m.max_rel for m in metrics)
     return Check(f"{fmt} vs pytorch", f"{path.name} reloaded in a fresh process vs PyTorch eager, {dtype_name}", dtype_name,
                  not failures, f"worst rel {worst:.2g} (≤ {tol.max_rel:g}) at shapes {', '.join(n for n, _ in cases)}", failures, metrics)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
 
 
 def reload_and_run(fmt: str, path: Path, inputs: list[tuple[torch.Tensor, ...]]) -> list[list[torch.Tensor]]:
