@@ -85,10 +85,11 @@ def merge(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights
 @click.option("--max-new-tokens", default=32, show_default=True, help="Greedy tokens to generate and compare (causal LMs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--device", default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the whole report as JSON.")
 @handle_errors
 def verify(paths: tuple[Path, ...], weights: tuple[float, ...], prompts_file: Any, max_new_tokens: int, seed: int,
-           allow_pickle: bool, json_file: Path | None) -> None:
+           allow_pickle: bool, device: str, json_file: Path | None) -> None:
     """Prove that MERGED_DIR computes what BASE_DIR with the adapters applied at run time computes.
 
     Runs the unmerged model (float32, LoRA applied at run time, no PEFT) and the merged one on the tokenizer's
@@ -110,7 +111,7 @@ def verify(paths: tuple[Path, ...], weights: tuple[float, ...], prompts_file: An
     if len(paths) < 3:
         raise click.UsageError("give BASE_DIR, at least one ADAPTER_DIR, and MERGED_DIR")
     prompts = tuple(line.strip() for line in prompts_file if line.strip()) if prompts_file else PROMPTS
-    options = VerifyOptions(weights=weights, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, allow_pickle=allow_pickle)
+    options = VerifyOptions(weights=weights, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, allow_pickle=allow_pickle, device=device)
     report = verify_fn(paths[0], paths[1:-1], paths[-1], options)
     click.echo(verify_text(report))
     if json_file:
@@ -214,6 +215,69 @@ def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool
         _print_report(e.report, json_file)
         raise
     _print_report(result.report, json_file)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=EXISTING_DIR, metavar="[BASE_DIR ADAPTER_DIR...]")
+@click.option("--merged", "merged_dir", type=EXISTING_DIR, help="The merged folder (default: merged here, in a temporary folder).")
+@click.option("--onnx", "onnx_dir", type=EXISTING_DIR, help="An exported merged model (folder with model.onnx) for the onnxruntime backend.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "all"]), default="torch", show_default=True)
+@click.option("--shapes", default=None, help="BATCHxSEQ list, e.g. 1x128,16x256,32x512 (default: that; --quick: 1x16,2x32).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--adapter-params", type=int, default=None, help="Parameter count of the adapter baselines (default: the LoRA adapter's).")
+@click.option("--budget", type=float, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5).")
+@click.option("--threads", type=int, default=None, help="Fix torch's and ONNX Runtime's thread count (recorded either way).")
+@click.option("--quick", is_flag=True, help="Small shapes and a short budget: a minute on tiny models (for CI).")
+@click.option("--paper-table1", is_flag=True, help="The LoRA paper's Table 1: GPT-2 medium (random weights), its adapter sizes, LoRA r=4.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the results and environment as JSON.")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the Markdown table.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart of the overhead vs base per shape.")
+@handle_errors
+def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | None, device: str, backend: str, shapes: str | None, dtype: str,
+          adapter_params: int | None, budget: float | None, threads: int | None, quick: bool, paper_table1: bool,
+          json_file: Path | None, markdown_file: Path | None, plot_file: Path | None) -> None:
+    """Latency of base vs merged vs unmerged LoRA vs adapter layers (the LoRA paper's Table 1, on your model).
+
+    Variants: base; merged (must cost what base costs); lora-unmerged (B·A·x at run time); adapter-H (Houlsby: two
+    bottleneck adapters per block, after attention and after the MLP) and adapter-L (Lin: one after the MLP, with a
+    LayerNorm), random values, parameter count matched to the LoRA adapter's unless --adapter-params.
+
+    Method: warm-up runs discarded; variants interleaved in rounds (A B C D, B C D A, …) so drift hits all alike;
+    rounds until the time budget is spent (at least 7); CUDA events and a synchronize on GPU; thread count fixed
+    and recorded. Per cell: median, p10/p90, ratio to base with a bootstrap 95% interval. Verdict: merged is
+    indistinguishable from base when that interval contains 1.00 and stays within ±2%.
+
+    \b
+    Examples:
+      lora-export bench ./smollm2 ./adapters/caps --shapes 1x128,4x128 --plot overhead.png
+      lora-export bench --paper-table1 --shapes 1x128,4x128,8x256 --markdown table1.md
+    """
+    from .bench import BenchOptions, bench as bench_fn, paper_table1 as table1
+    from .bench.runner import parse_shapes
+    from .report import bench_markdown, bench_plot, to_json
+
+    try:
+        shape_list = parse_shapes(shapes) if shapes else ((1, 16), (2, 32)) if quick else ((1, 128), (16, 256), (32, 512))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--shapes") from None
+    backends = ("torch", "onnxruntime") if backend == "all" else (backend,)
+    options = BenchOptions(shapes=shape_list, device=device, backends=backends, dtype=dtype, budget_s=budget or (0.5 if quick else 3.0),
+                           min_rounds=5 if quick else 7, threads=threads, adapter_params=adapter_params)
+    if paper_table1:
+        result = table1(options, log=_echo_err)
+    else:
+        if len(paths) < 2:
+            raise click.UsageError("give BASE_DIR and at least one ADAPTER_DIR, or --paper-table1")
+        result = bench_fn(paths[0], paths[1:], options, merged_dir, onnx_dir, log=_echo_err)
+    text = bench_markdown(result)
+    click.echo(text)
+    if markdown_file:
+        markdown_file.write_text(text)
+    if json_file:
+        json_file.write_text(to_json(result.to_dict()) + "\n")
+    if plot_file:
+        bench_plot(result, plot_file)
 
 
 @main.command()

@@ -131,3 +131,64 @@ def pipeline_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Greedy generation:", "", f"- PyTorch: `{text['pytorch']}`", f"- ONNX Runtime: `{text['onnxruntime']}`"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def bench_markdown(result: Any) -> str:
+    """Table 1's layout: rows are variants, columns batch/seq, cells `median ms ± half the p10–p90 spread (+x%)`."""
+    lines = [f"Latency, {result.environment.get('model', '')} on {result.environment.get('gpu') or result.environment['cpu']} "
+             f"({result.environment['device']}, {result.environment['dtype']}, {result.environment['threads']} threads), ms per forward pass", ""]
+    header = "| variant | backend | added params | " + " | ".join(f"{s}" for s in result.shapes) + " |"
+    lines += [header, "|" + "---|" * (3 + len(result.shapes))]
+    for row in result.rows:
+        cells = []
+        for s in result.shapes:
+            c = row.cells.get(s)
+            if c is None:
+                cells.append("–")
+                continue
+            spread = (c.p90_ms - c.p10_ms) / 2
+            pct = "" if row.variant == "base" or c.ratio is None else f" ({c.ratio - 1:+.1%})"
+            cells.append(f"{c.median_ms:.2f} ± {spread:.2f}{pct}")
+        lines.append(f"| {row.variant} | {row.backend} | {row.params / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    paper = result.extra.get("paper")
+    if paper:
+        lines += ["", "The paper's Table 1 (GPT-2 medium, NVIDIA Quadro RTX8000, ms):", "",
+                  "| variant | " + " | ".join(paper["shapes"]) + " |", "|" + "---|" * (1 + len(paper["shapes"]))]
+        for variant, cells in paper["rows"].items():
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Verdicts (ratio of medians to base, bootstrap 95% CI over rounds):", ""]
+    lines += [f"- {v}" for v in result.verdicts]
+    runs = sorted({len(c.runs_ms) for r in result.rows for c in r.cells.values()})
+    lines += ["", f"Rounds per cell: {runs[0]}–{runs[-1]}. " + " ".join(result.method.split())]
+    return "\n".join(lines) + "\n"
+
+
+def bench_plot(result: Any, path: Any) -> None:
+    """Overhead vs base per shape, one bar per variant, with the bootstrap 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.variant != "base"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.shapes) * max(1, len(rows)) / 3), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for j, s in enumerate(result.shapes):
+            c = row.cells.get(s)
+            if c is None or c.ratio is None:
+                continue
+            xs.append(j + i * width)
+            ys.append(100 * (c.ratio - 1))
+            lo.append(100 * (c.ratio - c.ci_low))
+            hi.append(100 * (c.ci_high - c.ratio))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{row.variant} ({row.backend})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(result.shapes))], [f"batch/seq {s}" for s in result.shapes])
+    ax.set_ylabel("latency overhead vs base (%)")
+    ax.set_title(f"{result.environment.get('model', '')} — {result.environment['device']}, {result.environment['dtype']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

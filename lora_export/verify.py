@@ -240,7 +240,7 @@ def weights_check(merged_dir: Path, expected: dict[str, torch.Tensor], dtype: st
             if exp is None:
                 missing.append(name)
                 continue
-            got = store.read(name).float()
+            got, exp = store.read(name).float(), exp.float().cpu()
             if tuple(got.shape) != tuple(exp.shape):
                 failures.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(exp.shape)}")
                 continue

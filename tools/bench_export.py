@@ -7,7 +7,7 @@
    created on first use).
 2. Both ONNX models checked against PyTorch with lora-export's ONNX Runtime comparison (several shapes, decode step,
    greedy generation with the KV cache).
-3. ONNX Runtime latency of both models, interleaved (ours, optimum, ours, …), 2 intra-op threads: prefill batch 1 ×
+3. ONNX Runtime latency of both models, interleaved with the order rotating per round, 2 intra-op threads: prefill batch 1 ×
    128 tokens (empty cache) and one decode step with a 128-token cache. Median, p10–p90 and the ratio.
 
     python tools/bench_export.py [--rounds 1] [--runs 30] [--workdir /tmp/bench-export]
@@ -77,10 +77,11 @@ def latency(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict[s
             for _ in range(3):
                 sess.run(None, feeds[name])
         times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(runs):
-            for name, sess in sessions.items():
+        names = list(sessions)
+        for r in range(runs):  # interleaved, and the order rotates: the first model of a round runs measurably slower here
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 t = time.perf_counter()
-                sess.run(None, feeds[name])
+                sessions[name].run(None, feeds[name])
                 times[name].append(time.perf_counter() - t)
         results[label] = times
     return results
@@ -95,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-export"))
     ap.add_argument("--rounds", type=int, default=1, help="export timings per variant (interleaved)")
-    ap.add_argument("--runs", type=int, default=30, help="timed ONNX Runtime runs per model and shape")
+    ap.add_argument("--runs", type=int, default=60, help="timed ONNX Runtime runs per model and shape")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 

@@ -1,0 +1,204 @@
+"""Latency of base vs merged vs unmerged LoRA vs adapter layers, measured side by side.
+
+Method: every variant is warmed up (runs discarded), then the variants run interleaved in rounds (A B C D, B C D A,
+…: the order rotates, because the first call of a round measured slower on this CPU) so drift hits all alike, for as many rounds as a time budget allows (between min and max). On CUDA, events around
+the forward pass and a synchronize. The thread count is fixed and recorded. Per cell: median, p10/p90, and the ratio
+of medians to `base` with a bootstrap 95% confidence interval over rounds (paired: a round's runs stay together).
+`merged` is called indistinguishable from `base` when that interval contains 1.00 and stays within ±2%.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+VERDICT_BAND = 0.02
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    shapes: tuple[tuple[int, int], ...] = ((1, 128), (16, 256), (32, 512))
+    device: str = "cpu"
+    backends: tuple[str, ...] = ("torch",)
+    dtype: str = "float32"
+    budget_s: float = 3.0  # per shape, all variants together
+    min_rounds: int = 7
+    max_rounds: int = 200
+    warmup: int = 2
+    threads: int | None = None
+    adapter_params: int | None = None  # adapters' parameter count; None: the LoRA adapter's
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Cell:
+    runs_ms: list[float]
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    ratio: float | None = None  # median / base's median
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+@dataclass
+class Row:
+    variant: str
+    backend: str
+    params: int  # parameters added to the base (0 for base and merged)
+    description: str
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    environment: dict[str, Any]
+    shapes: list[str]
+    rows: list[Row]
+    verdicts: list[str]
+    method: str = __doc__ or ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}/{shape[1]}"
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """"1x128,16x256" → ((1, 128), (16, 256))."""
+    out = []
+    for part in text.split(","):
+        b, _, s = part.strip().lower().partition("x")
+        if not (b.isdigit() and s.isdigit()) or int(b) < 1 or int(s) < 1:
+            raise ValueError(f"bad shape {part!r}: write BATCHxSEQ, e.g. 1x128,16x256")
+        out.append((int(b), int(s)))
+    return tuple(out)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bootstrap_ratio(times: list[float], base: list[float], seed: int, n: int = 2000) -> tuple[float, float]:
+    """95% interval of median(times)/median(base), resampling rounds with replacement (paired)."""
+    rng = random.Random(seed)
+    k = len(times)
+    ratios = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        ratios.append(statistics.median(times[i] for i in idx) / statistics.median(base[i] for i in idx))
+    return percentile(ratios, 0.025), percentile(ratios, 0.975)
+
+
+def timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    """Milliseconds of one call: CUDA events and a synchronize on GPU, perf_counter on CPU."""
+    if device.startswith("cuda"):
+        def cuda_time(fn: Callable[[], Any]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return float(start.elapsed_time(end))
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], Any]) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+
+    return cpu_time
+
+
+def measure(calls: dict[str, Callable[[], Any]], options: BenchOptions, label: str) -> dict[str, list[float]]:
+    """Interleaved rounds of every call, within the time budget; warm-up runs discarded."""
+    from tqdm import tqdm
+
+    time_one = timer(options.device)
+    for fn in calls.values():
+        for _ in range(options.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    started = time.perf_counter()
+    bar = tqdm(total=options.max_rounds, desc=label, unit="round", disable=not options.progress or not sys.stderr.isatty(), file=sys.stderr, leave=False)
+    rounds = 0
+    names = list(calls)
+    while rounds < options.max_rounds and (rounds < options.min_rounds or time.perf_counter() - started < options.budget_s):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:  # rotate: the first of a round runs slower
+            times[name].append(time_one(calls[name]))
+        rounds += 1
+        bar.update(1)
+    bar.close()
+    return times
+
+
+def summarize(rows: list[Row], shape: str, times: dict[tuple[str, str], list[float]], seed: int) -> None:
+    for row in rows:
+        t = times[(row.variant, row.backend)]
+        cell = Cell(t, statistics.median(t), percentile(t, 0.1), percentile(t, 0.9))
+        base = times.get(("base", row.backend))
+        if base:
+            cell.ratio = cell.median_ms / statistics.median(base)
+            if row.variant != "base":
+                cell.ci_low, cell.ci_high = bootstrap_ratio(t, base, seed)
+            else:
+                cell.ci_low = cell.ci_high = 1.0
+        row.cells[shape] = cell
+
+
+def verdicts(rows: list[Row], shapes: list[str]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row.variant == "base":
+            continue
+        for shape in shapes:
+            c = row.cells.get(shape)
+            if c is None or c.ratio is None:
+                continue
+            ci = f"ratio {c.ratio:.3f} (95% CI {c.ci_low:.3f}–{c.ci_high:.3f})"
+            if row.variant == "merged":
+                same = c.ci_low <= 1.0 <= c.ci_high and 1 - VERDICT_BAND <= c.ci_low and c.ci_high <= 1 + VERDICT_BAND
+                verdict = "indistinguishable from base" if same else "NOT shown indistinguishable from base (CI misses 1.00 or leaves ±2%)"
+                lines.append(f"{row.backend} {shape}: merged {verdict}: {ci}")
+            else:
+                lines.append(f"{row.backend} {shape}: {row.variant} {c.ratio - 1:+.1%} vs base: {ci}")
+    return lines
+
+
+def environment(options: BenchOptions) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": options.device, "dtype": options.dtype, "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    }
+    if options.device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# GPU checks in one go, for a lent GPU machine (or DEVICE=cpu for a smoke run here):
+#   1. lora-export verify with both models on the GPU (tiny LLaMA, fp32 and a bf16 merge);
+#   2. lora-export bench --paper-table1 at the paper's full shapes (32x512, 16x256, 1x128), CUDA events;
+#   3. the same bench on ONNX Runtime's CUDA provider when onnxruntime-gpu is installed.
+# Installs only what is missing: it uses the python that already has a CUDA torch if there is one.
+# Results land in $OUT (default ./gpu-results): table1-gpu.md/.json/.png, verify-*.json, env.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-./gpu-results}
+SHAPES=${SHAPES:-32x512,16x256,1x128}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+if ! "$PY" -c "import torch, sys; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then
+  "$PY" -m venv .gpu-venv && PY=.gpu-venv/bin/python
+  "$PY" -m pip install -q torch
+fi
+"$PY" -c "import lora_export" 2>/dev/null || "$PY" -m pip install -q -e ".[onnx,plot,test]"
+"$PY" - <<PYEOF > "$OUT/env.txt"
+import torch, platform
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())
+PYEOF
+cat "$OUT/env.txt"
+
+# 1. verify on the device: a tiny LLaMA and a PEFT-format adapter written without PEFT
+WORK=$(mktemp -d)
+"$PY" - "$WORK" <<'PYEOF'
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+w = Path(sys.argv[1]); torch.manual_seed(0)
+LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2)).save_pretrained(w / "base")
+(w / "adapter").mkdir()
+t = {}
+for i in range(4):
+    for proj, out in (("q_proj", 128), ("v_proj", 64)):
+        p = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+        t[p + ".lora_A.weight"] = torch.randn(8, 128) * 0.05
+        t[p + ".lora_B.weight"] = torch.randn(out, 8) * 0.05
+save_file(t, str(w / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+(w / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+PYEOF
+LE="$PY -m lora_export"
+$LE merge "$WORK/base" "$WORK/adapter" -o "$WORK/merged" -q > /dev/null
+$LE merge "$WORK/base" "$WORK/adapter" -o "$WORK/merged-bf16" --dtype bfloat16 -q > /dev/null
+$LE verify "$WORK/base" "$WORK/adapter" "$WORK/merged" --device "$DEVICE" --json "$OUT/verify-fp32.json"
+$LE verify "$WORK/base" "$WORK/adapter" "$WORK/merged-bf16" --device "$DEVICE" --json "$OUT/verify-bf16.json"
+
+# 2. Table 1 at the paper's shapes on the device (PyTorch; CUDA events)
+$LE bench --paper-table1 --device "$DEVICE" --shapes "$SHAPES" --budget "${BUDGET:-5}" \
+  --markdown "$OUT/table1-$DEVICE.md" --json "$OUT/table1-$DEVICE.json" --plot "$OUT/table1-$DEVICE.png"
+
+# 3. ONNX Runtime's CUDA provider, when installed
+if "$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)"; then
+  $LE bench "$WORK/base" "$WORK/adapter" --device "$DEVICE" --backend all --shapes "$SHAPES" --budget "${BUDGET:-5}" \
+    --markdown "$OUT/bench-ort-$DEVICE.md" --json "$OUT/bench-ort-$DEVICE.json"
+else
+  echo "onnxruntime has no CUDAExecutionProvider here (pip install .[gpu] installs onnxruntime-gpu): skipped the ORT GPU bench"
+fi
+rm -rf "$WORK"
