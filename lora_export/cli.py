@@ -239,7 +239,8 @@ def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | Non
           json_file: Path | None, markdown_file: Path | None, plot_file: Path | None) -> None:
     """Latency of base vs merged vs unmerged LoRA vs adapter layers (the LoRA paper's Table 1, on your model).
 
-    Variants: base; merged (must cost what base costs); lora-unmerged (B·A·x at run time); adapter-H (Houlsby: two
+    Variants: base; base-copy (a second load of the base: the A/A control, what two identical models differ by on
+    this machine); merged (must cost what base costs); lora-unmerged (B·A·x at run time); adapter-H (Houlsby: two
     bottleneck adapters per block, after attention and after the MLP) and adapter-L (Lin: one after the MLP, with a
     LayerNorm), random values, parameter count matched to the LoRA adapter's unless --adapter-params.
 

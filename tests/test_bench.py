@@ -72,8 +72,8 @@ def test_bench_quick_all_variants(models_dir: Path, tmp_path: Path) -> None:
     base = models_dir / "llama"
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     result = bench(base, [adapter], QUICK)
-    assert [r.variant for r in result.rows] == ["base", "merged", "lora-unmerged", "adapter-H", "adapter-L"]
-    lora = result.rows[2].params
+    assert [r.variant for r in result.rows] == ["base", "base-copy", "merged", "lora-unmerged", "adapter-H", "adapter-L"]
+    lora = result.rows[3].params
     assert lora == 2 * (4 * (32 + 32) + 4 * (32 + 16))  # two layers of q (32→32) and v (32→16), r = 4
     for row in result.rows:
         assert set(row.cells) == {"1/8", "2/16"}
@@ -93,7 +93,7 @@ def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert {(row["variant"], row["backend"]) for row in data["rows"]} == {
-        (v, b) for v in ("base", "merged", "lora-unmerged", "adapter-H", "adapter-L") for b in ("torch", "onnxruntime")}
+        (v, b) for v in ("base", "base-copy", "merged", "lora-unmerged", "adapter-H", "adapter-L") for b in ("torch", "onnxruntime")}
     assert data["environment"]["threads"] == 1 and "onnxruntime" in data["environment"]
     md = (tmp_path / "b.md").read_text()
     assert "| variant | backend | added params | 1/16 | 2/32 |" in md and "Verdicts" in md

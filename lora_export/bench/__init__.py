@@ -31,6 +31,8 @@ def _torch_variants(base_dir: Path, adapters: Sequence[Path], merged_dir: Path, 
     n_lora = lora_params(unmerged)
     variants: list[tuple[Row, nn.Module]] = [
         (Row("base", "torch", 0, "the base model as it is"), load_model(base_dir, dtype, device)),
+        (Row("base-copy", "torch", 0, "a second load of the base: what two identical models differ by here (A/A control)"),
+         load_model(base_dir, dtype, device)),
         (Row("merged", "torch", 0, "W0 + ΔW folded in (lora-export merge)"), load_model(merged_dir, dtype, device)),
         (Row("lora-unmerged", "torch", n_lora, "base + B·A·x at run time (lora_runtime)"), unmerged),
     ]
@@ -124,7 +126,7 @@ def bench(base_dir: Path | str, adapter_dirs: Sequence[Path | str], options: Ben
             log("merging (no --merged given) …")
             merged_dir = work / "merged"
             merge(base_dir, adapters, merged_dir, MergeOptions(dtype=options.dtype, progress=False))
-        log("loading variants: base, merged, lora-unmerged, adapter-H, adapter-L …")
+        log("loading variants: base, base-copy, merged, lora-unmerged, adapter-H, adapter-L …")
         variants = _torch_variants(base_dir, adapters, Path(merged_dir), options, adapter_params)
         calls: list[tuple[Row, Callable[[dict[str, torch.Tensor]], Callable[[], Any]]]] = []
         if "torch" in options.backends:

@@ -172,7 +172,10 @@ def verdicts(rows: list[Row], shapes: list[str]) -> list[str]:
             if c is None or c.ratio is None:
                 continue
             ci = f"ratio {c.ratio:.3f} (95% CI {c.ci_low:.3f}–{c.ci_high:.3f})"
-            if row.variant == "merged":
+            if row.variant == "base-copy":
+                lines.append(f"{row.backend} {shape}: base-copy (A/A control, identical model) {c.ratio - 1:+.1%}: {ci}; "
+                             "differences of this size between other variants are noise")
+            elif row.variant == "merged":
                 same = c.ci_low <= 1.0 <= c.ci_high and 1 - VERDICT_BAND <= c.ci_low and c.ci_high <= 1 + VERDICT_BAND
                 verdict = "indistinguishable from base" if same else "NOT shown indistinguishable from base (CI misses 1.00 or leaves ±2%)"
                 lines.append(f"{row.backend} {shape}: merged {verdict}: {ci}")
