@@ -20,18 +20,27 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return smollm2_dir(cache)
 
 
-def test_minilm_matches_peft(tmp_path: Path) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def minilm_adapter(folder: Path) -> Path:
+    """A PEFT adapter for MiniLM on query, value and every dense layer, weights perturbed so B is non-zero."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    base = minilm_dir()
     torch.manual_seed(0)
-    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
+    model = get_peft_model(AutoModel.from_pretrained(minilm_dir()), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_minilm_matches_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base = minilm_dir()
+    minilm_adapter(tmp_path / "adapter")
     result = merge(base, [tmp_path / "adapter"], tmp_path / "merged", MergeOptions(progress=False))
     assert result.merged_tensors == 6 * 5 + 1  # query, value and three "dense" per layer, and pooler.dense
     ours = read_all(tmp_path / "merged")
@@ -121,19 +130,10 @@ def test_verify_smollm2_bf16_demo_adapter(smollm2: Path, tmp_path: Path) -> None
 
 
 def test_verify_minilm_encoder(tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
-
     from lora_export.verify import VerifyOptions, verify
 
     base = minilm_dir()
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "adapter")
+    minilm_adapter(tmp_path / "adapter")
     merge(base, [tmp_path / "adapter"], tmp_path / "merged", MergeOptions(progress=False))
     report = verify(base, [tmp_path / "adapter"], tmp_path / "merged", VerifyOptions())
     assert report.passed, [c.failures for c in report.checks]

@@ -1,6 +1,6 @@
 """Latency of base vs merged vs unmerged LoRA vs adapter layers, measured side by side.
 
-Method: every variant is warmed up (runs discarded), then the variants run interleaved in rounds (A B C D, B C D A,
+Method: weights are copied into ordinary memory (not left memory-mapped from their files), every variant is warmed up (runs discarded), then the variants run interleaved in rounds (A B C D, B C D A,
 …: the order rotates, because the first call of a round measured slower on this CPU) so drift hits all alike, for as many rounds as a time budget allows (between min and max). On CUDA, events around
 the forward pass and a synchronize. The thread count is fixed and recorded. Per cell: median, p10/p90, and the ratio
 of medians to `base` with a bootstrap 95% confidence interval over rounds (paired: a round's runs stay together).
