@@ -282,6 +282,71 @@ def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | Non
 
 
 @main.command()
+@click.argument("target", type=EXISTING_DIR, metavar="BASE_DIR | PACKAGE_DIR")
+@click.option("--variants", "variants_file", type=click.Path(dir_okay=False, path_type=Path), help="variants.yaml (or .json) naming each task variant.")
+@click.option("-o", "--output", "out_dir", type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
+@click.option("--mode", type=click.Choice(["merged", "shared", "both"]), default="both", show_default=True,
+              help="merged: one merged ONNX model per variant; shared: one base graph + one .onnx_adapter per variant.")
+@click.option("--check", "check", is_flag=True, help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
+@handle_errors
+def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode: str, check: bool, overwrite: bool) -> None:
+    """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
+
+    variants.yaml:
+
+    \b
+      variants:
+        summarize:
+          adapters: [adapters/summarize]
+        support-chat:
+          adapters:
+            - {path: adapters/chat, weight: 0.7}
+            - {path: adapters/tone, weight: 0.3}
+          dtype: float16
+
+    --mode merged writes merged/NAME/ (merge-and-onnx per variant); --mode shared writes shared/model.onnx, whose
+    LoRA A/B are overridable inputs with zero-rank defaults, and shared/NAME.onnx_adapter per variant: a client picks
+    a task per request with RunOptions.add_active_adapter(LoraAdapter); without one the graph is the base. Every
+    variant is checked against PyTorch; manifest.json lists every file with its sha256 and the storage each layout
+    takes. --check re-hashes every file, then re-runs the stored reference inputs in ONNX Runtime; exit 1 on any
+    mismatch.
+
+    \b
+    Examples:
+      lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
+      lora-export package --check ./tasks
+    """
+    from .package import check_package, package as run
+    from .report import human_bytes
+
+    if check:
+        result = check_package(target)
+        for r in result["numerical_checks"]:
+            click.echo(f"  {'PASS' if r['passed'] else 'FAIL'}  {r['check']:<40} max rel {r['max_rel']:.2g}")
+        for p in result["problems"]:
+            click.echo(f"  FAIL  {p}")
+        click.echo(f"package check: {'PASS' if result['passed'] else 'FAIL'} ({result['files']} files hashed)")
+        if not result["passed"]:
+            raise VerifyError(f"{len(result['problems'])} problem(s) in {target}")
+        return
+    if variants_file is None or out_dir is None:
+        raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
+    manifest = run(target, variants_file, out_dir, mode, overwrite, log=_echo_err)
+    for c in manifest.get("shared", {}).get("checks", []):
+        click.echo(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']}  (max rel {c['max_rel']:.2g})")
+    for name, info in manifest.get("merged", {}).items():
+        click.echo(f"  {'PASS' if all(c['passed'] for c in info['checks']) else 'FAIL'}  merged {name}: " + ", ".join(c["check"] for c in info["checks"]))
+    st = manifest["storage"]
+    if "shared" in st:
+        click.echo(f"  storage: shared base graph + {st['variants']} adapter files = {human_bytes(st['shared']['total_bytes'])} "
+                   f"(adapters {human_bytes(st['shared']['adapter_files_bytes'])}); {st['variants']} merged graphs ≈ {human_bytes(st['merged_estimate_bytes'])}")
+    if "merged" in st:
+        click.echo(f"  storage: merged ONNX models {human_bytes(st['merged']['onnx_bytes'])}")
+    click.echo(f"package: PASS → {out_dir}/manifest.json")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/lora-export-demo"), show_default=True,
               help="Where the base model folder and the merged model are written.")
 @click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")

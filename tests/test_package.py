@@ -1,0 +1,106 @@
+"""package: shared graph with hot-swappable ONNX Runtime adapters, merged per variant, manifest and --check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_adapter
+
+from lora_export.cli import main
+from lora_export.errors import InputError, UnsupportedError
+from lora_export.package import check_package, package, read_variants
+
+
+@pytest.fixture(scope="module")
+def project(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    base = models_dir / "llama"
+    make_adapter(base, root / "adapters" / "summarize", seed=1, target_modules=["q_proj", "v_proj"])
+    make_adapter(base, root / "adapters" / "chat", seed=2, target_modules=["q_proj", "o_proj"], r=8)
+    make_adapter(base, root / "adapters" / "tone", seed=3, target_modules=["down_proj"], r=2, use_rslora=True)
+    (root / "variants.yaml").write_text("""variants:
+  summarize:
+    adapters: [adapters/summarize]
+  support-chat:
+    adapters:
+      - {path: adapters/chat, weight: 0.7}
+      - {path: adapters/tone, weight: 0.3}
+""")
+    return root
+
+
+def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, ["package", str(models_dir / "llama"), "--variants", str(project / "variants.yaml"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passed"] and set(manifest["variants"]) == {"summarize", "support-chat"}
+    checks = manifest["shared"]["checks"]
+    assert len(checks) == 3 and all(c["passed"] and c["max_rel"] < 1e-5 for c in checks)
+    assert (out / "shared" / "summarize.onnx_adapter").is_file() and (out / "shared" / "support-chat.onnx_adapter").is_file()
+    # different ranks per module in one graph: q_proj has r=4 in one variant and 8+2… in the other
+    params = manifest["shared"]["adapters"]["support-chat"]["parameters"]
+    assert params["model.layers.0.self_attn.q_proj.lora_A"] == [8, 32] and params["model.layers.0.mlp.down_proj.lora_A"] == [2, 64]
+    assert "model.layers.0.self_attn.v_proj.lora_A" not in params  # support-chat does not touch v_proj: the zero-rank default applies
+    assert {c["check"] for v in manifest["merged"].values() for c in v["checks"]} >= {"onnx vs pytorch", "merge (float32)"}
+    st = manifest["storage"]
+    assert st["shared"]["adapter_files_bytes"] < st["shared"]["base_graph_bytes"] < st["merged_estimate_bytes"]
+    assert {f["name"] for f in manifest["files"]} >= {"shared/model.onnx", "shared/reference.npz", "merged/summarize/model.onnx"}
+    ok = CliRunner().invoke(main, ["package", "--check", str(out)])
+    assert ok.exit_code == 0 and "package check: PASS" in ok.output
+
+    # a changed byte: caught by the hashes
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    f = bad / "shared" / "summarize.onnx_adapter"
+    data = bytearray(f.read_bytes())
+    data[-8] ^= 0x40
+    f.write_bytes(bytes(data))
+    r = CliRunner().invoke(main, ["package", "--check", str(bad)])
+    assert r.exit_code == 1 and "summarize.onnx_adapter: sha256/size differ" in r.output
+
+    # the wrong adapter under a consistent manifest: caught by the numbers
+    wrong = tmp_path / "wrong"
+    shutil.copytree(out, wrong)
+    shutil.copy2(wrong / "shared" / "support-chat.onnx_adapter", wrong / "shared" / "summarize.onnx_adapter")
+    m = json.loads((wrong / "manifest.json").read_text())
+    src = next(x for x in m["files"] if x["name"] == "shared/support-chat.onnx_adapter")
+    for x in m["files"]:
+        if x["name"] == "shared/summarize.onnx_adapter":
+            x["sha256"], x["size"] = src["sha256"], src["size"]
+    (wrong / "manifest.json").write_text(json.dumps(m))
+    result = check_package(wrong)
+    assert not result["passed"] and any("summarize" in p for p in result["problems"])
+
+
+def test_variants_file_mistakes(project: Path, tmp_path: Path) -> None:
+    cases = {
+        "not yaml": "variants: [",
+        "no variants": "tasks: {}",
+        "no adapters": "variants:\n  a: {}\n",
+        "missing folder": "variants:\n  a:\n    adapters: [nope]\n",
+        "bad weight": f"variants:\n  a:\n    adapters:\n      - {{path: {project}/adapters/chat, weight: high}}\n",
+        "bad name": f"variants:\n  ../evil:\n    adapters: [{project}/adapters/chat]\n",
+        "unknown field": f"variants:\n  a:\n    adapters: [{project}/adapters/chat]\n    rank: 4\n",
+        "bf16": f"variants:\n  a:\n    adapters: [{project}/adapters/chat]\n    dtype: bfloat16\n",
+    }
+    for why, text in cases.items():
+        f = tmp_path / "v.yaml"
+        f.write_text(text)
+        with pytest.raises(InputError) as e:
+            read_variants(f)
+        assert str(f) in str(e.value), why
+    (tmp_path / "v.json").write_text(json.dumps({"variants": {"a": {"adapters": [str(project / "adapters" / "chat")]}}}))
+    assert read_variants(tmp_path / "v.json")[0].adapters[0][1] == 1.0
+
+
+def test_shared_layout_refuses_dora(models_dir: Path, tmp_path: Path) -> None:
+    make_adapter(models_dir / "llama", tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
+    (tmp_path / "v.yaml").write_text("variants:\n  d:\n    adapters: [dora]\n")
+    with pytest.raises(UnsupportedError, match="--mode merged"):
+        package(models_dir / "llama", tmp_path / "v.yaml", tmp_path / "out", mode="shared")
+    assert not (tmp_path / "out").exists()
