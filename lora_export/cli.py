@@ -347,6 +347,37 @@ def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode
 
 
 @main.command()
+@click.argument("merged_dir", type=EXISTING_DIR)
+@click.option("--remove", "remove", required=True, type=EXISTING_DIR, help="The adapter merged into MERGED_DIR (checked by hash against its manifest).")
+@click.option("--add", "add", required=True, type=EXISTING_DIR, help="The adapter to merge in instead.")
+@click.option("-o", "--output", "out_dir", required=True, type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@handle_errors
+def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+    """Switch tasks on a merged checkpoint: W − ΔW_A + ΔW_B, in float32, cast once.
+
+    Refuses unless MERGED_DIR's lora_export.json records ADAPTER_A (by hash) as merged, and for DoRA or
+    modules_to_save (they cannot be subtracted). Reports the difference from a fresh merge of ADAPTER_B into the
+    original base when that base is still where the manifest says.
+
+    \b
+    Example:
+      lora-export swap ./smollm2-summarize --remove ./adapters/summarize --add ./adapters/chat -o ./smollm2-chat
+    """
+    from .swap import swap as run
+
+    report = run(merged_dir, remove, add, out_dir, dtype, overwrite)
+    click.echo(f"swapped {report['removed']['path']} (weight {report['removed']['weight']}) for {report['added']['path']} → {report['output']} ({report['dtype']})")
+    fresh = report["vs_fresh_merge"]
+    if fresh:
+        click.echo(f"  vs a fresh merge of {report['added']['path']} into {fresh['base']}: max |Δ| {fresh['max_abs']:.3g} "
+                   f"({fresh['max_rel']:.3g} of max|W|, worst {fresh['tensor']})")
+    else:
+        click.echo("  the original base is not where the manifest says: no comparison with a fresh merge")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/lora-export-demo"), show_default=True,
               help="Where the base model folder and the merged model are written.")
 @click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")
