@@ -378,6 +378,43 @@ def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, o
 
 
 @main.command()
+@click.argument("adapter_dir", type=EXISTING_DIR)
+@click.option("--base", "base_dir", type=EXISTING_DIR, help="Check the adapter against this base and compute the amplification factor.")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_json: bool) -> None:
+    """What an adapter targets and how its ΔW looks: r, α, scaling and size per module, fit to a base, and the
+    spectrum of each ΔW (rank, effective rank, energy in the top directions, and with --base the LoRA paper's
+    amplification factor ‖ΔW‖_F / ‖Uᵀ·W0·V‖_F), computed from the factors without forming ΔW.
+
+    \b
+    Example:
+      lora-export inspect ./adapters/caps --base ./smollm2
+    """
+    from .inspect import inspect_adapter
+    from .report import human_bytes, to_json
+
+    info = inspect_adapter(adapter_dir, base_dir, allow_pickle)
+    if as_json:
+        click.echo(to_json(info))
+        return
+    flags = ", ".join(k for k in ("use_rslora", "use_dora") if info[k]) or "plain"
+    click.echo(f"{info['adapter']}: {info['peft_type']} r={info['r']} α={info['lora_alpha']} ({flags}); {len(info['modules'])} modules, "
+               f"{info['params']:,} parameters, {info['weights_file']} {human_bytes(info['weights_bytes'])}")
+    if info["compatibility"] is not None:
+        c = info["compatibility"]
+        click.echo(f"  base {info['base']}: {'compatible' if c['compatible'] else 'NOT compatible: ' + c['reason']}")
+    click.echo(f"  {'module':<44} {'r':>3} {'scaling':>8} {'rank':>4} {'eff.rank':>8} {'top-1 energy':>12} {'‖ΔW‖':>9} {'amplif.':>8}")
+    for m in info["modules"]:
+        sp = m["spectrum"]
+        amp = f"{sp['amplification']:.1f}" if "amplification" in sp else "–"
+        click.echo(f"  {m['module']:<44} {m['r']:>3} {m['scaling']:>8.3g} {sp['rank']:>4} {sp['effective_rank']:>8.2f} {sp['energy_top1']:>12.1%} {sp['delta_norm']:>9.3g} {amp:>8}")
+    if info["replaced_tensors"]:
+        click.echo(f"  replaces {len(info['replaced_tensors'])} base tensor(s): {', '.join(info['replaced_tensors'][:5])}")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/lora-export-demo"), show_default=True,
               help="Where the base model folder and the merged model are written.")
 @click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")
