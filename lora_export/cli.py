@@ -221,6 +221,7 @@ def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool
 @click.argument("paths", nargs=-1, type=EXISTING_DIR, metavar="[BASE_DIR ADAPTER_DIR...]")
 @click.option("--merged", "merged_dir", type=EXISTING_DIR, help="The merged folder (default: merged here, in a temporary folder).")
 @click.option("--onnx", "onnx_dir", type=EXISTING_DIR, help="An exported merged model (folder with model.onnx) for the onnxruntime backend.")
+@click.option("--package", "package_dir", type=EXISTING_DIR, help="Measure a package (lora-export package): per variant, shared graph + adapter vs merged vs base.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "all"]), default="torch", show_default=True)
 @click.option("--shapes", default=None, help="BATCHxSEQ list, e.g. 1x128,16x256,32x512 (default: that; --quick: 1x16,2x32).")
@@ -234,7 +235,7 @@ def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the Markdown table.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart of the overhead vs base per shape.")
 @handle_errors
-def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | None, device: str, backend: str, shapes: str | None, dtype: str,
+def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | None, package_dir: Path | None, device: str, backend: str, shapes: str | None, dtype: str,
           adapter_params: int | None, budget: float | None, threads: int | None, quick: bool, paper_table1: bool,
           json_file: Path | None, markdown_file: Path | None, plot_file: Path | None) -> None:
     """Latency of base vs merged vs unmerged LoRA vs adapter layers (the LoRA paper's Table 1, on your model).
@@ -253,8 +254,9 @@ def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | Non
     Examples:
       lora-export bench ./smollm2 ./adapters/caps --shapes 1x128,4x128 --plot overhead.png
       lora-export bench --paper-table1 --shapes 1x128,4x128,8x256 --markdown table1.md
+      lora-export bench --package ./tasks --shapes 1x128
     """
-    from .bench import BenchOptions, bench as bench_fn, paper_table1 as table1
+    from .bench import BenchOptions, bench as bench_fn, bench_package, paper_table1 as table1
     from .bench.runner import parse_shapes
     from .report import bench_markdown, bench_plot, to_json
 
@@ -267,6 +269,8 @@ def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | Non
                            min_rounds=5 if quick else 7, threads=threads, adapter_params=adapter_params)
     if paper_table1:
         result = table1(options, log=_echo_err)
+    elif package_dir is not None:
+        result = bench_package(package_dir, options, log=_echo_err)
     else:
         if len(paths) < 2:
             raise click.UsageError("give BASE_DIR and at least one ADAPTER_DIR, or --paper-table1")

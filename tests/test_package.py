@@ -104,3 +104,13 @@ def test_shared_layout_refuses_dora(models_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError, match="--mode merged"):
         package(models_dir / "llama", tmp_path / "v.yaml", tmp_path / "out", mode="shared")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_measures_a_package(models_dir: Path, project: Path, tmp_path: Path) -> None:
+    from lora_export.bench import BenchOptions, bench_package
+
+    package(models_dir / "llama", project / "variants.yaml", tmp_path / "pkg", mode="shared")
+    result = bench_package(tmp_path / "pkg", BenchOptions(shapes=((1, 8),), budget_s=0.05, min_rounds=5, max_rounds=10, warmup=1, progress=False))
+    assert [r.variant for r in result.rows] == ["base", "summarize shared+adapter", "support-chat shared+adapter"]
+    assert all(r.cells["1/8"].ratio > 0 and len(r.cells["1/8"].runs_ms) >= 5 for r in result.rows)
+    assert result.rows[1].params == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # q and v, two layers

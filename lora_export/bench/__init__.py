@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from ..verify import DTYPES
 from .baselines import insert_adapters, plan_adapters
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, verdicts
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "paper_table1"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "bench_package", "paper_table1"]
 
 
 def lora_params(model: nn.Module) -> int:
@@ -104,7 +105,8 @@ def _ort_calls(variants: list[tuple[Row, nn.Module]], workdir: Path, options: Be
     return out
 
 
-def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
+def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
+    """Feeds for an exported graph; `model` is a loaded model or just its config (for the cache's shape)."""
     import numpy as np
 
     from ..exporters.graphs import cache_shape, position_ids_for
@@ -121,7 +123,7 @@ def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: nn.Module) 
         elif inp.name == "token_type_ids":
             feeds[inp.name] = np.zeros_like(ids.numpy())
         elif inp.name.startswith("past_key_values"):
-            shape = cache_shape(model.config)
+            shape = cache_shape(getattr(model, "config", model))
             dtype = np.float16 if "float16" in inp.type else np.float32
             feeds[inp.name] = np.zeros((ids.shape[0], shape.kv_heads, 0, shape.head_dim), dtype=dtype)
     return feeds
@@ -230,3 +232,54 @@ def paper_table1(options: BenchOptions, log: Callable[[str], None] = lambda s: N
     merged.extra["paper"] = PAPER_TABLE1
     merged.environment["model"] = "GPT-2 medium (random weights, 24 layers, d=1024), LoRA r=4 on c_attn"
     return merged
+
+
+def bench_package(package_dir: Path | str, options: BenchOptions = BenchOptions(), log: Callable[[str], None] = lambda s: None) -> BenchResult:
+    """A package's layouts in ONNX Runtime, per variant: the shared graph with no adapter (the base), the shared
+    graph with the variant's adapter active (what hot-swapping costs per request) and the variant's merged model."""
+    import onnxruntime as ort
+    from transformers import AutoConfig
+
+    from ..exporters.onnx import session
+
+    package_dir = Path(package_dir)
+    manifest_path = package_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{package_dir} has no manifest.json: is it a lora-export package?")
+    manifest = json.loads(manifest_path.read_text())
+    config_dir = package_dir / ("shared" if "shared" in manifest else next(iter(manifest["merged"].values()))["folder"])
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    threads = options.threads or None
+    runners: list[tuple[Row, Any, Any]] = []  # (row, session, run options)
+    if "shared" in manifest:
+        shared = session(package_dir / "shared" / "model.onnx", threads)
+        runners.append((Row("base", "onnxruntime", 0, "shared graph, no adapter active"), shared, None))
+        for name, info in manifest["shared"]["adapters"].items():
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(package_dir / "shared" / info["file"]))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(adapter)
+            params = sum(int(np.prod(s)) for s in info["parameters"].values())
+            runners.append((Row(f"{name} shared+adapter", "onnxruntime", params, f"shared graph with {info['file']} active"), shared, (ro, adapter)))
+    for name, info in manifest.get("merged", {}).items():
+        runners.append((Row(f"{name} merged", "onnxruntime", 0, f"{info['folder']}/model.onnx"), session(package_dir / info["folder"] / "model.onnx", threads), None))
+    if not runners or runners[0][0].variant != "base":
+        log("no shared graph in this package: ratios are to the first merged variant")
+        runners[0][0].variant = "base"
+    rows = [r for r, _, _ in runners]
+    shapes = [shape_name(s) for s in options.shapes]
+    g = torch.Generator().manual_seed(options.seed)
+    for shape in options.shapes:
+        ids = torch.randint(0, int(config.get_text_config().vocab_size), shape, generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        calls = {}
+        for row, sess, extra in runners:
+            feeds = _ort_feeds(sess, inputs, config)
+            ro = extra[0] if extra else None
+            calls[row.variant] = (lambda s=sess, f=feeds, r=ro: s.run(["logits"], f, r))
+        log(f"measuring {shape_name(shape)} …")
+        times = measure(calls, options, f"package {shape_name(shape)}")
+        summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
+    env = environment(options)
+    env["model"] = f"package {package_dir.name} ({', '.join(manifest['variants'])})"
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes))
