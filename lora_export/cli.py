@@ -341,6 +341,8 @@ def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode
         click.echo(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']}  (max rel {c['max_rel']:.2g})")
     for name, info in manifest.get("merged", {}).items():
         click.echo(f"  {'PASS' if all(c['passed'] for c in info['checks']) else 'FAIL'}  merged {name}: " + ", ".join(c["check"] for c in info["checks"]))
+    for note in manifest.get("shared", {}).get("notes", []):
+        click.echo(f"  note: {note}")
     st = manifest["storage"]
     if "shared" in st:
         click.echo(f"  storage: shared base graph + {st['variants']} adapter files = {human_bytes(st['shared']['total_bytes'])} "

@@ -136,7 +136,10 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
         got = run_with_adapter(sess, feeds, path, ["logits"])[0]
         checks.append(_compare(f"shared graph + {path.name} vs {v.name} in PyTorch", references[v.name], got, mask.numpy()))
     np.savez(shared / "reference.npz", **{f"input:{k}": v for k, v in feeds.items()}, **{f"logits:{k}": v for k, v in references.items()})
-    return {"graph": "shared/model.onnx", "inputs": names, "lora_inputs": {m: list(v) for m, v in graph.inputs.items()}, "adapters": files, "checks": checks}
+    notes = [f"variant {v.name}: dtype {v.dtype} applies to its merged layout; the shared graph and its adapters are float32"
+             for v in variants if v.dtype not in ("auto", "float32")]
+    return {"graph": "shared/model.onnx", "dtype": "float32", "inputs": names, "lora_inputs": {m: list(v) for m, v in graph.inputs.items()},
+            "adapters": files, "checks": checks, "notes": notes}
 
 
 def _merged(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None]) -> dict[str, Any]:
