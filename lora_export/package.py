@@ -158,6 +158,73 @@ def _merged(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
     return results
 
 
+def dedupe_merged(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
+    """Store the merged variants' graphs in merged-onnx/: tensors identical in every variant once, in common.data,
+    the rest in NAME.data (ONNX external data; each NAME.onnx refers to both, in the same folder, as ONNX Runtime
+    requires). The per-variant merged/NAME/model.onnx copies are removed; each new graph is checked against the
+    variant's reference outputs before they go."""
+    import onnx
+    from onnx import numpy_helper
+
+    names = list(merged)
+    models = {n: onnx.load(str(out / merged[n]["folder"] / "model.onnx")) for n in names}
+    # by content, not name: the exporter names folded constants differently in each export
+    seen: dict[str, set[str]] = {}
+    for n, m in models.items():
+        for t in m.graph.initializer:
+            seen.setdefault(sha256_bytes(numpy_helper.to_array(t).tobytes()), set()).add(n)
+    folder = out / "merged-onnx"
+    folder.mkdir()
+
+    def place(tensor: Any, data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
+        data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
+        offset = data.tell()
+        data.write(raw)
+        return [("location", location), ("offset", str(offset)), ("length", str(len(raw)))]
+
+    def point(tensor: Any, entries: list[tuple[str, str]]) -> None:
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(f)
+        del tensor.external_data[:]
+        for key, value in entries:
+            tensor.external_data.add(key=key, value=value)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    common: dict[str, list[tuple[str, str]]] = {}
+    common_data = (folder / "common.data").open("wb")
+    for n in names:
+        with (folder / f"{n}.data").open("wb") as own:
+            for t in models[n].graph.initializer:
+                raw = numpy_helper.to_array(t).tobytes()
+                digest = sha256_bytes(raw)
+                if len(seen[digest]) > 1:
+                    if digest not in common:
+                        common[digest] = place(t, common_data, "common.data", raw)
+                    point(t, common[digest])
+                else:
+                    point(t, place(t, own, f"{n}.data", raw))
+        onnx.save(models[n], str(folder / f"{n}.onnx"))
+    common_data.close()
+    for n in names:
+        ref = np.load(out / merged[n]["folder"] / "reference.npz")
+        feeds = {k.split(":", 1)[1]: ref[k] for k in ref.files if k.startswith("input:")}
+        check = _compare(f"merged-onnx/{n}.onnx (shared tensors) vs reference", ref[f"logits:{n}"], session(folder / f"{n}.onnx").run(["logits"], feeds)[0], feeds["attention_mask"])
+        if not check["passed"]:
+            raise VerifyError(f"{folder / (n + '.onnx')}: differs from the variant's reference after sharing tensors: {check['failures']}")
+        merged[n]["graph"] = f"merged-onnx/{n}.onnx"
+        merged[n]["checks"].append({"check": check["check"], "passed": True, "summary": f"max rel {check['max_rel']:.2g}"})
+        for f in (out / merged[n]["folder"]).glob("model.onnx*"):
+            f.unlink()
+    return {"common_tensors": len(common), "common_bytes": (folder / "common.data").stat().st_size,
+            "per_variant_bytes": {n: (folder / f"{n}.data").stat().st_size for n in names}}
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def package(base_dir: Path | str, variants_file: Path | str, out_dir: Path | str, mode: str = "both", overwrite: bool = False,
             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     started = time.perf_counter()
@@ -175,6 +242,9 @@ def package(base_dir: Path | str, variants_file: Path | str, out_dir: Path | str
             manifest["shared"] = _shared(base_dir, variants, tmp, log)
         if mode in ("merged", "both"):
             manifest["merged"] = _merged(base_dir, variants, tmp, log)
+            if len(variants) > 1:
+                log("merged layout: storing tensors identical across variants once …")
+                manifest["merged_sharing"] = dedupe_merged(tmp, manifest["merged"])
         checks = [c["passed"] for c in manifest.get("shared", {}).get("checks", [])]
         checks += [c["passed"] for v in manifest.get("merged", {}).values() for c in v["checks"]]
         manifest["passed"] = all(checks)
@@ -199,7 +269,7 @@ def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[st
         out["shared"] = {"base_graph_bytes": graph, "adapter_files_bytes": adapters, "total_bytes": graph + adapters}
         out["merged_estimate_bytes"] = graph * len(variants)
     if mode in ("merged", "both"):
-        out["merged"] = {"onnx_bytes": size("merged/*/model.onnx*"), "with_merged_folders_bytes": size("merged/**/*")}
+        out["merged"] = {"onnx_bytes": size("merged/*/model.onnx*") + size("merged-onnx/*"), "with_merged_folders_bytes": size("merged/**/*")}
     return out
 
 
@@ -235,7 +305,7 @@ def check_package(out_dir: Path | str) -> dict[str, Any]:
             folder = out_dir / info["folder"]
             ref = np.load(folder / "reference.npz")
             feeds = {k.split(":", 1)[1]: ref[k] for k in ref.files if k.startswith("input:")}
-            got = session(folder / "model.onnx").run(["logits"], feeds)[0]
+            got = session(out_dir / info.get("graph", f"{info['folder']}/model.onnx")).run(["logits"], feeds)[0]
             results.append(_compare(f"merged {name}", ref[f"logits:{name}"], got, feeds["attention_mask"]))
         problems += [f"{r['check']}: {'; '.join(r['failures'])}" for r in results if not r["passed"]]
     return {"passed": not problems, "problems": problems, "numerical_checks": results, "files": len(manifest["files"])}

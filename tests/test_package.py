@@ -49,7 +49,11 @@ def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tm
     assert {c["check"] for v in manifest["merged"].values() for c in v["checks"]} >= {"onnx vs pytorch", "merge (float32)"}
     st = manifest["storage"]
     assert st["shared"]["adapter_files_bytes"] < st["shared"]["base_graph_bytes"] < st["merged_estimate_bytes"]
-    assert {f["name"] for f in manifest["files"]} >= {"shared/model.onnx", "shared/reference.npz", "merged/summarize/model.onnx"}
+    assert {f["name"] for f in manifest["files"]} >= {"shared/model.onnx", "shared/reference.npz", "merged-onnx/common.data", "merged-onnx/summarize.onnx"}
+    sharing = manifest["merged_sharing"]  # k_proj, gate/up, embeddings, norms: identical in both merged variants
+    assert sharing["common_tensors"] >= 2 * 3 + 2 and sharing["common_bytes"] > max(sharing["per_variant_bytes"].values())
+    assert not (out / "merged" / "summarize" / "model.onnx").exists() and (out / "merged-onnx" / "summarize.onnx").is_file()
+    assert manifest["merged"]["summarize"]["graph"] == "merged-onnx/summarize.onnx"
     ok = CliRunner().invoke(main, ["package", "--check", str(out)])
     assert ok.exit_code == 0 and "package check: PASS" in ok.output
 
