@@ -349,6 +349,10 @@ def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode
                    f"(adapters {human_bytes(st['shared']['adapter_files_bytes'])}); {st['variants']} merged graphs ≈ {human_bytes(st['merged_estimate_bytes'])}")
     if "merged" in st:
         click.echo(f"  storage: merged ONNX models {human_bytes(st['merged']['onnx_bytes'])}")
+    sharing = manifest.get("merged_sharing")
+    if sharing:
+        click.echo(f"  merged graphs share {sharing['common_tensors']} identical tensors stored once in merged-onnx/common.data "
+                   f"({human_bytes(sharing['common_bytes'])}; {human_bytes(sharing['saved_bytes'])} not written twice)")
     click.echo(f"package: PASS → {out_dir}/manifest.json")
 
 

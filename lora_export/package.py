@@ -138,7 +138,7 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
     np.savez(shared / "reference.npz", **{f"input:{k}": v for k, v in feeds.items()}, **{f"logits:{k}": v for k, v in references.items()})
     notes = [f"variant {v.name}: dtype {v.dtype} applies to its merged layout; the shared graph and its adapters are float32"
              for v in variants if v.dtype not in ("auto", "float32")]
-    return {"graph": "shared/model.onnx", "dtype": "float32", "inputs": names, "lora_inputs": {m: list(v) for m, v in graph.inputs.items()},
+    return {"graph": "shared/model.onnx", "dtype": "float32", "inputs": names, "outputs": graph.export.output_names, "lora_inputs": {m: list(v) for m, v in graph.inputs.items()},
             "adapters": files, "checks": checks, "notes": notes}
 
 
@@ -215,7 +215,14 @@ def dedupe_merged(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
         merged[n]["checks"].append({"check": check["check"], "passed": True, "summary": f"max rel {check['max_rel']:.2g}"})
         for f in (out / merged[n]["folder"]).glob("model.onnx*"):
             f.unlink()
-    return {"common_tensors": len(common), "common_bytes": (folder / "common.data").stat().st_size,
+    saved = 0
+    for n in names:
+        for t in onnx.load(str(folder / f"{n}.onnx"), load_external_data=False).graph.initializer:
+            entries = dict((e.key, e.value) for e in t.external_data)
+            if entries.get("location") == "common.data":
+                saved += int(entries["length"])
+    saved -= sum(int(dict(e)[("length")]) for e in common.values()) if common else 0
+    return {"common_tensors": len(common), "saved_bytes": saved, "common_bytes": (folder / "common.data").stat().st_size,
             "per_variant_bytes": {n: (folder / f"{n}.data").stat().st_size for n in names}}
 
 

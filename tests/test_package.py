@@ -37,7 +37,9 @@ def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tm
     out = tmp_path / "pkg"
     r = CliRunner().invoke(main, ["package", str(models_dir / "llama"), "--variants", str(project / "variants.yaml"), "-o", str(out)])
     assert r.exit_code == 0, r.output
+    assert "identical tensors stored once" in r.output
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shared"]["outputs"][0] == "logits" and manifest["shared"]["inputs"][:2] == ["input_ids", "attention_mask"]
     assert manifest["passed"] and set(manifest["variants"]) == {"summarize", "support-chat"}
     checks = manifest["shared"]["checks"]
     assert len(checks) == 3 and all(c["passed"] and c["max_rel"] < 1e-5 for c in checks)
@@ -52,6 +54,7 @@ def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tm
     assert {f["name"] for f in manifest["files"]} >= {"shared/model.onnx", "shared/reference.npz", "merged-onnx/common.data", "merged-onnx/summarize.onnx"}
     sharing = manifest["merged_sharing"]  # k_proj, gate/up, embeddings, norms: identical in both merged variants
     assert sharing["common_tensors"] >= 2 * 3 + 2 and sharing["common_bytes"] > max(sharing["per_variant_bytes"].values())
+    assert sharing["saved_bytes"] > 0.9 * sharing["common_bytes"]  # two variants: each shared tensor would have been written twice (or more)
     assert not (out / "merged" / "summarize" / "model.onnx").exists() and (out / "merged-onnx" / "summarize.onnx").is_file()
     assert manifest["merged"]["summarize"]["graph"] == "merged-onnx/summarize.onnx"
     ok = CliRunner().invoke(main, ["package", "--check", str(out)])
