@@ -25,7 +25,7 @@ from .exporters.graphs import build_graph, position_ids_for
 from .exporters.onnx import OnnxOptions, session
 from .lora_runtime import load_model, load_unmerged
 from .merge import MergeOptions
-from .pipeline import SIDE_FILES, ExportOptions, _versions, merge_and_onnx
+from .pipeline import SIDE_FILES, ExportOptions, _files, _versions, merge_and_onnx
 from .shared_graph import build_shared_graph, run_with_adapter, union_modules, variant_factors, write_adapter_file
 from .tensors import atomic_output_dir, check_output_location, sha256_file, write_json
 from .verify import TOLERANCES, Case, compare
@@ -176,7 +176,7 @@ def dedupe_merged(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
     folder = out / "merged-onnx"
     folder.mkdir()
 
-    def place(tensor: Any, data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
+    def place(data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
         data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
         offset = data.tell()
         data.write(raw)
@@ -192,17 +192,20 @@ def dedupe_merged(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
 
     common: dict[str, list[tuple[str, str]]] = {}
     common_data = (folder / "common.data").open("wb")
+    saved = 0  # bytes of shared tensors not written again
     for n in names:
         with (folder / f"{n}.data").open("wb") as own:
             for t in models[n].graph.initializer:
                 raw = numpy_helper.to_array(t).tobytes()
                 digest = sha256_bytes(raw)
                 if len(seen[digest]) > 1:
-                    if digest not in common:
-                        common[digest] = place(t, common_data, "common.data", raw)
+                    if digest in common:
+                        saved += len(raw)
+                    else:
+                        common[digest] = place(common_data, "common.data", raw)
                     point(t, common[digest])
                 else:
-                    point(t, place(t, own, f"{n}.data", raw))
+                    point(t, place(own, f"{n}.data", raw))
         onnx.save(models[n], str(folder / f"{n}.onnx"))
     common_data.close()
     for n in names:
@@ -215,13 +218,6 @@ def dedupe_merged(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
         merged[n]["checks"].append({"check": check["check"], "passed": True, "summary": f"max rel {check['max_rel']:.2g}"})
         for f in (out / merged[n]["folder"]).glob("model.onnx*"):
             f.unlink()
-    saved = 0
-    for n in names:
-        for t in onnx.load(str(folder / f"{n}.onnx"), load_external_data=False).graph.initializer:
-            entries = dict((e.key, e.value) for e in t.external_data)
-            if entries.get("location") == "common.data":
-                saved += int(entries["length"])
-    saved -= sum(int(dict(e)[("length")]) for e in common.values()) if common else 0
     return {"common_tensors": len(common), "saved_bytes": saved, "common_bytes": (folder / "common.data").stat().st_size,
             "per_variant_bytes": {n: (folder / f"{n}.data").stat().st_size for n in names}}
 
@@ -256,7 +252,7 @@ def package(base_dir: Path | str, variants_file: Path | str, out_dir: Path | str
         checks += [c["passed"] for v in manifest.get("merged", {}).values() for c in v["checks"]]
         manifest["passed"] = all(checks)
         manifest["storage"] = storage_summary(tmp, variants, mode)
-        manifest["files"] = [{"name": str(p.relative_to(tmp)), "sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(tmp.rglob("*")) if p.is_file()]
+        manifest["files"] = _files(tmp)
         manifest["seconds"] = time.perf_counter() - started
         if not manifest["passed"]:
             raise VerifyError("a package check failed: " + "; ".join(c["check"] for c in manifest.get("shared", {}).get("checks", []) if not c["passed"]))

@@ -210,19 +210,26 @@ def compare(case: Case, name: str, ref: torch.Tensor, got: torch.Tensor) -> Metr
 
 
 def output_check(name: str, compares: str, dtype: str, cases: list[Case], ref: list[dict[str, torch.Tensor]], got: list[dict[str, torch.Tensor]]) -> Check:
-    tol = TOLERANCES[dtype]
     metrics = [compare(case, out, r[out], g[out]) for case, r, g in zip(cases, ref, got) for out in r]
+    return metrics_check(name, compares, dtype, metrics)
+
+
+def metrics_check(name: str, compares: str, dtype: str, metrics: list[Metrics], summary: str | None = None) -> Check:
+    """The verdict on compared outputs: every metric against the dtype's tolerance; all failures listed."""
+    tol = TOLERANCES[dtype]
     failures = [f for m in metrics for f in m.failures(tol)]
-    worst = max(metrics, key=lambda m: m.max_rel if math.isfinite(m.max_rel) else math.inf)
-    parts = [f"worst rel {worst.max_rel:.2g} (≤ {tol.max_rel:g})", f"cos ≥ {min(m.min_cosine for m in metrics):.7f}"]
-    top1 = [m.top1 for m in metrics if m.top1 is not None]
-    kls = [m.max_kl for m in metrics if m.max_kl is not None]
-    if top1:
-        gaps = [m.flip_gap for m in metrics if m.flip_gap is not None]
-        parts.append(f"top-1 {min(top1):.1%} (flip gap ≤ {max(gaps):.2g})")
-    if kls:
-        parts.append(f"KL ≤ {max(kls):.2g}")
-    return Check(name, compares, dtype, not failures, ", ".join(parts), failures, metrics)
+    if summary is None:
+        worst = max(metrics, key=lambda m: m.max_rel if math.isfinite(m.max_rel) else math.inf)
+        parts = [f"worst rel {worst.max_rel:.2g} (≤ {tol.max_rel:g})", f"cos ≥ {min(m.min_cosine for m in metrics):.7f}"]
+        top1 = [m.top1 for m in metrics if m.top1 is not None]
+        kls = [m.max_kl for m in metrics if m.max_kl is not None]
+        if top1:
+            gaps = [m.flip_gap for m in metrics if m.flip_gap is not None]
+            parts.append(f"top-1 {min(top1):.1%} (flip gap ≤ {max(gaps):.2g})")
+        if kls:
+            parts.append(f"KL ≤ {max(kls):.2g}")
+        summary = ", ".join(parts)
+    return Check(name, compares, dtype, not failures, summary, failures, metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, UnsupportedError
-from ..verify import TOLERANCES, Case, Check, compare, compare_tokens
+from ..tensors import dtype_name as torch_dtype_name
+from ..verify import TOLERANCES, Case, Check, compare, compare_tokens, metrics_check
 from .graphs import CacheShape, Graph, build_graph, cache_shape, position_ids_for
 
 TWO_GB = 2 * 1024**3
@@ -171,8 +172,8 @@ def session(path: Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _cases(graph: Graph, vocab: int, seed: int, dtype: torch.dtype) -> list[tuple[str, tuple[torch.Tensor, ...], int]]:
-    """(name, inputs in graph order, past length) for batch 1 and 4, short and long, padded; a decode step."""
+def _cases(graph: Graph, vocab: int, seed: int, dtype: torch.dtype) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """(name, inputs in graph order) for batch 1 and 4, short and long, padded; a decode step."""
     g = torch.Generator().manual_seed(seed)
     cases = []
     for batch, seq in ((1, 6), (4, 32)):
@@ -187,13 +188,13 @@ def _cases(graph: Graph, vocab: int, seed: int, dtype: torch.dtype) -> list[tupl
         name = f"{batch}×{seq}{' padded' if batch > 1 else ''}"
         if graph.kind != "causal-lm":
             extra = (torch.zeros_like(ids),) if "token_type_ids" in graph.input_names else ()
-            cases.append((name, (ids, mask, *extra), 0))
+            cases.append((name, (ids, mask, *extra)))
         elif not graph.with_past:
-            cases.append((name, (ids, mask, position_ids_for(mask, seq)), 0))
+            cases.append((name, (ids, mask, position_ids_for(mask, seq))))
         else:
             shape = graph.cache
             empty = tuple(torch.zeros(batch, shape.kv_heads, 0, shape.head_dim, dtype=dtype) for _ in range(2 * shape.layers))
-            cases.append((f"prefill {name}", (ids, mask, position_ids_for(mask, seq), *empty), 0))
+            cases.append((f"prefill {name}", (ids, mask, position_ids_for(mask, seq), *empty)))
     return cases
 
 
@@ -201,7 +202,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _compare_outputs(graph: Graph, name: str, inputs: tuple[torch.Tensor, ...], past_len: int, ref: Sequence[torch.Tensor], got: Sequence[np.ndarray]) -> list[Any]:
+def _compare_outputs(graph: Graph, name: str, inputs: tuple[torch.Tensor, ...], ref: Sequence[torch.Tensor], got: Sequence[np.ndarray]) -> list[Any]:
     mask = inputs[1]
     seq = inputs[0].shape[1]
     metrics = []
@@ -222,7 +223,7 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
                 eos: int | None = None) -> tuple[list[Check], dict[str, Any] | None]:
     """Run the ONNX file in ONNX Runtime and the PyTorch model on the same inputs; compare; generate greedily."""
     dtype = next(model.parameters()).dtype
-    dtype_name = {torch.float32: "float32", torch.float16: "float16"}[dtype]
+    dtype_name = torch_dtype_name(dtype)
     graph = build_graph(model, export.with_past)
     sess = session(export.path)
     have = {i.name for i in sess.get_inputs()}, {o.name for o in sess.get_outputs()}
@@ -233,12 +234,12 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
     vocab = int(model.config.get_text_config().vocab_size)
     metrics = []
     decode_from = None
-    for name, inputs, past_len in _cases(graph, vocab, seed, dtype):
+    for name, inputs in _cases(graph, vocab, seed, dtype):
         with torch.no_grad():
             ref = graph.module(*inputs)
         ref = (ref,) if isinstance(ref, torch.Tensor) else ref
         got = sess.run(graph.output_names, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})  # by name, not position
-        metrics += _compare_outputs(graph, name, inputs, past_len, ref, got)
+        metrics += _compare_outputs(graph, name, inputs, ref, got)
         decode_from = (inputs, ref)
     if graph.with_past and decode_from is not None:  # one decode step on top of the padded prefill's cache
         (ids, mask, _pos, *_), ref = decode_from
@@ -249,8 +250,10 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
         with torch.no_grad():
             ref2 = graph.module(*inputs)
         got2 = sess.run(graph.output_names, {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs)})
-        metrics += _compare_outputs(graph, f"decode {ids.shape[0]}×1 past {ids.shape[1]}", inputs, ids.shape[1], ref2, got2)
-    check = _metrics_check("onnx vs pytorch", f"ONNX Runtime vs PyTorch eager, {dtype_name}", dtype_name, metrics)
+        metrics += _compare_outputs(graph, f"decode {ids.shape[0]}×1 past {ids.shape[1]}", inputs, ref2, got2)
+    worst = max(metrics, key=lambda m: m.max_rel if m.max_rel == m.max_rel else float("inf"))
+    summary = f"worst rel {worst.max_rel:.2g} ({worst.case}/{worst.output}; ≤ {TOLERANCES[dtype_name].max_rel:g}), {len(metrics)} outputs compared"
+    check = metrics_check("onnx vs pytorch", f"ONNX Runtime vs PyTorch eager, {dtype_name}", dtype_name, metrics, summary)
     checks = [check]
     generation = None
     if graph.kind == "causal-lm" and graph.with_past and options.max_new_tokens > 0:
@@ -268,15 +271,6 @@ def verify_onnx(model: nn.Module, export: OnnxExport, options: OnnxOptions, seed
 
 def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
-
-
-def _metrics_check(name: str, compares: str, dtype: str, metrics: list[Any]) -> Check:
-    """output_check's verdict for metrics gathered here (per output, per case)."""
-    tol = TOLERANCES[dtype]
-    failures = [f for m in metrics for f in m.failures(tol)]
-    worst = max(metrics, key=lambda m: m.max_rel if m.max_rel == m.max_rel else float("inf"))
-    summary = f"worst rel {worst.max_rel:.2g} ({worst.case}/{worst.output}; ≤ {tol.max_rel:g}), {len(metrics)} outputs compared"
-    return Check(name, compares, dtype, not failures, summary, failures, metrics)
 
 
 @torch.no_grad()
