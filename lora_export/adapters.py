@@ -210,7 +210,34 @@ def load_adapter(folder: Path | str, allow_pickle: bool = False) -> LoraAdapter:
     modules = {path: _build_module(path, p, config, weights_file) for path, p in parts.items()}
     if not modules and not replacements:
         raise AdapterError(f"{weights_file}: no LoRA tensors found: the adapter is empty")
+    check_targets(config, list(modules), folder / "adapter_config.json")
     return LoraAdapter(folder, config, weights_file, sha256_file(weights_file), modules, replacements)
+
+
+def targets_module(target_modules: str | list[str], path: str) -> bool:
+    """PEFT's check_target_module_exists: a string is a regex matched in full, a list matches names or name suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith(f".{t}") for t in target_modules)
+
+
+def check_targets(config: dict[str, Any], modules: list[str], path: Path) -> None:
+    """Every module the weights adapt must be one target_modules selects: otherwise config and weights disagree."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear" or not modules:
+        return
+    if not isinstance(targets, (str, list)) or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{path}: target_modules must be a list of module names or a regex string, found {targets!r}")
+    try:
+        stray = [m for m in modules if not targets_module(targets, m)]
+    except re.error as e:
+        raise AdapterError(f"{path}: target_modules {targets!r} is not a valid regex ({e})") from None
+    if stray:
+        which = "match none of" if len(stray) == len(modules) else "do not match"
+        raise AdapterError(
+            f"{path}: target_modules {targets!r} {which} the modules the weights adapt (e.g. {stray[0]}): the config "
+            "does not belong to these weights; re-save the adapter with PEFT's save_pretrained"
+        )
 
 
 def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any], file: Path) -> LoraModule:
@@ -225,6 +252,12 @@ def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any],
     r = a.shape[0]
     if b.shape[1] != r:
         raise AdapterError(f"{file}: module {path}: lora_A has rank {r} (shape {tuple(a.shape)}) but lora_B has {b.shape[1]} (shape {tuple(b.shape)})")
+    out_features, in_features = b.shape[0], a.shape[1]
+    if r > max(out_features, in_features):
+        raise AdapterError(
+            f"{file}: module {path} has rank {r}, larger than the layer itself ({out_features}×{in_features}): not a "
+            "low-rank update (a corrupt file, or r set absurdly); retrain with r below the layer's size"
+        )
     r_config = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
     if r_config != r:
         raise AdapterError(f"{file}: module {path} has rank {r} in its tensors but {r_config} in adapter_config.json (r / rank_pattern)")
@@ -235,7 +268,6 @@ def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any],
         raise AdapterError(f"{file}: module {path} has a DoRA magnitude vector but use_dora is false in adapter_config.json")
     if config.get("use_dora") and magnitude is None:
         raise AdapterError(f"{file}: use_dora is true but module {path} has no lora_magnitude_vector")
-    out_features = b.shape[0]
     if magnitude is not None and magnitude.shape != (out_features,):
         raise AdapterError(f"{file}: module {path}: DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({out_features},)")
     if bias is not None and bias.shape != (out_features,):

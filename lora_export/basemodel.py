@@ -148,11 +148,11 @@ def files_from_index(index: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: not a valid index ({type(e).__name__}: {e})") from None
+        raise InputError(f"{index}: not a valid index ({type(e).__name__}: {e}): download or save the model again") from None
     files: list[Path] = []
     for name in dict.fromkeys(weight_map.values()):
         path = safe_child(index.parent, str(name), str(index))
         if not path.is_file():
-            raise InputError(f"{index} names the shard {name}, which is missing from {index.parent}")
+            raise InputError(f"{index} names the shard {name}, which is missing from {index.parent}: download the missing shard or save the model again")
         files.append(path)
     return files

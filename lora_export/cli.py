@@ -27,6 +27,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LoraExportError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
+            from .tensors import DISK_ERRNOS
+
+            if e.errno not in DISK_ERRNOS:
+                raise
+            click.echo(f"Error: cannot write {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}", err=True)
+            sys.exit(2)
 
     return wrapper
 

@@ -6,6 +6,8 @@ only a few megabytes resident; the page cache is the kernel's business, not our 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -16,7 +18,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+REFETCH = "; download or save the file again"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 CHUNK_BYTES = 4 * 1024 * 1024  # one streamed piece: fits in cache, large enough that Python overhead is noise
 
@@ -80,24 +83,24 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         with path.open("rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CorruptFileError(f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length)")
+                raise CorruptFileError(f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length){REFETCH}")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise CorruptFileError(
-                    f"{path}: header length {header_len} is larger than the file ({size} bytes): truncated or not safetensors"
+                    f"{path}: header length {header_len} is larger than the file ({size} bytes): truncated or not safetensors{REFETCH}"
                 )
             header = json.loads(f.read(header_len))
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors") from None
+        raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors{REFETCH}") from None
     if not isinstance(header, dict):
-        raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt")
+        raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt{REFETCH}")
     try:  # the reference parser checks offsets, overlaps, dtypes and the byte count of every tensor
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as e:  # safetensors raises its own SafetensorError; its text names the problem
-        raise CorruptFileError(f"{path}: safetensors rejects the file: {e}") from None
+        raise CorruptFileError(f"{path}: safetensors rejects the file: {str(e).splitlines()[0] if str(e) else type(e).__name__}{REFETCH}") from None
     return 8 + header_len, header
 
 
@@ -109,7 +112,7 @@ def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
             continue
         code = entry.get("dtype")
         if code not in SAFETENSORS_DTYPES:
-            raise CorruptFileError(f"{path}: tensor {name} has dtype {code!r}, which this tool does not read")
+            raise CorruptFileError(f"{path}: tensor {name} has dtype {code!r}, which this tool does not read: convert the file to float or integer tensors")
         begin, end = entry["data_offsets"]
         infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), data_start + begin, data_start + end)
     return infos
@@ -120,8 +123,15 @@ def safe_child(folder: Path, name: str, what: str) -> Path:
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
         raise UnsafeInputError(f"{what} names the file {name!r}: only plain file names inside {folder} are allowed")
     path = folder / name
-    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-        raise UnsafeInputError(f"{path} is a symbolic link out of {folder}: refusing to follow it")
+    if path.is_symlink():
+        target = path.resolve()
+        # A Hugging Face cache snapshot links each file to ../../blobs/<hash>: that stays inside the cached repo.
+        hf_blobs = folder.resolve().parent.parent / "blobs" if folder.resolve().parent.name == "snapshots" else None
+        if not target.is_relative_to(folder.resolve()) and not (hf_blobs and target.is_relative_to(hf_blobs)):
+            raise UnsafeInputError(
+                f"{what} names {name}, a symbolic link out of {folder} (to {target}): refusing to follow it; "
+                "copy the file into the folder if you trust it"
+            )
     return path
 
 
@@ -141,7 +151,7 @@ class TensorStore:
         for path in files:
             for name, info in scan_safetensors(path).items():
                 if name in infos:
-                    raise CorruptFileError(f"tensor {name} is stored twice: in {infos[name].file.name} and {path.name}")
+                    raise CorruptFileError(f"{path}: tensor {name} is stored twice, also in {infos[name].file.name}: the shards do not belong together; download the model again")
                 infos[name] = info
         return cls(infos, files)
 
@@ -187,7 +197,7 @@ class TensorStore:
         while done < len(view):
             n = os.preadv(self._fd(info.file), [view[done:]], start + done)
             if n == 0:
-                raise CorruptFileError(f"{info.file}: ends at byte {start + done}, but tensor {info.name} needs bytes up to {end}")
+                raise CorruptFileError(f"{info.file}: ends at byte {start + done}, but tensor {info.name} needs bytes up to {end}{REFETCH}")
             done += n
         return buf
 
@@ -448,30 +458,122 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Non
         raise OutputError(f"output {out} exists and is not a folder")
 
 
+# Errors of the output disk rather than of this tool: reported in one line with the fix, never as a traceback.
+DISK_ERRNOS = {
+    errno.ENOSPC: "free space on that disk, or choose an output folder on another one",
+    errno.EDQUOT: "free space within your quota, or choose an output folder elsewhere",
+    errno.EFBIG: "the file is larger than this file system or process allows (ulimit -f): choose an output folder elsewhere",
+    errno.EROFS: "the file system is read-only: choose a writable output folder",
+    errno.EACCES: "you may not write there: choose a writable output folder",
+    errno.EPERM: "you may not write there: choose a writable output folder",
+}
+
+
+def disk_error(e: OSError, out: Path) -> OutputError | None:
+    """An OutputError naming the file and the fix for an OSError of the output disk; None for any other OSError
+    (one naming a file that is not part of this output, say an unreadable input, is not ours to rephrase)."""
+    fix = DISK_ERRNOS.get(e.errno or -1)
+    if fix is None:
+        return None
+    if e.filename and not any(str(e.filename).startswith(str(p)) for p in (out, out.parent / f".{out.name}.")):
+        if Path(str(e.filename)) != out.parent:
+            return None
+    where = f" ({e.filename})" if e.filename else ""
+    return OutputError(f"cannot write {out}{where}: {e.strerror or e}: {fix}")
+
+
+def check_free_space(out: Path, nbytes: int) -> None:
+    """Refuse before writing when the output's file system has less free space than the output will take."""
+    where = out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < nbytes:
+        raise OutputError(
+            f"{where} has {free / 1e9:.2f} GB free, but the output {out.name} needs {nbytes / 1e9:.2f} GB: "
+            "free space on that disk, or choose an output folder on another one"
+        )
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output name (`.NAME.lock` beside it) for the whole write.
+
+    A second run for the same output fails at once instead of racing the first to the final rename. The lock is an
+    flock, so a killed run releases it; the file is removed when the run ends.
+    """
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputError(
+                f"another lora-export run{f' (pid {holder})' if holder else ''} is writing {out}: wait for it to finish, "
+                "or choose another output folder"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and our flock: lock the current one
+            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Folders left by killed runs for this output. Only called under output_lock, so no live run owns them."""
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `out` only if the block completes.
 
-    An interrupted run leaves only a `.NAME.partial-*` folder, which never looks like a finished output.
+    An interrupted run leaves only a `.NAME.partial-*` folder, which never looks like a finished output and is
+    removed by the next run for the same output. Runs for one output are serialised by output_lock; errors of the
+    output disk (full, read-only, no permission) become one OutputError naming the file and the fix.
     """
     parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        with ExitStack() as stack:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(out))
+                if out.exists() and not overwrite:
+                    raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
+                remove_stale_partials(out)
+                tmp = parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+                tmp.mkdir()
+            except OSError as e:
+                raise disk_error(e, out) or OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
+            try:
+                yield tmp
+                if out.exists():
+                    if not overwrite:
+                        raise OutputError(f"output {out} appeared while this run was writing: not replacing it")
+                    old = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                    os.rename(out, old)
+                    os.rename(tmp, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     except OSError as e:
-        raise OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise OutputError(f"output {out} appeared while this run was writing (another run?): not replacing it")
-            old = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if (converted := disk_error(e, out)) is None:
+            raise
+        raise converted from None

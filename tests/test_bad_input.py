@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import struct
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from conftest import make_adapter
 from safetensors.torch import load_file, save_file
 
 from lora_export.cli import main
+from lora_export.tensors import output_lock
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +32,31 @@ def copy_adapter(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_merge(base: Path, adapter: Path, out: Path, *extra: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(out), "-q", *extra])
+def run_cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, result.output
 
 
-def assert_refused(base: Path, adapter: Path, out: Path, *fragments: str, extra: tuple[str, ...] = ()) -> None:
-    code, output = run_merge(base, adapter, out, *extra)
+def run_merge(base: Path, adapter: Path, out: Path, *extra: str) -> tuple[int, str]:
+    return run_cli(["merge", str(base), str(adapter), "-o", str(out), "-q", *extra])
+
+
+def assert_one_error(code: int, output: str, out: Path, fragments: tuple[str, ...]) -> None:
+    """Exit 2, exactly one `Error:` line holding every fragment (the file, the problem, the fix), no traceback,
+    and nothing at the output location: no folder, no partial folder, no lock file."""
     assert code == 2, output
     error_lines = [line for line in output.splitlines() if line.startswith("Error: ")]
     assert len(error_lines) == 1, output
     assert "Traceback" not in output
     for fragment in fragments:
         assert fragment in error_lines[0], output
-    assert not out.exists(), "a refused merge must write nothing"
-    assert not list(out.parent.glob(f".{out.name}.partial-*")), "temporary folder left behind"
+    assert not out.exists(), "a refused run must write nothing"
+    assert not [p.name for p in out.parent.glob(f".{out.name}.*")], "temporary folder or lock left behind"
+
+
+def assert_refused(base: Path, adapter: Path, out: Path, *fragments: str, extra: tuple[str, ...] = ()) -> None:
+    assert_one_error(*run_merge(base, adapter, out, *extra), out, fragments)
 
 
 def test_adapter_for_another_base(good: tuple[Path, Path], models_dir: Path, tmp_path: Path) -> None:
@@ -216,3 +230,307 @@ def test_index_naming_missing_shard(good: tuple[Path, Path], tmp_path: Path) -> 
 
 def test_weight_count_mismatch(good: tuple[Path, Path], tmp_path: Path) -> None:
     assert_refused(good[0], good[1], tmp_path / "out", "2 weights given for 1 adapters", extra=("-w", "1", "-w", "2"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Broken safetensors files, written byte by byte
+
+
+def write_raw_safetensors(path: Path, header: dict | bytes, data: bytes) -> None:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+ENTRY = {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 512]}
+
+
+@pytest.mark.parametrize(
+    "header,data,fragments",
+    [
+        (b"{not json at all", b"", ("header is not valid JSON",)),
+        (b"[1, 2, 3]       ", b"", ("not a JSON object",)),
+        ({A_KEY: ENTRY}, bytes(100), ("safetensors rejects the file",)),  # offsets past the end of the file
+        ({A_KEY: ENTRY, B_KEY: {"dtype": "F32", "shape": [32, 4], "data_offsets": [256, 768]}}, bytes(768), ("safetensors rejects the file",)),
+        ({A_KEY: {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 256]}}, bytes(256), ("safetensors rejects the file",)),  # shape ≠ bytes
+        ({A_KEY: {"dtype": "Q4", "shape": [4, 32], "data_offsets": [0, 64]}}, bytes(64), ("safetensors rejects the file",)),  # unknown dtype
+    ],
+    ids=["header-not-json", "header-not-object", "offsets-past-end", "overlapping-offsets", "dtype-shape-vs-bytes", "unknown-dtype"],
+)
+def test_broken_safetensors(good: tuple[Path, Path], tmp_path: Path, header: dict | bytes, data: bytes, fragments: tuple[str, ...]) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    write_raw_safetensors(f, header, data)
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), *fragments, "download or save the file again")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02\x03"], ids=["empty", "shorter-than-header-length"])
+def test_too_short_safetensors(good: tuple[Path, Path], tmp_path: Path, content: bytes) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "model.safetensors").write_bytes(content)
+    assert_refused(base, good[1], tmp_path / "out", str(base / "model.safetensors"), "too short", "download or save the file again")
+
+
+def test_tensor_stored_in_two_shards(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    t = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    names = sorted(t)
+    save_file({k: t[k] for k in names[: len(names) // 2 + 1]}, base / "model-00001-of-00002.safetensors")
+    save_file({k: t[k] for k in names[len(names) // 2:]}, base / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names[: len(names) // 2 + 1]}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in names[len(names) // 2 + 1:]})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_refused(base, good[1], tmp_path / "out", "stored twice", "download the model again")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# adapter_config.json mistakes
+
+
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        ({"lora_alpha": "sixteen"}, ("lora_alpha must be a positive number",)),
+        ({"r": -4}, ("r must be a positive number",)),
+        ({"peft_type": None}, ("peft_type is None", "only LORA")),
+        ({"rank_pattern": {"q_proj": "big"}}, ("rank_pattern must map",)),
+        ({"bias": "sometimes"}, ("bias must be",)),
+        ({"target_modules": ["gate_proj"]}, ("match none of", "re-save the adapter")),
+        ({"target_modules": ["q_proj"]}, ("do not match", "v_proj")),
+        ({"target_modules": 5}, ("target_modules must be",)),
+        ({"target_modules": "(unclosed"}, ("not a valid regex",)),
+    ],
+    ids=["alpha-type", "r-negative", "peft-type-missing", "rank-pattern-type", "bias-value", "targets-match-nothing",
+         "targets-miss-one", "targets-type", "targets-bad-regex"],
+)
+def test_more_config_mistakes(good: tuple[Path, Path], tmp_path: Path, change: dict, fragments: tuple[str, ...]) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    cfg_path = adapter / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    assert_refused(good[0], adapter, tmp_path / "out", str(cfg_path), *fragments)
+
+
+def test_config_is_a_list(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    assert_refused(good[0], adapter, tmp_path / "out", "adapter_config.json", "expected a JSON object")
+
+
+def test_rank_larger_than_the_layer(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    t[A_KEY], t[B_KEY] = torch.randn(40, 32), torch.randn(32, 40)
+    save_file(t, f)
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), "rank 40, larger than the layer itself (32×32)", "retrain with r below")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapter tensors: names, ranks, values
+
+
+def edit_adapter_tensors(good: tuple[Path, Path], tmp_path: Path, edit) -> tuple[Path, Path]:  # noqa: ANN001
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    edit(t)
+    save_file(t, f)
+    return adapter, f
+
+
+@pytest.mark.parametrize(
+    "edit,fragments",
+    [
+        (lambda t: t.update({"model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(4, 32)}), ("does not start with 'base_model.model.'",)),
+        (lambda t: t.update({A_KEY.replace(".weight", ".default.weight"): t.pop(A_KEY)}), ("is not a LoRA tensor this tool understands",)),
+        (lambda t: t.update({A_KEY: torch.randn(4, 32, 1)}), ("must be matrices",)),
+        (lambda t: t.pop(B_KEY), ("has lora_A but not its pair",)),
+        (lambda t: t.update({B_KEY: torch.randn(32, 3)}), ("lora_A has rank 4", "lora_B has 3")),
+        (lambda t: t[A_KEY].__setitem__((1, 2), float("inf")), ("NaN/Inf", "diverged training")),
+        (lambda t: t.update({A_KEY: torch.ones(4, 32, dtype=torch.int32)}), ("must be floating point",)),
+        (lambda t: [t.pop(k) for k in list(t)] and t.update({"base_model.model.x.lora_magic": torch.ones(1)}), ("not a LoRA tensor",)),
+    ],
+    ids=["no-prefix", "adapter-name-in-key", "wrong-tensor-rank", "missing-pair", "rank-disagreement", "inf", "integer-dtype", "unknown-lora-tensor"],
+)
+def test_adapter_tensor_mistakes(good: tuple[Path, Path], tmp_path: Path, edit, fragments: tuple[str, ...]) -> None:  # noqa: ANN001
+    adapter, f = edit_adapter_tensors(good, tmp_path, edit)
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), *fragments)
+
+
+def test_empty_adapter(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    f = adapter / "adapter_model.safetensors"
+    save_file({}, f)
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), "no LoRA tensors found")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base folders and their indexes
+
+
+def sharded_base(good: tuple[Path, Path], tmp_path: Path, shard_name: str) -> Path:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    weight_map = {k: shard_name for k in load_file(base / "model.safetensors")}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return base
+
+
+def test_index_symlink_out_of_the_folder(good: tuple[Path, Path], tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(good[0] / "model.safetensors", outside / "weights.safetensors")
+    base = sharded_base(good, tmp_path, "model-00001-of-00001.safetensors")
+    (base / "model-00001-of-00001.safetensors").symlink_to(outside / "weights.safetensors")
+    assert_refused(base, good[1], tmp_path / "out", "symbolic link out of", "copy the file into the folder")
+
+
+def test_hugging_face_cache_symlinks_are_followed(good: tuple[Path, Path], tmp_path: Path) -> None:
+    """A hub cache snapshot links its files to ../../blobs/<hash>: that is not an escape."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    shutil.copytree(good[0], snap)
+    shard = "model-00001-of-00001.safetensors"
+    shutil.move(snap / "model.safetensors", repo / "blobs" / "0123abcd")
+    (snap / shard).symlink_to(Path("../../blobs/0123abcd"))
+    weight_map = {k: shard for k in load_file(repo / "blobs" / "0123abcd")}
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    code, output = run_merge(snap, good[1], tmp_path / "out")
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "sub/model.safetensors", ".."], ids=["absolute", "subfolder", "dotdot"])
+def test_index_names_outside_plain_files(good: tuple[Path, Path], tmp_path: Path, name: str) -> None:
+    base = sharded_base(good, tmp_path, name)
+    assert_refused(base, good[1], tmp_path / "out", "model.safetensors.index.json", "only plain file names")
+
+
+@pytest.mark.parametrize("text", ["{broken", '{"weight_map": ["a", "b"]}'], ids=["not-json", "weight-map-not-object"])
+def test_index_unreadable(good: tuple[Path, Path], tmp_path: Path, text: str) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "model.safetensors.index.json").write_text(text)
+    assert_refused(base, good[1], tmp_path / "out", "model.safetensors.index.json", "not a valid index", "save the model again")
+
+
+def test_base_without_weights_or_config(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "model.safetensors").unlink()
+    assert_refused(base, good[1], tmp_path / "out", str(base), "has no model.safetensors")
+    (base / "config.json").write_text("{")
+    assert_refused(base, good[1], tmp_path / "out", "config.json", "not valid JSON")
+
+
+def test_pickled_base_needs_flag(good: tuple[Path, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    assert_refused(base, good[1], tmp_path / "out", "pytorch_model.bin", "--allow-pickle", "convert the model to safetensors")
+
+
+def test_non_finite_weight(good: tuple[Path, Path], tmp_path: Path) -> None:
+    assert_refused(good[0], good[1], tmp_path / "out", "finite", extra=("-w", "nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The output location: unusable disks, files in the way, another run
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A real file system of `size` (tmpfs) at `where`: the full or read-only disk the output lands on."""
+    where.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if read_only and os.geteuid() != 0:  # without mount rights a folder without write permission will do
+            where.chmod(0o555)
+            yield where
+            where.chmod(0o755)
+            return
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the disk-full/read-only cases need root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def test_read_only_output_disk(good: tuple[Path, Path], tmp_path: Path) -> None:
+    with small_disk(tmp_path / "ro", "1m", read_only=True) as disk:
+        code, output = run_merge(good[0], good[1], disk / "out")
+        assert_one_error(code, output, disk / "out", (str(disk / "out"), "choose a writable output folder"))
+
+
+def test_full_output_disk_found_before_writing(good: tuple[Path, Path], tmp_path: Path) -> None:
+    with small_disk(tmp_path / "small", "64k") as disk:
+        code, output = run_merge(good[0], good[1], disk / "out")
+        assert_one_error(code, output, disk / "out", (str(disk), "GB free", "needs", "free space on that disk"))
+        assert list(disk.iterdir()) == []
+
+
+def test_disk_filling_up_while_exporting(good: tuple[Path, Path], tmp_path: Path) -> None:
+    """The merged weights fit, the ONNX model does not: ENOSPC in the middle of the export, one line, nothing left."""
+    merged_bytes = sum(f.stat().st_size for f in good[0].glob("*.safetensors"))
+    with small_disk(tmp_path / "small", str(merged_bytes + 256 * 1024)) as disk:
+        out = disk / "onnx"
+        code, output = run_cli(["merge-and-onnx", str(good[0]), str(good[1]), "-o", str(out), "--max-new-tokens", "2"])
+        assert_one_error(code, output, out, (str(out), "No space left on device", "free space on that disk"))
+        assert list(disk.iterdir()) == []
+
+
+def test_output_is_a_file(good: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.write_text("mine")
+    code, output = run_merge(good[0], good[1], out, "--overwrite")
+    assert code == 2 and "is a file" in output and "Traceback" not in output
+    assert out.read_text() == "mine"
+
+
+def test_output_inside_an_adapter(good: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    assert_refused(good[0], adapter, adapter / "merged", str(adapter), "overlaps the input", "choose an output folder outside")
+
+
+def test_another_run_holds_the_output(good: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with output_lock(out):
+        code, output = run_merge(good[0], good[1], out)
+        assert code == 2 and f"pid {os.getpid()}" in output and "is writing" in output and "wait for it" in output
+        assert not out.exists()
+    code, output = run_merge(good[0], good[1], out)
+    assert code == 0, output
+    assert not (tmp_path / ".out.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# variants.yaml
+
+
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        ("variants: [", ("not valid YAML",)),
+        ("tasks: {}", ("expected a top-level `variants:` mapping",)),
+        ("variants:\n  a: {}\n", ("needs `adapters:`",)),
+        ("variants:\n  a:\n    adapters: [nope]\n", ("adapter folder nope not found", "relative to")),
+        ("variants:\n  a:\n    adapters:\n      - {path: ADAPTER, weight: high}\n", ("weight must be a finite number",)),
+        ("variants:\n  ../evil:\n    adapters: [ADAPTER]\n", ("names become file names",)),
+        ("variants:\n  a:\n    adapters: [ADAPTER]\n    rank: 4\n", ("unknown field(s) ['rank']",)),
+        ("variants:\n  a:\n    adapters: [ADAPTER]\n    dtype: bfloat16\n", ("dtype must be auto, float32 or float16",)),
+        ("variants:\n  a:\n    adapters: [{path: ADAPTER, scale: 2}]\n", ("each adapter is a path or {path: ..., weight: ...}",)),
+    ],
+    ids=["not-yaml", "no-variants", "no-adapters", "missing-folder", "bad-weight", "bad-name", "unknown-field", "bf16", "unknown-adapter-key"],
+)
+def test_variants_file_mistakes(good: tuple[Path, Path], tmp_path: Path, text: str, fragments: tuple[str, ...]) -> None:
+    f = tmp_path / "variants.yaml"
+    f.write_text(text.replace("ADAPTER", str(good[1])))
+    out = tmp_path / "pkg"
+    code, output = run_cli(["package", str(good[0]), "--variants", str(f), "-o", str(out)])
+    assert_one_error(code, output, out, (str(f), *fragments))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, UnsupportedError
-from ..tensors import dtype_name as torch_dtype_name
+from ..tensors import DISK_ERRNOS, dtype_name as torch_dtype_name
 from ..verify import TOLERANCES, Case, Check, compare, compare_tokens, metrics_check
 from .graphs import CacheShape, Graph, build_graph, cache_shape, position_ids_for
 
@@ -85,6 +85,8 @@ def export_onnx(model: nn.Module, path: Path, options: OnnxOptions = OnnxOptions
                                         optimize=False)
             program.save(str(path), external_data=external)
     except Exception as e:  # the recommended exporter failed: say why, then try the TorchScript-based one
+        if (disk := _os_error_in(e)) is not None:  # a full or read-only disk fails any exporter alike
+            raise disk from None
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         log(f"note: the dynamo exporter failed ({reason}); falling back to the TorchScript-based exporter (deprecated)")
         notes.append(f"dynamo exporter failed: {reason}")
@@ -117,7 +119,20 @@ def _export_torchscript_based(graph: Graph, path: Path, opset: int) -> None:
             torch.onnx.export(graph.module, graph.example, str(path), dynamo=False, input_names=graph.input_names,
                               output_names=graph.output_names, dynamic_axes=axes, opset_version=opset)
     except Exception as e:
+        if (disk := _os_error_in(e)) is not None:
+            raise disk from None
         raise ExportError(f"ONNX export failed with both exporters: {type(e).__name__}: {e}") from None
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """A disk's OSError (full, read-only) that an exporter wrapped in its own exception: not an exporter problem."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _check_model(path: Path) -> None:
