@@ -77,7 +77,11 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """Return (data start offset, header dict), after safetensors' own parser has accepted the file."""
+    """Return (data start offset, header dict) of a safetensors file whose layout has been checked.
+
+    The layout is checked here, without mapping the file (a process under a memory limit such as `ulimit -v` cannot
+    map a file larger than the limit), then by safetensors' own parser as a second opinion when the file can be mapped.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -96,12 +100,52 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors{REFETCH}") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt{REFETCH}")
-    try:  # the reference parser checks offsets, overlaps, dtypes and the byte count of every tensor
+    problem = layout_problem(header, size - 8 - header_len)
+    if problem:
+        raise CorruptFileError(f"{path}: {problem}{REFETCH}")
+    try:
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as e:  # safetensors raises its own SafetensorError; its text names the problem
-        raise CorruptFileError(f"{path}: safetensors rejects the file: {str(e).splitlines()[0] if str(e) else type(e).__name__}{REFETCH}") from None
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, MemoryError) and "os error 12" not in text:  # ENOMEM: the map, not the file, failed
+            raise CorruptFileError(f"{path}: safetensors rejects the file: {text}{REFETCH}") from None
     return 8 + header_len, header
+
+
+def layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:
+    """What is wrong with a header's tensor table, as safetensors defines it: every entry a known dtype, a shape and
+    [begin, end) offsets whose length is the shape's byte count; the ranges tile the data exactly, in order."""
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return f"tensor {name}: header entry is not an object"
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if code not in SAFETENSORS_DTYPES:
+            return f"tensor {name} has dtype {code!r}, which this tool does not read (convert the file to float or integer tensors)"
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            return f"tensor {name}: shape {shape!r} is not a list of sizes"
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name}: data_offsets {offsets!r} are not [begin, end] with 0 ≤ begin ≤ end"
+        need = math.prod(shape) * element_size(SAFETENSORS_DTYPES[code])
+        if offsets[1] - offsets[0] != need:
+            return f"tensor {name}: {code} {shape} needs {need} bytes but its offsets span {offsets[1] - offsets[0]}"
+        spans.append((offsets[0], offsets[1], name))
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            return f"tensors {previous} and {name} overlap (bytes {begin}–{position})"
+        if begin > position:
+            return f"a gap of {begin - position} bytes before tensor {name}: offsets do not tile the data"
+        position, previous = end, name
+    if position > data_bytes:
+        return f"tensor {previous} ends at byte {position} of the data, but the file holds {data_bytes}: truncated"
+    if position < data_bytes:
+        return f"{data_bytes - position} bytes after the last tensor that no tensor claims: not what safetensors writes"
+    return None
 
 
 def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
@@ -110,11 +154,8 @@ def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        code = entry.get("dtype")
-        if code not in SAFETENSORS_DTYPES:
-            raise CorruptFileError(f"{path}: tensor {name} has dtype {code!r}, which this tool does not read: convert the file to float or integer tensors")
         begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[code], tuple(entry["shape"]), data_start + begin, data_start + end)
+        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
     return infos
 
 
@@ -384,17 +425,15 @@ def reread_shard(path: Path, shard: list[TensorSpec], wf: WrittenFile, rehash: b
     from disk; return the disagreements. The re-hash mostly reads the page cache back, so it is opt-in."""
     found: list[str] = []
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for spec in shard:
-                if spec.name not in keys:
-                    found.append(f"{wf.name}: tensor {spec.name} missing on re-read")
-                    continue
-                sl = f.get_slice(spec.name)
-                if tuple(sl.get_shape()) != spec.shape or sl.get_dtype() != DTYPE_CODES[spec.dtype]:
-                    found.append(f"{wf.name}: {spec.name} re-read as {sl.get_dtype()} {sl.get_shape()}, wrote {spec.dtype} {spec.shape}")
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        return [f"{wf.name}: safetensors cannot parse the written file on re-read: {e}"]
+        _, header = read_safetensors_header(path)
+    except InputError as e:
+        return [f"{wf.name}: the written file does not parse on re-read: {e}"]
+    for spec in shard:
+        entry = header.get(spec.name)
+        if entry is None:
+            found.append(f"{wf.name}: tensor {spec.name} missing on re-read")
+        elif tuple(entry["shape"]) != spec.shape or entry["dtype"] != DTYPE_CODES[spec.dtype]:
+            found.append(f"{wf.name}: {spec.name} re-read as {entry['dtype']} {entry['shape']}, wrote {spec.dtype} {spec.shape}")
     if (size := path.stat().st_size) != wf.size:
         found.append(f"{wf.name}: {size} bytes on disk, wrote {wf.size}")
     elif rehash and (digest := sha256_file(path)) != wf.sha256:

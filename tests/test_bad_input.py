@@ -107,7 +107,7 @@ def test_truncated_base_shard(good: tuple[Path, Path], tmp_path: Path) -> None:
     shutil.copytree(good[0], base)
     f = base / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    assert_refused(base, good[1], tmp_path / "out", str(f), "safetensors rejects")
+    assert_refused(base, good[1], tmp_path / "out", str(f), "truncated", "download or save the file again")
 
 
 def test_nan_in_adapter(good: tuple[Path, Path], tmp_path: Path) -> None:
@@ -251,12 +251,17 @@ ENTRY = {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 512]}
     [
         (b"{not json at all", b"", ("header is not valid JSON",)),
         (b"[1, 2, 3]       ", b"", ("not a JSON object",)),
-        ({A_KEY: ENTRY}, bytes(100), ("safetensors rejects the file",)),  # offsets past the end of the file
-        ({A_KEY: ENTRY, B_KEY: {"dtype": "F32", "shape": [32, 4], "data_offsets": [256, 768]}}, bytes(768), ("safetensors rejects the file",)),
-        ({A_KEY: {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 256]}}, bytes(256), ("safetensors rejects the file",)),  # shape ≠ bytes
-        ({A_KEY: {"dtype": "Q4", "shape": [4, 32], "data_offsets": [0, 64]}}, bytes(64), ("safetensors rejects the file",)),  # unknown dtype
+        ({A_KEY: ENTRY}, bytes(100), ("ends at byte 512 of the data, but the file holds 100: truncated",)),
+        ({A_KEY: ENTRY, B_KEY: {"dtype": "F32", "shape": [32, 4], "data_offsets": [256, 768]}}, bytes(768), ("overlap",)),
+        ({A_KEY: {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 256]}}, bytes(256), ("needs 512 bytes but its offsets span 256",)),
+        ({A_KEY: {"dtype": "Q4", "shape": [4, 32], "data_offsets": [0, 64]}}, bytes(64), ("dtype 'Q4', which this tool does not read",)),
+        ({A_KEY: {"dtype": "F32", "shape": [4, 32], "data_offsets": [16, 528]}}, bytes(528), ("a gap of 16 bytes",)),
+        ({A_KEY: ENTRY}, bytes(600), ("88 bytes after the last tensor",)),
+        ({A_KEY: {"dtype": "F32", "shape": [4, -32], "data_offsets": [0, 512]}}, bytes(512), ("is not a list of sizes",)),
+        ({A_KEY: {"dtype": "F32", "shape": [4, 32], "data_offsets": [512, 0]}}, bytes(512), ("are not [begin, end]",)),
     ],
-    ids=["header-not-json", "header-not-object", "offsets-past-end", "overlapping-offsets", "dtype-shape-vs-bytes", "unknown-dtype"],
+    ids=["header-not-json", "header-not-object", "offsets-past-end", "overlapping-offsets", "dtype-shape-vs-bytes", "unknown-dtype",
+         "gap", "trailing-bytes", "bad-shape", "bad-offsets"],
 )
 def test_broken_safetensors(good: tuple[Path, Path], tmp_path: Path, header: dict | bytes, data: bytes, fragments: tuple[str, ...]) -> None:
     adapter = copy_adapter(good[1], tmp_path / "a")
