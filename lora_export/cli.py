@@ -93,10 +93,14 @@ def merge(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
 @click.option("--device", default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "sequential"]), default=None,
+              help="Spread each model over the GPUs, then CPU memory, then disk (accelerate), for models larger than one device.")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,...", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the whole report as JSON.")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the checks as JUnit XML (one test case per check).")
 @handle_errors
 def verify(paths: tuple[Path, ...], weights: tuple[float, ...], prompts_file: Any, max_new_tokens: int, seed: int,
-           allow_pickle: bool, device: str, json_file: Path | None) -> None:
+           allow_pickle: bool, device: str, device_map: str | None, max_memory: str | None, json_file: Path | None, junit_file: Path | None) -> None:
     """Prove that MERGED_DIR computes what BASE_DIR with the adapters applied at run time computes.
 
     Runs the unmerged model (float32, LoRA applied at run time, no PEFT) and the merged one on the tokenizer's
@@ -112,32 +116,50 @@ def verify(paths: tuple[Path, ...], weights: tuple[float, ...], prompts_file: An
     Example:
       lora-export verify ./smollm2 ./adapters/caps ./smollm2-caps --json verify.json
     """
-    from .report import to_json, verify_text
+    from .report import to_json, verify_text, write_junit
     from .verify import PROMPTS, VerifyOptions, verify as verify_fn
 
     if len(paths) < 3:
         raise click.UsageError("give BASE_DIR, at least one ADAPTER_DIR, and MERGED_DIR")
     prompts = tuple(line.strip() for line in prompts_file if line.strip()) if prompts_file else PROMPTS
-    options = VerifyOptions(weights=weights, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, allow_pickle=allow_pickle, device=device)
+    if max_memory and not device_map:
+        raise click.UsageError("--max-memory applies with --device-map")
+    options = VerifyOptions(weights=weights, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, allow_pickle=allow_pickle, device=device,
+                            device_map=device_map, max_memory=parse_max_memory(max_memory) if max_memory else None)
     report = verify_fn(paths[0], paths[1:-1], paths[-1], options)
     click.echo(verify_text(report))
     if json_file:
         json_file.write_text(to_json(report.to_dict()) + "\n")
+    if junit_file:
+        write_junit(junit_file, "lora-export verify", [(c.name, c.passed, c.summary, c.failures) for c in report.checks])
     if not report.passed:
         failed = [c.name for c in report.checks if not c.passed]
         raise VerifyError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """"0=20GiB,cpu=64GiB" → {0: "20GiB", "cpu": "64GiB"}, accelerate's max_memory."""
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, sep, size = item.strip().partition("=")
+        if not sep or not size or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise click.BadParameter(f"{item!r}: write DEVICE=SIZE, DEVICE a GPU index, cpu or disk, e.g. 0=20GiB,cpu=64GiB", param_hint="--max-memory")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
 
 
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _print_report(report: dict[str, Any], json_file: Path | None) -> None:
-    from .report import pipeline_text, to_json
+def _print_report(report: dict[str, Any], json_file: Path | None, junit_file: Path | None = None) -> None:
+    from .report import pipeline_text, to_json, write_junit
 
     click.echo(pipeline_text(report))
     if json_file:
         json_file.write_text(to_json(report) + "\n")
+    if junit_file:
+        write_junit(junit_file, f"lora-export {report['command']}", [(c["name"], c["passed"], c["summary"], c["failures"]) for c in report["checks"]])
 
 
 @main.command("merge-and-onnx")
@@ -154,9 +176,11 @@ def _print_report(report: dict[str, Any], json_file: Path | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report here (it is written even when a check fails).")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the checks as JUnit XML (written even when a check fails).")
 @handle_errors
 def merge_and_onnx(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path, weights: tuple[float, ...], dtype: str, opset: int,
-                   optimize: bool, no_past: bool, max_new_tokens: int, overwrite: bool, allow_pickle: bool, json_file: Path | None) -> None:
+                   optimize: bool, no_past: bool, max_new_tokens: int, overwrite: bool, allow_pickle: bool, json_file: Path | None,
+                   junit_file: Path | None) -> None:
     """Base + adapters → merged → verified → ONNX → verified, in one command.
 
     Merges (float32 math, one cast), checks the merged model against the unmerged one (lora-export verify's checks),
@@ -180,9 +204,9 @@ def merge_and_onnx(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path
     try:
         result = run(base_dir, adapter_dirs, out_dir, merge_options, options, VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle), log=_echo_err)
     except PipelineFailed as e:
-        _print_report(e.report, json_file)
+        _print_report(e.report, json_file, junit_file)
         raise
-    _print_report(result.report, json_file)
+    _print_report(result.report, json_file, junit_file)
 
 
 @main.command()
@@ -198,9 +222,10 @@ def merge_and_onnx(base_dir: Path, adapter_dirs: tuple[Path, ...], out_dir: Path
 @click.option("--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report here.")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the checks as JUnit XML (written even when a check fails).")
 @handle_errors
 def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool, no_past: bool, max_new_tokens: int, overwrite: bool,
-           json_file: Path | None) -> None:
+           json_file: Path | None, junit_file: Path | None) -> None:
     """Export an already merged model folder and prove the artifact matches PyTorch.
 
     ONNX is checked in ONNX Runtime (as in merge-and-onnx); TorchScript (.pt) and torch.export (.pt2) artifacts are
@@ -219,9 +244,9 @@ def export(merged_dir: Path, out_dir: Path, fmt: str, opset: int, optimize: bool
     try:
         result = run(merged_dir, out_dir, options, log=_echo_err)
     except PipelineFailed as e:
-        _print_report(e.report, json_file)
+        _print_report(e.report, json_file, junit_file)
         raise
-    _print_report(result.report, json_file)
+    _print_report(result.report, json_file, junit_file)
 
 
 @main.command()
@@ -300,8 +325,9 @@ def bench(paths: tuple[Path, ...], merged_dir: Path | None, onnx_dir: Path | Non
               help="merged: one merged ONNX model per variant; shared: one base graph + one .onnx_adapter per variant.")
 @click.option("--check", "check", is_flag=True, help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified).")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, path_type=Path), help="With --check: write the checks as JUnit XML.")
 @handle_errors
-def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode: str, check: bool, overwrite: bool) -> None:
+def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode: str, check: bool, overwrite: bool, junit_file: Path | None) -> None:
     """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
 
     variants.yaml:
@@ -331,6 +357,8 @@ def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode
     from .package import check_package, package as run
     from .report import human_bytes
 
+    if junit_file and not check:
+        raise click.UsageError("--junit applies with --check")
     if check:
         result = check_package(target)
         for r in result["numerical_checks"]:
@@ -338,6 +366,13 @@ def package(target: Path, variants_file: Path | None, out_dir: Path | None, mode
         for p in result["problems"]:
             click.echo(f"  FAIL  {p}")
         click.echo(f"package check: {'PASS' if result['passed'] else 'FAIL'} ({result['files']} files hashed)")
+        if junit_file:
+            from .report import write_junit
+
+            files = result["file_problems"]
+            cases = [(f"files (sha256, size of {result['files']})", not files, f"{len(files)} problem(s)" if files else "every file as in the manifest", files)]
+            cases += [(r["check"], r["passed"], f"max rel {r['max_rel']:.2g}", r["failures"]) for r in result["numerical_checks"]]
+            write_junit(junit_file, "lora-export package --check", cases)
         if not result["passed"]:
             raise VerifyError(f"{len(result['problems'])} problem(s) in {target}")
         return

@@ -7,6 +7,8 @@ arithmetic: the merge folds B·A into W0, this module multiplies x by A then B.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +53,17 @@ class LoraLayer(nn.Module):
         if module.lora_bias is not None:
             self.register_buffer(f"lora_bias_{i}", (module.scaling * module.lora_bias.float()).to(dtype))
         if module.magnitude is not None:
-            scale = dora_scale(module, self.base_layer.weight.detach().float(), self.transposed)
+            with materialized(self.base_layer):
+                scale = dora_scale(module, self.base_layer.weight.detach().float(), self.transposed)
             self.register_buffer(f"dora_scale_{i}", scale.to(dtype))
         self.branches.append(Branch(adapter, weight, module.magnitude is not None, module.lora_bias is not None))
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self.base_layer.weight
         if self.kind == "embedding":
             return self.base_layer(x) / self._embed_scale()
-        return x @ w0 if self.transposed else F.linear(x, w0)
+        with materialized(self.base_layer):
+            w0 = self.base_layer.weight
+            return x @ w0 if self.transposed else F.linear(x, w0)
 
     def _embed_scale(self) -> Any:
         return getattr(self.base_layer, "embed_scale", 1.0)  # scaled embeddings (Gemma) multiply inside forward
@@ -90,19 +94,20 @@ class LoraLayer(nn.Module):
 
     def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W0 + Σ wᵢ·ΔWᵢ and the bias plus Σ wᵢ·sᵢ·lora_biasᵢ, fp32, in the base's layout: what a correct merge holds."""
-        w0 = self.base_layer.weight.detach().float()
+        with materialized(self.base_layer):
+            w0 = self.base_layer.weight.detach().float().cpu()
+            bias = getattr(self.base_layer, "bias", None)
+            bias = None if bias is None else bias.detach().float().cpu().clone()
         w = w0.clone()
-        bias = getattr(self.base_layer, "bias", None)
-        bias = None if bias is None else bias.detach().float().clone()
         for i, br in enumerate(self.branches):
-            d = getattr(self, f"lora_B_{i}").float() @ getattr(self, f"lora_A_{i}").float()
+            d = getattr(self, f"lora_B_{i}").float().cpu() @ getattr(self, f"lora_A_{i}").float().cpu()
             d = d.T if self.transposed else d
             if br.dora:
-                scale = getattr(self, f"dora_scale_{i}").float()
+                scale = getattr(self, f"dora_scale_{i}").float().cpu()
                 d = (w0 + d) * (scale if self.transposed else scale.unsqueeze(1)) - w0
             w += br.weight * d
             if br.bias and bias is not None:
-                bias += br.weight * getattr(self, f"lora_bias_{i}").float()
+                bias += br.weight * getattr(self, f"lora_bias_{i}").float().cpu()
         return w, bias
 
 
@@ -165,27 +170,77 @@ def apply_lora(model: nn.Module, adapters: Sequence[LoraAdapter], weights: Seque
             module_path, _, param = tensor_name.rpartition(".")
             name, module = _find_module(model, module_path, adapter)
             target = module.base_layer if isinstance(module, LoraLayer) else module
+            if is_offloaded(target):
+                raise UnsupportedError(
+                    f"{adapter.weights_file}: {tensor_name} replaces a weight of {name}, which the device map offloads; "
+                    "give --max-memory enough room to keep that module on a device"
+                )
             old = getattr(target, param, None)
             if old is None or tuple(old.shape) != tuple(tensor.shape):
                 raise ShapeMismatchError(f"{adapter.weights_file}: {tensor_name} has shape {tuple(tensor.shape)}; the model's is {None if old is None else tuple(old.shape)}")
             setattr(target, param, nn.Parameter(tensor.to(old.dtype).clone(), requires_grad=False))
-    for layer in layers.values():
-        layer.to(layer.base_layer.weight.device)
+    for layer in layers.values():  # the LoRA tensors go where the base layer runs; the base layer stays put
+        device = execution_device(layer.base_layer)
+        for key, buf in layer.named_buffers(recurse=False):
+            layer._buffers[key] = buf.to(device)
     return layers
 
 
 def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer, fp32."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer, fp32, on the CPU.
+
+    Read module by module, so weights that a device map offloaded to the CPU or disk are fetched for the read.
+    """
+    state: dict[str, torch.Tensor] = {}
+    inside_lora: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_lora):
+            continue
+        prefix = f"{name}." if name else ""
         if isinstance(module, LoraLayer):
-            for key in [k for k in state if k.startswith(name + ".")]:
-                del state[key]
+            inside_lora.append(name)
             w, b = module.effective_weight()
-            state[name + ".weight"] = w
+            state[prefix + "weight"] = w
             if b is not None:
-                state[name + ".bias"] = b
+                state[prefix + "bias"] = b
+            continue
+        with materialized(module):
+            for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                state[prefix + key] = t.detach().cpu()
     return state
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps this module's own weights off the device (CPU or disk offload of a device map)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook]) if h is not None)
+
+
+def materialized(module: nn.Module) -> Any:
+    """A context in which an offloaded module's weights are real tensors on its execution device; a no-op otherwise."""
+    if not is_offloaded(module):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's execution device under a device map, else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where to put a model's inputs. Under a device map, accelerate's hooks move them to each block: keep the CPU."""
+    if getattr(model, "hf_device_map", None):
+        return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,20 +273,50 @@ def model_kind(model: nn.Module) -> str:
     return "encoder"
 
 
-def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+@dataclass(frozen=True)
+class Placement:
+    """Where models go: one device, or a device map through accelerate (`auto`, `balanced`, `sequential`) with
+    optional per-device limits ({0: "20GiB", "cpu": "60GiB"}) and a folder for weights offloaded to disk."""
+
+    device: str = "cpu"
+    device_map: str | None = None
+    max_memory: dict[int | str, str] | None = None
+    offload_folder: Path | None = None
+
+
+def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: str | Placement = "cpu") -> nn.Module:
     from transformers.utils import logging
 
+    place = device if isinstance(device, Placement) else Placement(device)
     logging.disable_progress_bar()  # "Loading weights" bars for every model would bury the report
     cls = model_class(Path(folder))
+    kwargs: dict[str, Any] = {}
+    if place.device_map:
+        if importlib.util.find_spec("accelerate") is None:
+            raise UnsupportedError("--device-map needs the accelerate package: pip install 'lora-export[accelerate]'")
+        kwargs = {"device_map": place.device_map, "max_memory": place.max_memory,
+                  "offload_folder": str(place.offload_folder) if place.offload_folder else None}
     try:
-        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise InputError(f"transformers cannot load {folder}: {e}") from None
-    return model.to(device).eval()
+        raise InputError(f"transformers cannot load {folder}: {str(e).splitlines()[0]}") from None
+    return model.eval() if place.device_map else model.to(place.device).eval()
+
+
+def placement_summary(model: nn.Module) -> dict[str, int] | None:
+    """Modules per device of a device-mapped model ({"cuda:0": 12, "cpu": 3, "disk": 9}); None without a map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def load_unmerged(base_dir: Path | str, adapter_dirs: Sequence[Path | str], weights: Sequence[float] | None = None,
-                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, device: str = "cpu") -> nn.Module:
+                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, device: str | Placement = "cpu") -> nn.Module:
     """The base model with the adapters applied at run time (the reference of verify)."""
     adapters = [load_adapter(Path(a), allow_pickle) for a in adapter_dirs]
     model = load_model(base_dir, dtype, device)

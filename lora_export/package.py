@@ -293,6 +293,7 @@ def check_package(out_dir: Path | str) -> dict[str, Any]:
             problems.append(f"{f['name']}: sha256/size differ from the manifest")
     extra = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json" and str(p.relative_to(out_dir)) not in listed)
     problems += [f"{name}: not in the manifest" for name in extra]
+    file_problems = list(problems)
     results: list[dict[str, Any]] = []
     if not problems:  # numbers only when the bytes are what was verified
         if "shared" in manifest:
@@ -311,4 +312,4 @@ def check_package(out_dir: Path | str) -> dict[str, Any]:
             got = session(out_dir / info.get("graph", f"{info['folder']}/model.onnx")).run(["logits"], feeds)[0]
             results.append(_compare(f"merged {name}", ref[f"logits:{name}"], got, feeds["attention_mask"]))
         problems += [f"{r['check']}: {'; '.join(r['failures'])}" for r in results if not r["passed"]]
-    return {"passed": not problems, "problems": problems, "numerical_checks": results, "files": len(manifest["files"])}
+    return {"passed": not problems, "problems": problems, "file_problems": file_problems, "numerical_checks": results, "files": len(manifest["files"])}

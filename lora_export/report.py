@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 from .merge import MergeResult
@@ -51,6 +53,8 @@ def verify_text(report: Any) -> str:
         + (f", weights {report.weights}" if any(w != 1.0 for w in report.weights) else ""),
         f"  inputs  {'; '.join(c['name'] for c in report.cases)}",
     ]
+    for model, counts in (report.placement or {}).items():
+        lines.append(f"  device map, {model}: " + ", ".join(f"{n} modules on {where}" for where, n in counts.items()))
     for check in report.checks:
         lines.append(f"  {'PASS' if check.passed else 'FAIL'}  {check.name:<22} {check.summary}")
         lines.extend(f"        {f}" for f in check.failures[:5])
@@ -192,3 +196,17 @@ def bench_plot(result: Any, path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_junit(path: Path, suite: str, checks: list[tuple[str, bool, str, list[str]]]) -> None:
+    """JUnit XML, one test case per check, so CI systems list each check and show a failed one's reasons."""
+    failed = sum(1 for _, ok, _, _ in checks if not ok)
+    root = ET.Element("testsuites", name=suite, tests=str(len(checks)), failures=str(failed))
+    node = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failed), errors="0", skipped="0")
+    for name, ok, summary, failures in checks:
+        case = ET.SubElement(node, "testcase", classname=suite, name=name)
+        if not ok:
+            ET.SubElement(case, "failure", message=summary, type="CheckFailed").text = "\n".join(failures) or summary
+        ET.SubElement(case, "system-out").text = summary
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

@@ -535,18 +535,28 @@ def check_free_space(out: Path, nbytes: int) -> None:
 
 
 @contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output name (`.NAME.lock` beside it) for the whole write.
+def output_lock(out: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the output name (`.NAME.lock` beside it) for the whole write; yield whether locked.
 
     A second run for the same output fails at once instead of racing the first to the final rename. The lock is an
-    flock, so a killed run releases it; the file is removed when the run ends.
+    flock, so a killed run releases it; the file is removed when the run ends. On a file system without locks the
+    run goes on unguarded (yields False).
     """
     lock_path = out.parent / f".{out.name}.lock"
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks: write unguarded, as before
+                os.close(fd)
+                with suppress(OSError):
+                    os.unlink(lock_path)
+                yield False
+                return
+            if not isinstance(e, BlockingIOError):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise OutputError(
@@ -563,7 +573,7 @@ def output_lock(out: Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        yield True
     finally:
         with suppress(OSError):
             os.unlink(lock_path)
@@ -590,10 +600,11 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         with ExitStack() as stack:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(output_lock(out))
+                locked = stack.enter_context(output_lock(out))
                 if out.exists() and not overwrite:
                     raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
-                remove_stale_partials(out)
+                if locked:  # no live run can own them
+                    remove_stale_partials(out)
                 tmp = parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
                 tmp.mkdir()
             except OSError as e:

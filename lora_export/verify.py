@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .lora_runtime import effective_state, load_model, load_unmerged, model_kind
+from .lora_runtime import Placement, effective_state, input_device, load_model, load_unmerged, model_kind, placement_summary
 from .merge import MergeOptions, merge
 from .tensors import TensorStore, read_json_object
 
@@ -65,6 +65,8 @@ class VerifyOptions:
     seed: int = 0
     allow_pickle: bool = False
     device: str = "cpu"
+    device_map: str | None = None  # accelerate: auto, balanced, sequential (models larger than one device)
+    max_memory: dict[int | str, str] | None = None  # per device, with device_map: {0: "20GiB", "cpu": "60GiB"}
 
 
 @dataclass
@@ -116,6 +118,7 @@ class VerifyReport:
     checks: list[Check]
     generation: dict[str, Any] | None
     diagnosis: dict[str, Any] | None
+    placement: dict[str, dict[str, int]] | None = None  # modules per device of each device-mapped model
 
     @property
     def passed(self) -> bool:
@@ -184,7 +187,7 @@ def make_cases(config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], s
 
 @torch.no_grad()
 def outputs_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model(**{k: v.to(device) for k, v in inputs.items()})
     names = ["logits"] if getattr(out, "logits", None) is not None else ["last_hidden_state", "pooler_output"]
     return {n: getattr(out, n).float().cpu() for n in names if getattr(out, n, None) is not None}
@@ -272,7 +275,7 @@ def weights_check(merged_dir: Path, expected: dict[str, torch.Tensor], dtype: st
 
 @torch.no_grad()
 def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, pad_id: int | None) -> list[int]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=n, do_sample=False,
                          num_beams=1, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -380,9 +383,15 @@ def verify(base_dir: Path | str, adapter_dirs: Sequence[Path | str], merged_dir:
     config = read_json_object(merged_dir / "config.json", f"is {merged_dir} a merged model folder?")
     weights = tuple(options.weights) or (1.0,) * len(adapter_paths)
     dtype = stored_dtype(merged_dir)
-    torch.manual_seed(options.seed)
+    with tempfile.TemporaryDirectory(prefix="lora-export-verify-") as tmp:  # lives as long as the models: offloaded
+        place = Placement(options.device, options.device_map, options.max_memory, Path(tmp) / "offload")  # weights are read from it
+        return _verify(base_dir, adapter_paths, merged_dir, config, weights, dtype, options, place, Path(tmp))
 
-    unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, options.device)
+
+def _verify(base_dir: Path, adapter_paths: list[Path], merged_dir: Path, config: dict[str, Any], weights: tuple[float, ...], dtype: str,
+            options: VerifyOptions, place: Placement, tmp: Path) -> VerifyReport:
+    torch.manual_seed(options.seed)
+    unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, place)
     kind = model_kind(unmerged)
     tokenizer = load_tokenizer(merged_dir) or load_tokenizer(base_dir)
     cases = make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm")
@@ -391,19 +400,18 @@ def verify(base_dir: Path | str, adapter_dirs: Sequence[Path | str], merged_dir:
     checks.append(weights_check(merged_dir, expected, dtype))
     del expected
 
-    with tempfile.TemporaryDirectory(prefix="lora-export-verify-") as tmp:
-        if dtype == "float32":
-            merged32_dir = merged_dir
-        else:  # the same inputs merged in float32: what MERGED_DIR would be without the cast
-            merged32_dir = Path(tmp) / "merged32"
-            merge(base_dir, adapter_paths, merged32_dir, MergeOptions(dtype="float32", weights=weights, allow_pickle=options.allow_pickle, progress=False))
-        merged32 = load_model(merged32_dir, torch.float32, options.device)
+    if dtype == "float32":
+        merged32_dir = merged_dir
+    else:  # the same inputs merged in float32: what MERGED_DIR would be without the cast
+        merged32_dir = tmp / "merged32"
+        merge(base_dir, adapter_paths, merged32_dir, MergeOptions(dtype="float32", weights=weights, allow_pickle=options.allow_pickle, progress=False))
+    merged32 = load_model(merged32_dir, torch.float32, place)
     ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
     m32_out = [outputs_of(merged32, c.inputs) for c in cases]
     checks.append(output_check("merge (float32)", "merged in float32 vs unmerged in float32", "float32", cases, ref_out, m32_out))
     merged = None
     if dtype != "float32":
-        merged = load_model(merged_dir, DTYPES[dtype], options.device)
+        merged = load_model(merged_dir, DTYPES[dtype], place)
         dep_out = [outputs_of(merged, c.inputs) for c in cases]
         checks.append(output_check(f"cast ({dtype})", f"merged in {dtype} vs merged in float32", dtype, cases, m32_out, dep_out))
 
@@ -444,4 +452,6 @@ def verify(base_dir: Path | str, adapter_dirs: Sequence[Path | str], merged_dir:
         tolerances={k: asdict(v) for k, v in TOLERANCES.items() if k in ("float32", dtype)},
         cases=[{"name": c.name, "shape": list(c.inputs["input_ids"].shape), "padded_tokens": int((c.inputs["attention_mask"] == 0).sum())} for c in cases],
         checks=checks, generation=generation, diagnosis=diagnosis,
+        placement={name: p for name, m in (("unmerged", unmerged), ("merged float32", merged32), (f"merged {dtype}", merged))
+                   if m is not None and (p := placement_summary(m))} or None,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +185,17 @@ def test_cli_exit_codes_and_json(models_dir: Path, tmp_path: Path) -> None:
     w0 = load_file(base / "model.safetensors")
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
     edit_merged(tmp_path / "bad", lambda t: t.update({"model.layers.1.self_attn.q_proj.weight": w0["model.layers.1.self_attn.q_proj.weight"]}))
-    bad = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "bad"), "--json", str(tmp_path / "b.json"), "--max-new-tokens", "4"])
+    bad = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "bad"), "--json", str(tmp_path / "b.json"), "--max-new-tokens", "4",
+                               "--junit", str(tmp_path / "b.xml")])
     assert bad.exit_code == 1, bad.output
     assert "FAIL  merge (float32)" in bad.output and "first divergence at model.layers.1.self_attn.q_proj" in bad.output
     assert json.loads((tmp_path / "b.json").read_text())["passed"] is False
+    suite = ET.parse(tmp_path / "b.xml").getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {c["name"] for c in json.loads((tmp_path / "b.json").read_text())["checks"]}
+    failed = {name for name, c in cases.items() if c.find("failure") is not None}
+    assert "weights (float32)" in failed and "merge (float32)" in failed and suite.get("failures") == str(len(failed))
+    assert "model.layers.1.self_attn.q_proj.weight" in cases["weights (float32)"].find("failure").text
 
     missing = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "Error:" in missing.output and "nope" in missing.output
@@ -206,3 +214,29 @@ def test_broken_merges_are_far_beyond_the_float32_tolerance(models_dir: Path, tm
     report = verify(base, [adapter], tmp_path / "merged", FAST)
     worst = max(m.max_rel for m in checks_by_name(report)["merge (float32)"].metrics)
     assert worst > 10 * TOLERANCES["float32"].max_rel
+
+
+def test_device_map_auto_offloads_and_agrees(models_dir: Path, tmp_path: Path) -> None:
+    """--device-map auto through accelerate, with so little memory allowed that most layers are offloaded to disk:
+    the same checks pass with the same numbers as on one device (DoRA, whose scale needs the offloaded W0, included)."""
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "dora", target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
+    plain = verify(base, [adapter], tmp_path / "merged", FAST)
+    args = ["verify", str(base), str(adapter), str(tmp_path / "merged"), "--max-new-tokens", "8", "--device-map", "auto",
+            "--max-memory", "cpu=60KB", "--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "device map, unmerged:" in r.output and "on disk" in r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["placement"]["unmerged"].get("disk", 0) >= 1 and data["placement"]["unmerged"].get("cpu", 0) >= 1
+    for check, mapped in zip(plain.checks, data["checks"]):
+        assert check.name == mapped["name"] and mapped["passed"]
+        for m, mm in zip(check.metrics, mapped["metrics"]):
+            assert mm["max_rel"] == pytest.approx(m.max_rel, rel=0.5, abs=1e-6)
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    assert suite.get("tests") == str(len(plain.checks)) and suite.get("failures") == "0"
+    usage = CliRunner().invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "merged"), "--max-memory", "cpu=1GB"])
+    assert usage.exit_code == 2 and "--max-memory applies with --device-map" in usage.output
+    bad = CliRunner().invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "merged"), "--device-map", "auto", "--max-memory", "gpu0:1GB"])
+    assert bad.exit_code == 2 and "DEVICE=SIZE" in bad.output

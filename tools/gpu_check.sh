@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a lent GPU machine (or DEVICE=cpu for a smoke run here):
-#   1. lora-export verify with both models on the GPU (tiny LLaMA, fp32 and a bf16 merge);
+#   1. lora-export verify with both models on the GPU (tiny LLaMA, fp32 and a bf16 merge), and with --device-map auto
+#      splitting each model between the GPU and the CPU (--max-memory 0=1MB: most layers offloaded);
 #   2. lora-export bench --paper-table1 at the paper's full shapes (32x512, 16x256, 1x128), CUDA events;
 #   3. the same bench on ONNX Runtime's CUDA provider when onnxruntime-gpu is installed.
 # Installs only what is missing: it uses the python that already has a CUDA torch if there is one.
@@ -49,6 +50,10 @@ $LE merge "$WORK/base" "$WORK/adapter" -o "$WORK/merged" -q > /dev/null
 $LE merge "$WORK/base" "$WORK/adapter" -o "$WORK/merged-bf16" --dtype bfloat16 -q > /dev/null
 $LE verify "$WORK/base" "$WORK/adapter" "$WORK/merged" --device "$DEVICE" --json "$OUT/verify-fp32.json"
 $LE verify "$WORK/base" "$WORK/adapter" "$WORK/merged-bf16" --device "$DEVICE" --json "$OUT/verify-bf16.json"
+if [ "$DEVICE" != cpu ]; then
+  $LE verify "$WORK/base" "$WORK/adapter" "$WORK/merged-bf16" --device-map auto --max-memory 0=1MB,cpu=8GiB \
+    --json "$OUT/verify-device-map.json" --junit "$OUT/verify-device-map.xml"
+fi
 
 # 2. Table 1 at the paper's shapes on the device (PyTorch; CUDA events)
 $LE bench --paper-table1 --device "$DEVICE" --shapes "$SHAPES" --budget "${BUDGET:-5}" \
