@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
   "$VENV/bin/pip" install -q --disable-pip-version-check "transformers>=4.57,<4.58" "peft>=0.17" safetensors click numpy tqdm \
-    onnx onnxscript onnxruntime pytest hypothesis pyyaml
+    onnx onnxscript onnxruntime pytest hypothesis pyyaml accelerate
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
 fi
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
