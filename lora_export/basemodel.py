@@ -147,7 +147,7 @@ def files_from_index(index: Path) -> list[Path]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
         raise InputError(f"{index}: not a valid index ({type(e).__name__}: {e}): download or save the model again") from None
     files: list[Path] = []
     for name in dict.fromkeys(weight_map.values()):

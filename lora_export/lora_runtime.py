@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ from torch import nn
 from .adapters import LoraAdapter, LoraModule, load_adapter
 from .errors import InputError, ShapeMismatchError, UnsupportedError
 from .merge import dora_scale
+from .tensors import read_json_object
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def model_class(folder: Path) -> Any:
     """The transformers class for a model folder: its architecture when transformers has it, else an Auto class."""
     import transformers
 
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config = read_json_object(Path(folder) / "config.json", f"is {folder} a transformers model folder?")
     arch = (config.get("architectures") or [""])[0]
     cls = getattr(transformers, arch, None)
     if cls is not None:

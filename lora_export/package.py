@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from .adapters import load_adapter
-from .errors import InputError, VerifyError
+from .errors import InputError, UnsafeInputError, VerifyError
 from .exporters.graphs import build_graph, position_ids_for
 from .exporters.onnx import OnnxOptions, session
 from .lora_runtime import load_model, load_unmerged
 from .merge import MergeOptions
 from .pipeline import SIDE_FILES, ExportOptions, _files, _versions, merge_and_onnx
 from .shared_graph import build_shared_graph, run_with_adapter, union_modules, variant_factors, write_adapter_file
-from .tensors import atomic_output_dir, check_output_location, sha256_file, write_json
+from .tensors import atomic_output_dir, check_output_location, read_json_object, sha256_file, write_json
 from .verify import TOLERANCES, Case, compare
 
 MODES = ("merged", "shared", "both")
@@ -276,13 +276,45 @@ def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[st
     return out
 
 
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The structure check_package relies on, before any file is opened: every file a relative path inside the
+    package with a sha256 and a size, and every graph or adapter file the checks run named among those files."""
+    damaged = f"{path}: damaged manifest"
+    fix = "rebuild the package with lora-export package"
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("sha256"), str)
+                                              and isinstance(f.get("size"), int) for f in files):
+        raise InputError(f"{damaged}: `files` must list {{name, sha256, size}} entries; {fix}")
+    for f in files:
+        name = f["name"]
+        if not name or name.startswith("/") or "\\" in name or ".." in Path(name).parts:
+            raise UnsafeInputError(f"{path}: file name {name!r} points outside the package: refusing to read it; {fix}")
+    listed = {f["name"] for f in files}
+    used: list[Any] = []
+    shared = manifest.get("shared")
+    if shared is not None:
+        adapters = shared.get("adapters") if isinstance(shared, dict) else None
+        if not isinstance(adapters, dict) or not all(isinstance(i, dict) for i in adapters.values()):
+            raise InputError(f"{damaged}: `shared.adapters` must map variant names to {{file: ...}}; {fix}")
+        used += ["shared/model.onnx", "shared/reference.npz", *(f"shared/{i.get('file')}" for i in adapters.values())]
+    merged = manifest.get("merged", {})
+    if not isinstance(merged, dict) or not all(isinstance(i, dict) and isinstance(i.get("folder"), str) for i in merged.values()):
+        raise InputError(f"{damaged}: `merged` must map variant names to {{folder: ...}}; {fix}")
+    for info in merged.values():
+        used += [f"{info['folder']}/reference.npz", info.get("graph", f"{info['folder']}/model.onnx")]
+    for name in used:
+        if name not in listed:
+            raise InputError(f"{damaged}: the checks need {name}, which is not among its hashed files; {fix}")
+
+
 def check_package(out_dir: Path | str) -> dict[str, Any]:
     """Re-verify a package from its manifest: every file's sha256 and size, then the numbers in ONNX Runtime."""
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{out_dir} has no manifest.json: is it a lora-export package?")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json_object(manifest_path, "", fix=": rebuild the package with lora-export package")
+    check_manifest(manifest, manifest_path)
     problems = []
     listed = {f["name"] for f in manifest["files"]}
     for f in manifest["files"]:

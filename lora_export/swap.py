@@ -17,7 +17,7 @@ from typing import Any
 from .adapters import load_adapter
 from .errors import InputError, UnsupportedError
 from .merge import MergeOptions, merge
-from .tensors import TensorStore
+from .tensors import TensorStore, read_json_object
 
 
 def _swappable(path: Path, role: str) -> Any:
@@ -51,7 +51,10 @@ def swap(merged_dir: Path | str, remove: Path | str, add: Path | str, out_dir: P
     manifest_path = merged_dir / "lora_export.json"
     if not manifest_path.is_file():
         raise InputError(f"{merged_dir} has no lora_export.json: only folders merged by lora-export record what was merged into them")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json_object(manifest_path, "", fix=f": {merged_dir} was not written by lora-export merge, or its manifest was edited")
+    if not isinstance(manifest.get("adapters"), list) or not all(isinstance(x, dict) and isinstance(x.get("files"), list) for x in manifest["adapters"]) \
+            or not isinstance(manifest.get("base"), dict):
+        raise InputError(f"{manifest_path}: damaged manifest (no `adapters` list or `base`): swap needs the manifest lora-export merge wrote")
     a = _swappable(remove, "removed")
     _swappable(add, "added")
     recorded = [x for x in manifest["adapters"] if any(f["sha256"] == a.sha256 for f in x["files"])]

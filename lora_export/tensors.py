@@ -96,7 +96,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
             header = json.loads(f.read(header_len))
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors{REFETCH}") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt{REFETCH}")
@@ -473,10 +473,10 @@ def read_json_object(path: Path, missing_hint: str, error: type[Exception] = Inp
         raise InputError(f"{path} is missing: {missing_hint}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise error(f"{path}: not valid JSON ({e}){fix}") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}{fix}")
     return data
 
 

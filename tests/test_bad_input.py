@@ -539,3 +539,55 @@ def test_variants_file_mistakes(good: tuple[Path, Path], tmp_path: Path, text: s
     out = tmp_path / "pkg"
     code, output = run_cli(["package", str(good[0]), "--variants", str(f), "-o", str(out)])
     assert_one_error(code, output, out, (str(f), *fragments))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile JSON and damaged manifests
+
+
+def test_deeply_nested_json(good: tuple[Path, Path], tmp_path: Path) -> None:
+    """JSON nested deeper than Python's recursion limit: an error line, not a RecursionError traceback."""
+    adapter = copy_adapter(good[1], tmp_path / "a")
+    (adapter / "adapter_config.json").write_text("[" * 100_000)
+    assert_refused(good[0], adapter, tmp_path / "out", "adapter_config.json", "not valid JSON", "re-save the adapter")
+    adapter = copy_adapter(good[1], tmp_path / "b")
+    f = adapter / "adapter_model.safetensors"
+    write_raw_safetensors(f, b"[" * 100_000, b"")
+    assert_refused(good[0], adapter, tmp_path / "out", str(f), "header is not valid JSON", "download or save the file again")
+
+
+@pytest.mark.parametrize(
+    "manifest,fragments",
+    [
+        ("{broken", ("manifest.json", "not valid JSON", "rebuild the package")),
+        (json.dumps({"variants": {}}), ("damaged manifest", "`files` must list", "rebuild the package")),
+        (json.dumps({"files": [{"name": "../../etc/passwd", "sha256": "0" * 64, "size": 1}]}), ("points outside the package", "refusing")),
+        (json.dumps({"files": [], "shared": {"adapters": {"a": {"file": "a.onnx_adapter"}}}}), ("the checks need shared/model.onnx",)),
+    ],
+    ids=["not-json", "no-files", "path-escape", "unhashed-graph"],
+)
+def test_package_check_damaged_manifest(tmp_path: Path, manifest: str, fragments: tuple[str, ...]) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_text(manifest)
+    code, output = run_cli(["package", "--check", str(pkg), "--junit", str(tmp_path / "j.xml")])
+    assert_one_error(code, output, tmp_path / "nothing-written", fragments)
+    assert not (tmp_path / "j.xml").exists()
+
+
+def test_swap_damaged_manifest(good: tuple[Path, Path], tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert run_merge(good[0], good[1], merged)[0] == 0
+    (merged / "lora_export.json").write_text(json.dumps({"tool": "lora-export"}))
+    code, output = run_cli(["swap", str(merged), "--remove", str(good[1]), "--add", str(good[1]), "-o", str(tmp_path / "out")])
+    assert_one_error(code, output, tmp_path / "out", ("lora_export.json", "damaged manifest"))
+
+
+def test_verify_base_config_broken(good: tuple[Path, Path], tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert run_merge(good[0], good[1], merged)[0] == 0
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    (base / "config.json").write_text("{")
+    code, output = run_cli(["verify", str(base), str(good[1]), str(merged), "--json", str(tmp_path / "r.json")])
+    assert_one_error(code, output, tmp_path / "r.json", ("config.json", "not valid JSON"))
