@@ -32,7 +32,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
             if e.errno not in DISK_ERRNOS:
                 raise
-            click.echo(f"Error: cannot write {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}", err=True)
+            click.echo(f"Error: {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}", err=True)
             sys.exit(2)
 
     return wrapper

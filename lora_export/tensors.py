@@ -503,8 +503,8 @@ DISK_ERRNOS = {
     errno.EDQUOT: "free space within your quota, or choose an output folder elsewhere",
     errno.EFBIG: "the file is larger than this file system or process allows (ulimit -f): choose an output folder elsewhere",
     errno.EROFS: "the file system is read-only: choose a writable output folder",
-    errno.EACCES: "you may not write there: choose a writable output folder",
-    errno.EPERM: "you may not write there: choose a writable output folder",
+    errno.EACCES: "permission denied: fix the permissions, or choose a writable output folder",
+    errno.EPERM: "operation not permitted: fix the permissions, or choose a writable output folder",
 }
 
 

@@ -468,9 +468,17 @@ def small_disk(where: Path, size: str, read_only: bool = False) -> Iterator[Path
 
 
 def test_read_only_output_disk(good: tuple[Path, Path], tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert run_merge(good[0], good[1], merged)[0] == 0
     with small_disk(tmp_path / "ro", "1m", read_only=True) as disk:
         code, output = run_merge(good[0], good[1], disk / "out")
         assert_one_error(code, output, disk / "out", (str(disk / "out"), "choose a writable output folder"))
+        code, output = run_cli(["verify", str(good[0]), str(good[1]), str(merged), "--max-new-tokens", "2", "--json", str(disk / "r.json")])
+        assert code == 2 and "Traceback" not in output, output
+        assert [line for line in output.splitlines() if line.startswith("Error: ")] == [
+            f"Error: {disk / 'r.json'}: " + ("Read-only file system" if os.geteuid() == 0 else "Permission denied")
+            + ": " + ("the file system is read-only: choose a writable output folder" if os.geteuid() == 0
+                      else "permission denied: fix the permissions, or choose a writable output folder")]
 
 
 def test_full_output_disk_found_before_writing(good: tuple[Path, Path], tmp_path: Path) -> None:
