@@ -187,7 +187,7 @@ def apply_lora(model: nn.Module, adapters: Sequence[LoraAdapter], weights: Seque
 
 
 def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer, fp32, on the CPU.
+    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer (fp32, on the CPU).
 
     Read module by module, so weights that a device map offloaded to the CPU or disk are fetched for the read.
     """
@@ -204,9 +204,10 @@ def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if b is not None:
                 state[prefix + "bias"] = b
             continue
-        with materialized(module):
+        offloaded = is_offloaded(module)
+        with materialized(module):  # fetched weights are copied to the CPU; the others are referenced, not copied
             for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                state[prefix + key] = t.detach().cpu()
+                state[prefix + key] = t.detach().cpu() if offloaded else t.detach()
     return state
 
 
