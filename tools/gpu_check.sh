@@ -3,7 +3,8 @@
 #   1. lora-export verify with both models on the GPU (tiny LLaMA, fp32 and a bf16 merge), and with --device-map auto
 #      splitting each model between the GPU and the CPU (--max-memory 0=1MB: most layers offloaded);
 #   2. lora-export bench --paper-table1 at the paper's full shapes (32x512, 16x256, 1x128), CUDA events;
-#   3. the same bench on ONNX Runtime's CUDA provider when onnxruntime-gpu is installed.
+#   3. the same bench on ONNX Runtime's CUDA provider when onnxruntime-gpu is installed;
+#   4. tools/bench_zero_rank.py (ONNX Runtime CPU) on that machine's quieter CPU.
 # Installs only what is missing: it uses the python that already has a CUDA torch if there is one.
 # Results land in $OUT (default ./gpu-results): table1-gpu.md/.json/.png, verify-*.json, env.txt.
 set -euo pipefail
@@ -67,3 +68,6 @@ else
   echo "onnxruntime has no CUDAExecutionProvider here (pip install .[gpu] installs onnxruntime-gpu): skipped the ORT GPU bench"
 fi
 rm -rf "$WORK"
+
+# 4. The shared graph's zero-rank LoRA branch on a quieter CPU than the 2-core CI machine (A/A control included)
+"$PY" tools/bench_zero_rank.py --threads 4 --rounds 60 | tee "$OUT/zero-rank-cpu.txt"
