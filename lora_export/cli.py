@@ -28,11 +28,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
-            from .tensors import DISK_ERRNOS
+            from .tensors import DISK_ERRNOS, temp_hint
 
             if e.errno not in DISK_ERRNOS:
                 raise
-            click.echo(f"Error: {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}", err=True)
+            hint = temp_hint(Path(str(e.filename))) if e.filename else ""
+            click.echo(f"Error: {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}{hint}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -13,7 +13,7 @@ from .errors import InputError, UnsupportedError, VerifyError
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files, verify_onnx
 from .lora_runtime import load_model
 from .merge import MergeOptions, library_versions, merge
-from .tensors import atomic_output_dir, check_output_location, sha256_file
+from .tensors import atomic_output_dir, check_free_space, check_output_location, sha256_file
 from .verify import DTYPES, Check, VerifyOptions, load_tokenizer, stored_dtype, verify
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -161,6 +161,8 @@ def merge_and_onnx(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out
         merged = merge(base_dir, adapters, tmp / "merged", MergeOptions(**{**asdict(merge_options), "overwrite": False}))
         if stored_dtype(tmp / "merged") == "bfloat16":
             raise UnsupportedError(f"{base_dir} is stored in bfloat16 and ONNX Runtime's CPU provider has no bfloat16 kernels: pass --dtype float16 or float32")
+        weights_bytes = sum(f["size"] for f in merged.manifest["output"]["files"])  # the ONNX model holds as many again
+        check_free_space(tmp / "model.onnx", weights_bytes, f"the ONNX model in {out_dir} (about as large as the merged weights)")
         log("verifying merged vs unmerged …")
         vreport = verify(base_dir, adapters, tmp / "merged", VerifyOptions(**{**asdict(verify_options), "weights": merge_options.weights}))
         section, export_checks = export_artifact(tmp / "merged", tmp, options, log)

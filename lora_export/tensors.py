@@ -16,6 +16,7 @@ import queue
 import secrets
 import shutil
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
@@ -518,10 +519,10 @@ def disk_error(e: OSError, out: Path) -> OutputError | None:
         if Path(str(e.filename)) != out.parent:
             return None
     where = f" ({e.filename})" if e.filename else ""
-    return OutputError(f"cannot write {out}{where}: {e.strerror or e}: {fix}")
+    return OutputError(f"cannot write {out}{where}: {e.strerror or e}: {fix}{temp_hint(out)}")
 
 
-def check_free_space(out: Path, nbytes: int) -> None:
+def check_free_space(out: Path, nbytes: int, what: str = "") -> None:
     """Refuse before writing when the output's file system has less free space than the output will take."""
     where = out.parent
     while not where.exists() and where != where.parent:
@@ -529,9 +530,20 @@ def check_free_space(out: Path, nbytes: int) -> None:
     free = shutil.disk_usage(where).free
     if free < nbytes:
         raise OutputError(
-            f"{where} has {free / 1e9:.2f} GB free, but the output {out.name} needs {nbytes / 1e9:.2f} GB: "
-            "free space on that disk, or choose an output folder on another one"
+            f"{what or f'the output {out}'} needs {nbytes / 1e9:.2f} GB, but its disk has {free / 1e9:.2f} GB free: "
+            "free space on that disk, or choose an output folder on another one" + temp_hint(out)
         )
+
+
+TEMP_PREFIX = "lora-export-"  # every temporary folder of this tool: lora-export-verify-…, lora-export-bench-…
+
+
+def temp_hint(path: Path) -> str:
+    """For a path in one of this tool's temporary folders (verify's float32 copy, bench's merge): where they go and
+    how to move them."""
+    tmp = Path(tempfile.gettempdir())
+    ours = path.is_relative_to(tmp) and len(path.relative_to(tmp).parts) > 0 and path.relative_to(tmp).parts[0].startswith(TEMP_PREFIX)
+    return f"; temporary files go to {tmp}: set TMPDIR to a folder on a larger disk" if ours else ""
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -488,14 +489,39 @@ def test_full_output_disk_found_before_writing(good: tuple[Path, Path], tmp_path
         assert list(disk.iterdir()) == []
 
 
-def test_disk_filling_up_while_exporting(good: tuple[Path, Path], tmp_path: Path) -> None:
-    """The merged weights fit, the ONNX model does not: ENOSPC in the middle of the export, one line, nothing left."""
+def test_no_room_for_the_onnx_model(good: tuple[Path, Path], tmp_path: Path) -> None:
+    """The merged weights fit, the ONNX model would not: merge-and-onnx says so before verifying and exporting."""
     merged_bytes = sum(f.stat().st_size for f in good[0].glob("*.safetensors"))
-    with small_disk(tmp_path / "small", str(merged_bytes + 256 * 1024)) as disk:
+    with small_disk(tmp_path / "small", str(merged_bytes + 64 * 1024)) as disk:
         out = disk / "onnx"
         code, output = run_cli(["merge-and-onnx", str(good[0]), str(good[1]), "-o", str(out), "--max-new-tokens", "2"])
-        assert_one_error(code, output, out, (str(out), "No space left on device", "free space on that disk"))
+        assert_one_error(code, output, out, (f"the ONNX model in {out}", "GB free", "free space on that disk"))
+        assert "verifying" not in output
         assert list(disk.iterdir()) == []
+
+
+def test_disk_filling_up_while_exporting(good: tuple[Path, Path], tmp_path: Path) -> None:
+    """ENOSPC in the middle of writing the ONNX model: one line, nothing left, no fallback to the other exporter."""
+    merged = tmp_path / "merged"
+    assert run_merge(good[0], good[1], merged)[0] == 0
+    with small_disk(tmp_path / "small", "64k") as disk:
+        out = disk / "onnx"
+        code, output = run_cli(["export", str(merged), "-o", str(out), "--max-new-tokens", "2"])
+        assert_one_error(code, output, out, (str(out), "No space left on device", "free space on that disk"))
+        assert "falling back" not in output
+        assert list(disk.iterdir()) == []
+
+
+def test_full_temporary_folder_names_tmpdir(good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify of a bfloat16 folder merges a float32 copy into a temporary folder: when that disk is full, say TMPDIR."""
+    merged = tmp_path / "merged-bf16"
+    assert run_merge(good[0], good[1], merged, "--dtype", "bfloat16")[0] == 0
+    with small_disk(tmp_path / "small-tmp", "64k") as disk:
+        monkeypatch.setattr(tempfile, "tempdir", str(disk))
+        code, output = run_cli(["verify", str(good[0]), str(good[1]), str(merged), "--max-new-tokens", "2"])
+        errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
+        assert "merged32" in errors[0] and f"temporary files go to {disk}: set TMPDIR" in errors[0]
 
 
 def test_output_is_a_file(good: tuple[Path, Path], tmp_path: Path) -> None:
