@@ -455,7 +455,8 @@ def merge(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Pat
             write_index(tmp, stream.shards, stream.shard_names)
         problems = stream.checks.wait()
         if problems:
-            raise OutputError("the written weights do not read back as written:\n  " + "\n  ".join(problems))
+            raise OutputError(f"the weights written for {out_dir} do not read back as written (nothing was kept; a faulty disk or a "
+                              "full or changing file system? try another output folder):\n  " + "\n  ".join(problems))
         out_dtypes = {p.out_dtype for p in plans if p.out_dtype.is_floating_point}
         copy_side_files(base.folder, tmp)
         write_config(base.config, tmp, options.dtype, out_dtypes, bool(untied))

@@ -428,7 +428,7 @@ def reread_shard(path: Path, shard: list[TensorSpec], wf: WrittenFile, rehash: b
     try:
         _, header = read_safetensors_header(path)
     except InputError as e:
-        return [f"{wf.name}: the written file does not parse on re-read: {e}"]
+        return [f"{wf.name}: the written file does not parse on re-read: {str(e).removesuffix(REFETCH)}"]
     for spec in shard:
         entry = header.get(spec.name)
         if entry is None:

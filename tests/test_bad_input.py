@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -625,3 +626,13 @@ def test_verify_base_config_broken(good: tuple[Path, Path], tmp_path: Path) -> N
     (base / "config.json").write_text("{")
     code, output = run_cli(["verify", str(base), str(good[1]), str(merged), "--json", str(tmp_path / "r.json")])
     assert_one_error(code, output, tmp_path / "r.json", ("config.json", "not valid JSON"))
+
+
+def test_written_shard_that_does_not_read_back(good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard the disk returns differently (simulated): the merge keeps nothing and says which file and why."""
+    merge_module = importlib.import_module("lora_export.merge")  # the package re-exports the function `merge`
+    monkeypatch.setattr(merge_module, "reread_shard", lambda path, shard, wf, rehash=False: [f"{wf.name}: 12 bytes on disk, wrote {wf.size}"])
+    code, output = run_merge(good[0], good[1], tmp_path / "out")
+    assert code == 2 and "Traceback" not in output, output
+    assert "do not read back as written" in output and "model.safetensors: 12 bytes on disk" in output and "try another output folder" in output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
