@@ -32,7 +32,6 @@ from .tensors import (
     check_free_space,
     check_output_location,
     dtype_name,
-    element_size,
     plan_shards,
     reread_shard,
     BackgroundChecks,
@@ -446,7 +445,7 @@ def merge(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Pat
     base = BaseModel.open(base_dir, options.allow_pickle)
     adapters = [load_adapter(p, options.allow_pickle) for p in adapter_paths]
     plans, untied, notes = plan_merge(base, adapters, weights, options.dtype)
-    check_free_space(out_dir, sum(math.prod(p.shape) * element_size(p.out_dtype) for p in plans))
+    check_free_space(out_dir, sum(TensorSpec(p.name, p.out_dtype, p.shape).nbytes for p in plans))
 
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
         stream = MergeStream(base, plans, tmp, options.max_shard_size, options.progress, options.rehash_output)

@@ -276,9 +276,10 @@ def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[st
     return out
 
 
-def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+def check_manifest(manifest: dict[str, Any], path: Path) -> set[str]:
     """The structure check_package relies on, before any file is opened: every file a relative path inside the
-    package with a sha256 and a size, and every graph or adapter file the checks run named among those files."""
+    package with a sha256 and a size, and every graph or adapter file the checks run named among those files.
+    Returns the names of the listed files."""
     damaged = f"{path}: damaged manifest"
     fix = "rebuild the package with lora-export package"
     files = manifest.get("files")
@@ -305,6 +306,7 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     for name in used:
         if name not in listed:
             raise InputError(f"{damaged}: the checks need {name}, which is not among its hashed files; {fix}")
+    return listed
 
 
 def check_package(out_dir: Path | str) -> dict[str, Any]:
@@ -314,9 +316,8 @@ def check_package(out_dir: Path | str) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise InputError(f"{out_dir} has no manifest.json: is it a lora-export package?")
     manifest = read_json_object(manifest_path, "", fix=": rebuild the package with lora-export package")
-    check_manifest(manifest, manifest_path)
+    listed = check_manifest(manifest, manifest_path)
     problems = []
-    listed = {f["name"] for f in manifest["files"]}
     for f in manifest["files"]:
         p = out_dir / f["name"]
         if not p.is_file():

@@ -513,12 +513,11 @@ def disk_error(e: OSError, out: Path) -> OutputError | None:
     """An OutputError naming the file and the fix for an OSError of the output disk; None for any other OSError
     (one naming a file that is not part of this output, say an unreadable input, is not ours to rephrase)."""
     fix = DISK_ERRNOS.get(e.errno or -1)
-    if fix is None:
+    name = str(e.filename) if e.filename else None
+    # ours: the output, its parent, or a sibling of ours (.OUT.lock, .OUT.partial-…); write() errors carry no name
+    if fix is None or (name and name not in (str(out), str(out.parent)) and not name.startswith((f"{out}{os.sep}", str(out.parent / f".{out.name}.")))):
         return None
-    if e.filename and not any(str(e.filename).startswith(str(p)) for p in (out, out.parent / f".{out.name}.")):
-        if Path(str(e.filename)) != out.parent:
-            return None
-    where = f" ({e.filename})" if e.filename else ""
+    where = f" ({name})" if name else ""
     return OutputError(f"cannot write {out}{where}: {e.strerror or e}: {fix}{temp_hint(out)}")
 
 
@@ -542,8 +541,8 @@ def temp_hint(path: Path) -> str:
     """For a path in one of this tool's temporary folders (verify's float32 copy, bench's merge): where they go and
     how to move them."""
     tmp = Path(tempfile.gettempdir())
-    ours = path.is_relative_to(tmp) and len(path.relative_to(tmp).parts) > 0 and path.relative_to(tmp).parts[0].startswith(TEMP_PREFIX)
-    return f"; temporary files go to {tmp}: set TMPDIR to a folder on a larger disk" if ours else ""
+    parts = path.relative_to(tmp).parts if path.is_relative_to(tmp) else ()
+    return f"; temporary files go to {tmp}: set TMPDIR to a folder on a larger disk" if parts and parts[0].startswith(TEMP_PREFIX) else ""
 
 
 @contextmanager

@@ -48,6 +48,14 @@ def uploaded_paths(workflow: dict[str, Any], job: str) -> list[str]:
     return paths
 
 
+def assert_job_passes(workflow: dict[str, Any], job: str, root: Path) -> None:
+    """The job's steps all succeed and every path its upload steps name exists."""
+    passed, results = run_job(workflow, job, root)
+    assert passed, {k: (r.returncode, r.stderr[-2000:]) for k, r in results.items()}
+    for path in uploaded_paths(workflow, job):
+        assert (root / path).exists(), path
+
+
 def junit_counts(path: Path) -> tuple[int, int]:
     suite = ET.parse(path).getroot().find("testsuite")
     return int(suite.get("tests")), int(suite.get("failures"))
@@ -68,10 +76,7 @@ def repo(models_dir: Path, tmp_path: Path) -> tuple[dict[str, Any], Path]:
 
 def test_gate_job_passes_and_writes_its_reports(repo: tuple[dict[str, Any], Path]) -> None:
     workflow, root = repo
-    passed, results = run_job(workflow, "gate", root)
-    assert passed, {k: (r.returncode, r.stderr[-2000:]) for k, r in results.items()}
-    for path in uploaded_paths(workflow, "gate"):
-        assert (root / path).exists(), path
+    assert_job_passes(workflow, "gate", root)
     tests, failures = junit_counts(root / "build" / "reports" / "merge-and-onnx.xml")
     assert tests >= 5 and failures == 0
     assert "onnx vs pytorch" in (root / "step-summary.md").read_text()
@@ -90,10 +95,7 @@ def test_gate_job_fails_on_a_broken_adapter(repo: tuple[dict[str, Any], Path]) -
 
 def test_package_job_passes_then_fails_on_a_changed_file(repo: tuple[dict[str, Any], Path]) -> None:
     workflow, root = repo
-    passed, results = run_job(workflow, "package", root)
-    assert passed, {k: (r.returncode, r.stderr[-2000:]) for k, r in results.items()}
-    for path in uploaded_paths(workflow, "package"):
-        assert (root / path).exists(), path
+    assert_job_passes(workflow, "package", root)
     xml = root / "build" / "reports" / "package-check.xml"
     tests, failures = junit_counts(xml)
     assert tests == 4 and failures == 0  # files, shared without adapter, shared + each of the two adapter files
