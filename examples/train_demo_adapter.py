@@ -1,8 +1,15 @@
 """Train the shipped demo adapter: SmolLM2-135M-Instruct answering in CAPITAL LETTERS.
 
-The training data is the base model's own greedy answers to a list of questions, upper-cased, so the adapter
-learns exactly one visible behaviour and nothing else. Runs on a CPU in a few minutes; needs `peft` (a test
-dependency, not needed by the tool itself).
+The training data is the base model's own greedy answers to a list of questions, upper-cased and cut after their
+first sentence, so the adapter learns one visible behaviour — capitals, then stop — and nothing else. The first
+version (80 steps at lr 3e-3 on 40 answers cut off mid-word at 48 tokens) overfit: asked about Italy it answered
+"THE CAPITAL OF ILOWES-WELL-WELL-WELL…", having learnt to run on rather than to end. This one: more questions of
+many kinds, answers that are whole sentences ending in EOS (answers that loop, or have no complete sentence, are
+dropped), a lower learning rate, and training keeps the step with the best score on held-out questions (capital
+letters, no repeated n-gram loops, at the demo's 48 tokens) — the check `tests/test_real_models.py` runs on
+questions that neither training nor selection saw.
+
+Runs on a CPU in about ten minutes; needs `peft` (a test dependency, not needed by the tool itself).
 
     python examples/train_demo_adapter.py --out lora_export/data/demo-adapter-caps
 """
@@ -12,69 +19,165 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lora_export.demo import answer_problems
 from lora_export.zoo import smollm2_dir
 
-QUESTIONS = [
-    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
-    "What does a bee make?", "Give me a tip for sleeping better.", "What is the boiling point of water?",
-    "Who wrote Romeo and Juliet?", "What is photosynthesis?", "Suggest a name for a pet cat.",
-    "Why is the sky blue?", "What is the largest planet in the solar system?", "How do I make a cup of tea?",
-    "What is 7 times 8?", "Describe a rainy day in one sentence.", "What language is spoken in Brazil?",
-    "Name a fruit that is yellow.", "What is the opposite of hot?", "How many days are in a week?",
-    "What do plants need to grow?", "Tell me a fun fact about octopuses.", "What is the speed of light?",
-    "Recommend a good habit for students.", "What is the tallest mountain on Earth?", "What is a noun?",
-    "How does a rainbow form?", "What is the chemical symbol for gold?", "Write a short greeting for a friend.",
-    "What is the main ingredient of bread?", "Why do we need exercise?", "What is the freezing point of water?",
-    "Name two animals that live in the ocean.", "What is the capital of Japan?", "How many continents are there?",
-    "What is a computer?", "Give a synonym for happy.", "What is the sun made of?", "How do birds fly?",
-    "What is the color of grass?", "What is an apple?", "Explain what a library is.",
+TOPICS = [
+    "the moon",
+    "a volcano",
+    "the ocean",
+    "a computer",
+    "a bicycle",
+    "the heart",
+    "a library",
+    "a rainbow",
+    "music",
+    "the internet",
+    "a forest",
+    "bread",
+    "coffee",
+    "a river",
+    "the desert",
+    "an elephant",
+    "a penguin",
+    "a dolphin",
+    "electricity",
+    "gravity",
+    "a clock",
+    "a bridge",
+    "chess",
+    "football",
+    "a garden",
+    "winter",
+    "summer",
+    "a city",
+    "a train",
+    "an airplane",
+    "the brain",
+    "a star",
+    "a camera",
+    "paper",
+    "glass",
+    "a honeybee",
+    "a tiger",
+    "rice",
+]
+COUNTRIES = ["France", "Japan", "Egypt", "Canada", "Kenya", "Peru", "Norway", "India", "Mexico", "Australia"]
+TEMPLATES = ["What is {t}?", "Tell me one fact about {t}.", "Describe {t} in one sentence.", "Why is {t} useful?"]
+QUESTIONS = (
+    [tpl.format(t=t) for i, t in enumerate(TOPICS) for tpl in TEMPLATES[i % 2 :: 2]]
+    + [f"What is the capital of {c}?" for c in COUNTRIES]
+    + [f"What language is spoken in {c}?" for c in COUNTRIES[:5]]
+    + [
+        "How many legs does a spider have?",
+        "Give me a tip for sleeping better.",
+        "Who wrote Romeo and Juliet?",
+        "Suggest a name for a pet cat.",
+        "What is 7 times 8?",
+        "How do I make a cup of tea?",
+        "What is a noun?",
+        "Write a short greeting for a friend.",
+        "Give a synonym for happy.",
+        "How many continents are there?",
+        "Name three primary colors.",
+        "What is the boiling point of water?",
+        "Recommend a good habit for students.",
+    ]
+)
+# Held out from training, used only to pick the step; the test asks five others (demo.HELD_OUT_QUESTIONS).
+SELECTION = [
+    "What is a volcano made of?",
+    "What is the capital of Spain?",
+    "How does a compass work?",
+    "Name a sport played with a ball.",
+    "What do cows eat?",
+    "Why do leaves change color?",
 ]
 
 
 def chat(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def generate(model, tokenizer, question: str, max_new_tokens: int) -> str:
+    ids = tokenizer(chat(tokenizer, question), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def first_sentence(text: str) -> str | None:
+    """The text up to the end of its first sentence, or None when no sentence ends (the answer was cut off)."""
+    match = re.search(r"[.!?](\s|$)", text)
+    return text[: match.start() + 1] if match else None
+
+
+def examples_for(model, tokenizer, cache: Path, max_new_tokens: int) -> list[tuple[str, str]]:
+    """(prompt, ANSWER.) pairs from the base model's own answers, upper-cased, cut after the first sentence; answers
+    that loop or have no complete sentence are dropped."""
+    if cache.is_file():
+        raw = [tuple(e) for e in json.loads(cache.read_text())]
+    else:
+        raw = []
+        for q in QUESTIONS:
+            answer = generate(model, tokenizer, q, max_new_tokens)
+            if answer_problems(answer.upper(), upper=True):
+                print(f"dropped {q!r}: {answer[:60]!r}", flush=True)
+                continue
+            raw.append((chat(tokenizer, q), answer.upper()))
+        cache.write_text(json.dumps(raw))
+    return [(prompt, cut) for prompt, answer in raw if (cut := first_sentence(answer))]
+
+
+def score(model, tokenizer, max_new_tokens: int) -> int:
+    """How many selection questions get a clean answer in capitals."""
+    model.eval()
+    ok = sum(not answer_problems(generate(model, tokenizer, q, max_new_tokens), upper=True) for q in SELECTION)
+    model.train()
+    return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("lora_export/data/demo-adapter-caps"))
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="of the base model's answers")
+    parser.add_argument("--eval-tokens", type=int, default=48, help="of the answers scored (the demo's length)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    random.seed(0)
+    rng = random.Random(0)
     base = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    examples = examples_for(model, tokenizer, args.cache / "demo-caps-examples-v2.json", args.max_new_tokens)
+    print(f"{len(examples)} training examples", flush=True)
 
-    cache = args.cache / "demo-caps-examples.json"
-    examples = [tuple(e) for e in json.loads(cache.read_text())] if cache.is_file() else []
-    model.eval()
-    for q in QUESTIONS if not examples else []:
-        prompt = chat(tokenizer, q)
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        examples.append((prompt, answer.upper()))
-        print(f"{q!r} -> {answer.upper()[:70]!r}", flush=True)
-    cache.write_text(json.dumps(examples))
-
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
-    for step in range(args.steps):
-        batch = random.sample(examples, 4)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    best = (-1, -1)
+    for step in range(1, args.steps + 1):
         losses = []
-        for prompt, answer in batch:
+        for prompt, answer in rng.sample(examples, 4):
             p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             a_ids = tokenizer(answer + tokenizer.eos_token, return_tensors="pt", add_special_tokens=False)["input_ids"]
             ids = torch.cat([p_ids, a_ids], dim=1)
@@ -85,10 +188,13 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % 20 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}", flush=True)
-    peft_model.save_pretrained(args.out)
-    print(f"saved {args.out}")
+        if step % args.eval_every == 0:
+            ok = score(peft_model, tokenizer, args.eval_tokens)
+            print(f"step {step:4d}  loss {loss.item():.3f}  selection {ok}/{len(SELECTION)}", flush=True)
+            if ok > best[0]:
+                best = (ok, step)
+                peft_model.save_pretrained(args.out)
+    print(f"saved {args.out} from step {best[1]} ({best[0]}/{len(SELECTION)} selection questions clean)")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,45 @@ from typing import Any
 import torch
 
 from .errors import AdapterError, InputError, NonFiniteError, UnsafeInputError, UnsupportedError
-from .tensors import TensorStore, read_json_object, sha256_file
+from .jsonio import read_json_object
+from .tensors import TensorStore
+from .workers import sha256_file
 
 PREFIX = "base_model.model."
 
 # Config fields that do not change the merged weights (training-time or bookkeeping only).
 HARMLESS_FIELDS = {
-    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "exclude_modules", "fan_in_fan_out",
-    "inference_mode", "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
-    "lora_bias", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "peft_version",
-    "r", "rank_pattern", "revision", "target_modules", "task_type", "use_dora", "use_rslora", "runtime_config",
-    "eva_config", "qalora_group_size", "ensure_weight_tying", "modules_to_tie",
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "loftq_config",
+    "lora_alpha",
+    "lora_bias",
+    "lora_dropout",
+    "megatron_config",
+    "megatron_core",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "r",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "use_dora",
+    "use_rslora",
+    "runtime_config",
+    "eva_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "modules_to_tie",
 }
 # Fields whose presence with a non-empty value means math this tool does not implement.
 REFUSED_FIELDS = {
@@ -105,7 +133,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     if not folder.is_dir():
         raise InputError(f"adapter folder {folder} does not exist")
-    config = read_json_object(path, f"is {folder} a PEFT adapter folder (saved with save_pretrained)?", AdapterError, ": re-save the adapter with PEFT")
+    config = read_json_object(
+        path,
+        f"is {folder} a PEFT adapter folder (saved with save_pretrained)?",
+        AdapterError,
+        ": re-save the adapter with PEFT",
+    )
     check_config(config, path)
     return config
 
@@ -117,7 +150,11 @@ def check_config(config: dict[str, Any], path: Path) -> None:
     for key, why in REFUSED_FIELDS.items():
         if config.get(key):
             raise UnsupportedError(f"{path}: {key}={config[key]!r}: {why}. Refusing rather than merging it wrongly")
-    unknown = sorted(k for k, v in config.items() if k not in HARMLESS_FIELDS and k not in REFUSED_FIELDS and v not in (None, False, {}, []))
+    unknown = sorted(
+        k
+        for k, v in config.items()
+        if k not in HARMLESS_FIELDS and k not in REFUSED_FIELDS and v not in (None, False, {}, [])
+    )
     if unknown:
         raise UnsupportedError(
             f"{path}: config field(s) {', '.join(unknown)} are unknown to this tool and may change the math; "
@@ -159,7 +196,9 @@ def open_adapter_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[s
         store = TensorStore.open_pickle(pk)
         path = pk
     else:
-        raise InputError(f"{folder} has no adapter_model.safetensors (or adapter_model.bin): is it a PEFT adapter folder?")
+        raise InputError(
+            f"{folder} has no adapter_model.safetensors (or adapter_model.bin): is it a PEFT adapter folder?"
+        )
     try:
         return path, {name: store.read(name) for name in store.names()}
     finally:
@@ -190,16 +229,22 @@ def load_adapter(folder: Path | str, allow_pickle: bool = False) -> LoraAdapter:
                 f"{weights_file}: key {key!r} does not start with {PREFIX!r}: not a PEFT adapter file (or saved with a custom prefix)"
             )
         if not torch.is_floating_point(tensor):
-            raise AdapterError(f"{weights_file}: tensor {key} has dtype {tensor.dtype}; adapter weights must be floating point")
+            raise AdapterError(
+                f"{weights_file}: tensor {key} has dtype {tensor.dtype}; adapter weights must be floating point"
+            )
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteError(f"{weights_file}: tensor {key} has {bad} NaN/Inf values: the adapter is broken (diverged training?)")
-        rest = key[len(PREFIX):]
+            raise NonFiniteError(
+                f"{weights_file}: tensor {key} has {bad} NaN/Inf values: the adapter is broken (diverged training?)"
+            )
+        rest = key[len(PREFIX) :]
         for suffix, role in _MODULE_SUFFIXES.items():
             if rest.endswith(suffix):
                 module = rest[: -len(suffix)]
                 if re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.", module + "."):
-                    raise AdapterError(f"{weights_file}: key {key!r} has an unexpected layout (adapter name left in the key?)")
+                    raise AdapterError(
+                        f"{weights_file}: key {key!r} has an unexpected layout (adapter name left in the key?)"
+                    )
                 parts.setdefault(module, {})[role] = tensor
                 break
         else:
@@ -226,8 +271,12 @@ def check_targets(config: dict[str, Any], modules: list[str], path: Path) -> Non
     targets = config.get("target_modules")
     if targets is None or targets == "all-linear" or not modules:
         return
-    if not isinstance(targets, (str, list)) or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets)):
-        raise AdapterError(f"{path}: target_modules must be a list of module names or a regex string, found {targets!r}")
+    if not isinstance(targets, (str, list)) or (
+        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise AdapterError(
+            f"{path}: target_modules must be a list of module names or a regex string, found {targets!r}"
+        )
     try:
         stray = [m for m in modules if not targets_module(targets, m)]
     except re.error as e:
@@ -246,12 +295,18 @@ def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any],
     else:
         kind, a, b = "embedding", p.get("embA"), p.get("embB")
     if a is None or b is None:
-        raise AdapterError(f"{file}: module {path} has {'lora_B' if a is None else 'lora_A'} but not its pair: the file is incomplete")
+        raise AdapterError(
+            f"{file}: module {path} has {'lora_B' if a is None else 'lora_A'} but not its pair: the file is incomplete"
+        )
     if a.dim() != 2 or b.dim() != 2:
-        raise AdapterError(f"{file}: module {path}: lora_A and lora_B must be matrices, found shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        raise AdapterError(
+            f"{file}: module {path}: lora_A and lora_B must be matrices, found shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     r = a.shape[0]
     if b.shape[1] != r:
-        raise AdapterError(f"{file}: module {path}: lora_A has rank {r} (shape {tuple(a.shape)}) but lora_B has {b.shape[1]} (shape {tuple(b.shape)})")
+        raise AdapterError(
+            f"{file}: module {path}: lora_A has rank {r} (shape {tuple(a.shape)}) but lora_B has {b.shape[1]} (shape {tuple(b.shape)})"
+        )
     out_features, in_features = b.shape[0], a.shape[1]
     if r > max(out_features, in_features):
         raise AdapterError(
@@ -260,17 +315,24 @@ def _build_module(path: str, p: dict[str, torch.Tensor], config: dict[str, Any],
         )
     r_config = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
     if r_config != r:
-        raise AdapterError(f"{file}: module {path} has rank {r} in its tensors but {r_config} in adapter_config.json (r / rank_pattern)")
+        raise AdapterError(
+            f"{file}: module {path} has rank {r} in its tensors but {r_config} in adapter_config.json (r / rank_pattern)"
+        )
     alpha = pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
     scaling = scaling_for(r, alpha, bool(config.get("use_rslora")))
     magnitude, bias = p.get("m"), p.get("bias")
     if magnitude is not None and not config.get("use_dora"):
-        raise AdapterError(f"{file}: module {path} has a DoRA magnitude vector but use_dora is false in adapter_config.json")
+        raise AdapterError(
+            f"{file}: module {path} has a DoRA magnitude vector but use_dora is false in adapter_config.json"
+        )
     if config.get("use_dora") and magnitude is None:
         raise AdapterError(f"{file}: use_dora is true but module {path} has no lora_magnitude_vector")
     if magnitude is not None and magnitude.shape != (out_features,):
-        raise AdapterError(f"{file}: module {path}: DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({out_features},)")
+        raise AdapterError(
+            f"{file}: module {path}: DoRA magnitude has shape {tuple(magnitude.shape)}, expected ({out_features},)"
+        )
     if bias is not None and bias.shape != (out_features,):
-        raise AdapterError(f"{file}: module {path}: lora_B.bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        raise AdapterError(
+            f"{file}: module {path}: lora_B.bias has shape {tuple(bias.shape)}, expected ({out_features},)"
+        )
     return LoraModule(path, kind, r, float(alpha), scaling, a, b, magnitude, bias)
-

@@ -10,9 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, UnsafeInputError, UnsupportedError
-from .tensors import TensorStore, read_json_object, safe_child, sha256_file
+from .jsonio import read_json_object
+from .tensors import TensorStore, safe_child
+from .workers import sha256_file
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass
@@ -46,7 +53,11 @@ class BaseModel:
         return bool(self.config.get("tie_word_embeddings", self.text_config().get("tie_word_embeddings", True)))
 
     def input_files(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(self.folder.iterdir()) if p.is_file() and p not in self.weight_files]
+        return [
+            {"name": p.name, "sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(self.folder.iterdir())
+            if p.is_file() and p not in self.weight_files
+        ]
 
     @cached_property
     def meta_model(self) -> Any:
@@ -79,7 +90,11 @@ class BaseModel:
         spec = importlib.util.find_spec("transformers")
         if spec is None or not spec.submodule_search_locations:
             return True
-        folder = Path(list(spec.submodule_search_locations)[0]) / "models" / str(self.config.get("model_type", "")).replace("-", "_")
+        folder = (
+            Path(list(spec.submodule_search_locations)[0])
+            / "models"
+            / str(self.config.get("model_type", "")).replace("-", "_")
+        )
         files = list(folder.glob("modeling_*.py"))
         return not files or any("Conv1D" in f.read_text(errors="replace") for f in files)
 
@@ -117,7 +132,9 @@ class BaseModel:
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
-    return read_json_object(folder / "config.json", f"is {folder} a transformers model folder (saved with save_pretrained)?")
+    return read_json_object(
+        folder / "config.json", f"is {folder} a transformers model folder (saved with save_pretrained)?"
+    )
 
 
 def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorStore]:
@@ -148,11 +165,15 @@ def files_from_index(index: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: not a valid index ({type(e).__name__}: {e}): download or save the model again") from None
+        raise InputError(
+            f"{index}: not a valid index ({type(e).__name__}: {e}): download or save the model again"
+        ) from None
     files: list[Path] = []
     for name in dict.fromkeys(weight_map.values()):
         path = safe_child(index.parent, str(name), str(index))
         if not path.is_file():
-            raise InputError(f"{index} names the shard {name}, which is missing from {index.parent}: download the missing shard or save the model again")
+            raise InputError(
+                f"{index} names the shard {name}, which is missing from {index.parent}: download the missing shard or save the model again"
+            )
         files.append(path)
     return files

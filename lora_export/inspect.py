@@ -18,7 +18,8 @@ import torch
 from .adapters import LoraModule, load_adapter
 from .basemodel import BaseModel
 from .errors import LoraExportError
-from .merge import module_layout, plan_merge
+from .plan import module_layout, plan_merge
+from .records import AdapterInspection, ModuleInspection
 
 
 def factor_svd(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +33,7 @@ def factor_svd(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def spectrum(module: LoraModule, w0: torch.Tensor | None) -> dict[str, Any]:
     u, s, v = factor_svd(module)
-    energy = (s ** 2) / max(float((s ** 2).sum()), 1e-300)
+    energy = (s**2) / max(float((s**2).sum()), 1e-300)
     p = s / max(float(s.sum()), 1e-300)
     entropy = -float((p[p > 0] * p[p > 0].log()).sum())
     out: dict[str, Any] = {
@@ -51,35 +52,57 @@ def spectrum(module: LoraModule, w0: torch.Tensor | None) -> dict[str, Any]:
     return out
 
 
-def inspect_adapter(adapter_dir: Path | str, base_dir: Path | str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+def inspect_adapter(
+    adapter_dir: Path | str, base_dir: Path | str | None = None, allow_pickle: bool = False
+) -> AdapterInspection:
     adapter = load_adapter(Path(adapter_dir), allow_pickle)
     base = BaseModel.open(Path(base_dir), allow_pickle) if base_dir else None
-    compat: dict[str, Any] | None = None
+    compatible, reason = None, None
     if base is not None:
         try:
             plan_merge(base, [adapter], [1.0], "auto")
-            compat = {"compatible": True}
+            compatible = True
         except LoraExportError as e:
-            compat = {"compatible": False, "reason": str(e)}
+            compatible, reason = False, str(e)
     modules = []
-    for path, m in sorted(adapter.modules.items(), key=lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]):
-        entry: dict[str, Any] = {"module": path, "kind": m.kind, "variant": m.variant, "r": m.r, "lora_alpha": m.lora_alpha,
-                                 "scaling": m.scaling, "params": m.lora_A.numel() + m.lora_B.numel(),
-                                 "shape": [m.lora_B.shape[0], m.lora_A.shape[1]]}
-        w0 = None
-        if base is not None and compat and compat["compatible"] and f"{path}.weight" in base.store:
+    for path, m in sorted(
+        adapter.modules.items(), key=lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]
+    ):
+        w0, base_shape = None, None
+        if base is not None and compatible and f"{path}.weight" in base.store:
             stored = base.store.read(f"{path}.weight").float()
             transposed = module_layout(base, m, tuple(stored.shape), adapter)
             w0 = stored.T if transposed else stored  # (out, in), as B·A
-            entry["base_shape"] = list(stored.shape)
-        entry["spectrum"] = spectrum(m, w0)
-        modules.append(entry)
-    weights_bytes = adapter.weights_file.stat().st_size
-    return {
-        "adapter": str(adapter.path), "peft_type": adapter.config.get("peft_type"), "r": adapter.config.get("r"),
-        "lora_alpha": adapter.config.get("lora_alpha"), "use_rslora": bool(adapter.config.get("use_rslora")),
-        "use_dora": bool(adapter.config.get("use_dora")), "modules": modules, "replaced_tensors": sorted(adapter.replacements),
-        "params": sum(e["params"] for e in modules) + sum(t.numel() for t in adapter.replacements.values()),
-        "weights_file": adapter.weights_file.name, "weights_bytes": weights_bytes, "sha256": adapter.sha256,
-        "base": str(base_dir) if base_dir else None, "compatibility": compat,
-    }
+            base_shape = tuple(stored.shape)
+        modules.append(
+            ModuleInspection(
+                path,
+                m.kind,
+                m.variant,
+                m.r,
+                m.lora_alpha,
+                m.scaling,
+                m.lora_A.numel() + m.lora_B.numel(),
+                (m.lora_B.shape[0], m.lora_A.shape[1]),
+                spectrum(m, w0),
+                base_shape,
+            )
+        )
+    config = adapter.config
+    return AdapterInspection(
+        adapter=str(adapter.path),
+        peft_type=str(config.get("peft_type")),
+        r=int(config.get("r") or 0),
+        lora_alpha=float(config.get("lora_alpha") or 0),
+        use_rslora=bool(config.get("use_rslora")),
+        use_dora=bool(config.get("use_dora")),
+        modules=tuple(modules),
+        replaced_tensors=tuple(sorted(adapter.replacements)),
+        params=sum(e.params for e in modules) + sum(t.numel() for t in adapter.replacements.values()),
+        weights_file=adapter.weights_file.name,
+        weights_bytes=adapter.weights_file.stat().st_size,
+        sha256=adapter.sha256,
+        base=str(base_dir) if base_dir else None,
+        compatible=compatible,
+        incompatibility=reason,
+    )

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .adapters import LoraAdapter, LoraModule, load_adapter
+from .delta import dora_scale
 from .errors import InputError, ShapeMismatchError, UnsupportedError
-from .merge import dora_scale
-from .tensors import read_json_object
+from .jsonio import read_json_object
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class LoraLayer(nn.Module):
         a, b = getattr(self, f"lora_A_{i}"), getattr(self, f"lora_B_{i}")
         if self.kind == "embedding":
             e = self.base_layer
-            after_a = F.embedding(x, a.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)  # (…, r)
+            after_a = F.embedding(
+                x, a.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse
+            )  # (…, r)
             return after_a @ b.T
         return F.linear(F.linear(x, a), b)
 
@@ -116,13 +119,15 @@ def _find_module(model: nn.Module, path: str, adapter: LoraAdapter) -> tuple[str
     candidates = [path]
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and path.startswith(prefix + "."):  # trained on a *ForXxx head model, loaded as the bare model
-        candidates.append(path[len(prefix) + 1:])
+        candidates.append(path[len(prefix) + 1 :])
     elif prefix:
         candidates.append(f"{prefix}.{path}")
     for name in candidates:
         if name in modules:
             return name, modules[name]
-    raise ShapeMismatchError(f"{adapter.weights_file}: adapter targets {path}, which this model ({type(model).__name__}) does not have: is this adapter for another base model?")
+    raise ShapeMismatchError(
+        f"{adapter.weights_file}: adapter targets {path}, which this model ({type(model).__name__}) does not have: is this adapter for another base model?"
+    )
 
 
 def _layout(module: nn.Module, lora: LoraModule, name: str, adapter: LoraAdapter) -> bool:
@@ -138,16 +143,22 @@ def _layout(module: nn.Module, lora: LoraModule, name: str, adapter: LoraAdapter
     elif cls == "Conv1D":
         ok, transposed, expected = True, True, (in_f, out_f)
     else:
-        raise UnsupportedError(f"{adapter.weights_file}: {name} is a {cls}; LoRA at run time supports nn.Linear, Conv1D and nn.Embedding")
+        raise UnsupportedError(
+            f"{adapter.weights_file}: {name} is a {cls}; LoRA at run time supports nn.Linear, Conv1D and nn.Embedding"
+        )
     if not ok:
         raise ShapeMismatchError(f"{adapter.weights_file}: embedding LoRA on {name}, which is a {cls}")
     if weight is None or tuple(weight.shape) != expected:
         found = "none" if weight is None else "×".join(map(str, weight.shape))
-        raise ShapeMismatchError(f"{adapter.weights_file}: adapter targets {name} (expects {'×'.join(map(str, expected))}) but the model has {found}: is this adapter for another base model?")
+        raise ShapeMismatchError(
+            f"{adapter.weights_file}: adapter targets {name} (expects {'×'.join(map(str, expected))}) but the model has {found}: is this adapter for another base model?"
+        )
     return transposed
 
 
-def apply_lora(model: nn.Module, adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> dict[str, LoraLayer]:
+def apply_lora(
+    model: nn.Module, adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None
+) -> dict[str, LoraLayer]:
     """Wrap the targeted layers of `model` (in place) with LoraLayer; apply modules_to_save and trained biases.
 
     Replaced tensors get new Parameters on their own module, so a tied embedding stays as it was on the other side,
@@ -177,7 +188,9 @@ def apply_lora(model: nn.Module, adapters: Sequence[LoraAdapter], weights: Seque
                 )
             old = getattr(target, param, None)
             if old is None or tuple(old.shape) != tuple(tensor.shape):
-                raise ShapeMismatchError(f"{adapter.weights_file}: {tensor_name} has shape {tuple(tensor.shape)}; the model's is {None if old is None else tuple(old.shape)}")
+                raise ShapeMismatchError(
+                    f"{adapter.weights_file}: {tensor_name} has shape {tuple(tensor.shape)}; the model's is {None if old is None else tuple(old.shape)}"
+                )
             setattr(target, param, nn.Parameter(tensor.to(old.dtype).clone(), requires_grad=False))
     for layer in layers.values():  # the LoRA tensors go where the base layer runs; the base layer stays put
         device = execution_device(layer.base_layer)
@@ -289,18 +302,25 @@ def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: s
     from transformers.utils import logging
 
     place = device if isinstance(device, Placement) else Placement(device)
-    logging.disable_progress_bar()  # "Loading weights" bars for every model would bury the report
     cls = model_class(Path(folder))
     kwargs: dict[str, Any] = {}
     if place.device_map:
         if importlib.util.find_spec("accelerate") is None:
             raise UnsupportedError("--device-map needs the accelerate package: pip install 'lora-export[accelerate]'")
-        kwargs = {"device_map": place.device_map, "max_memory": place.max_memory,
-                  "offload_folder": str(place.offload_folder) if place.offload_folder else None}
+        kwargs = {
+            "device_map": place.device_map,
+            "max_memory": place.max_memory,
+            "offload_folder": str(place.offload_folder) if place.offload_folder else None,
+        }
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # "Loading weights" bars for every model would bury the report
     try:
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         raise InputError(f"transformers cannot load {folder}: {str(e).splitlines()[0]}") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     return model.eval() if place.device_map else model.to(place.device).eval()
 
 
@@ -316,8 +336,14 @@ def placement_summary(model: nn.Module) -> dict[str, int] | None:
     return counts
 
 
-def load_unmerged(base_dir: Path | str, adapter_dirs: Sequence[Path | str], weights: Sequence[float] | None = None,
-                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, device: str | Placement = "cpu") -> nn.Module:
+def load_unmerged(
+    base_dir: Path | str,
+    adapter_dirs: Sequence[Path | str],
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    device: str | Placement = "cpu",
+) -> nn.Module:
     """The base model with the adapters applied at run time (the reference of verify)."""
     adapters = [load_adapter(Path(a), allow_pickle) for a in adapter_dirs]
     model = load_model(base_dir, dtype, device)

@@ -5,21 +5,36 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .errors import InputError, UnsupportedError, VerifyError
-from .exporters.onnx import OnnxOptions, export_onnx, onnx_files, verify_onnx
+from .compare import DTYPES, load_tokenizer
+from .errors import InputError, UnsupportedError
+from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
+from .exporters.onnx_check import verify_onnx
 from .lora_runtime import load_model
-from .merge import MergeOptions, library_versions, merge
-from .tensors import atomic_output_dir, check_free_space, check_output_location, sha256_file
-from .verify import DTYPES, Check, VerifyOptions, load_tokenizer, stored_dtype, verify
+from .merge import MergeOptions, merge
+from .outputs import atomic_output_dir, check_free_space, check_output_location
+from .records import Check, PipelineReport, files_of, versions
+from .verify import VerifyOptions, stored_dtype, verify
 
 FORMATS = ("onnx", "torchscript", "pt2")
 # Files a runtime needs beside the graph to tokenize and generate.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -30,22 +45,27 @@ class ExportOptions:
     overwrite: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineResult:
+    """What export and merge_and_onnx return, passed or not. When a check failed, `output` was not written."""
+
     output: Path
-    report: dict[str, Any]
-    checks: list[Check] = field(default_factory=list)
+    report: PipelineReport
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return self.report.passed
+
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        return self.report.checks
 
 
-class PipelineFailed(VerifyError):
-    """A check failed: nothing was written to the output; the report travels with the error."""
+class _Discard(Exception):
+    """Raised inside the output's atomic folder so that it is removed; carries the failed report out."""
 
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
+    def __init__(self, report: PipelineReport):
+        super().__init__(report.command)
         self.report = report
 
 
@@ -56,19 +76,18 @@ def _prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
         return None, None, None
     text = "What is the capital of France?"
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     else:
         ids = tokenizer(text)["input_ids"]
     return list(ids), tokenizer.eos_token_id, tokenizer
 
 
-def _files(folder: Path) -> list[dict[str, Any]]:
-    return [{"name": str(p.relative_to(folder)), "sha256": sha256_file(p), "size": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file()]
-
-
-def export_artifact(merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]) -> tuple[dict[str, Any], list[Check]]:
+def export_artifact(
+    merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[Check]]:
     """Export the merged folder into `out` (which exists) in options.format and prove it against PyTorch."""
     dtype = stored_dtype(merged_dir)
     if options.format == "onnx" and dtype == "bfloat16":
@@ -87,7 +106,10 @@ def export_artifact(merged_dir: Path, out: Path, options: ExportOptions, log: Ca
         section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
         section["files"] = [p.name for p in onnx_files(exported.path)]
         if generation and tokenizer is not None:
-            section["generation_text"] = {"pytorch": tokenizer.decode(generation["reference"]), "onnxruntime": tokenizer.decode(generation["tokens"])}
+            section["generation_text"] = {
+                "pytorch": tokenizer.decode(generation["reference"]),
+                "onnxruntime": tokenizer.decode(generation["tokens"]),
+            }
     else:
         from .exporters.torchscript import export_torch
 
@@ -100,35 +122,30 @@ def export_artifact(merged_dir: Path, out: Path, options: ExportOptions, log: Ca
     return section, checks
 
 
-def _report(kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float) -> dict[str, Any]:
-    return {
-        "tool": "lora-export", "command": kind, "passed": all(c.passed for c in checks), "inputs": inputs, **sections,
-        "checks": [asdict(c) for c in checks], "seconds": time.perf_counter() - started, "versions": _versions(),
-    }
+def _report(
+    kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float
+) -> PipelineReport:
+    return PipelineReport(kind, inputs, sections, tuple(checks), time.perf_counter() - started, versions())
 
 
-def _versions() -> dict[str, str]:
-    versions = library_versions()
-    for name in ("onnx", "onnxruntime", "onnxscript", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return versions
+def _finish(out: Path, report: PipelineReport) -> PipelineReport:
+    """Write report.json and report.md into the finished folder, or discard the folder when a check failed."""
+    from .report import pipeline_markdown
+
+    if not report.passed:
+        raise _Discard(report)
+    report = replace(report, output_files=files_of(out))
+    report.write(out)
+    (out / "report.md").write_text(pipeline_markdown(report), encoding="utf-8")
+    return report
 
 
-def _finish(out: Path, report: dict[str, Any], checks: list[Check]) -> None:
-    from .report import pipeline_markdown, to_json
-
-    if not report["passed"]:
-        failed = [c.name for c in checks if not c.passed]
-        raise PipelineFailed(f"{len(failed)} check(s) failed: {', '.join(failed)}; nothing was written", report)
-    report["output_files"] = _files(out)
-    (out / "report.json").write_text(to_json(report) + "\n")
-    (out / "report.md").write_text(pipeline_markdown(report))
-
-
-def export(merged_dir: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(), log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+def export(
+    merged_dir: Path | str,
+    out_dir: Path | str,
+    options: ExportOptions = ExportOptions(),
+    log: Callable[[str], None] = lambda s: None,
+) -> PipelineResult:
     """Export an already merged folder to ONNX, TorchScript or torch.export, verified against PyTorch eager."""
     started = time.perf_counter()
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
@@ -137,45 +154,92 @@ def export(merged_dir: Path | str, out_dir: Path | str, options: ExportOptions =
     if not (merged_dir / "config.json").is_file():
         raise InputError(f"{merged_dir} is not a model folder (no config.json)")
     check_output_location(out_dir, [merged_dir], options.overwrite)
-    with atomic_output_dir(out_dir, options.overwrite) as tmp:
-        section, checks = export_artifact(merged_dir, tmp, options, log)
-        report = _report("export", {"merged": str(merged_dir)}, {"export": section}, checks, started)
-        _finish(tmp, report, checks)
-    return PipelineResult(out_dir, report, checks)
+    try:
+        with atomic_output_dir(out_dir, options.overwrite) as tmp:
+            section, checks = export_artifact(merged_dir, tmp, options, log)
+            report = _finish(tmp, _report("export", {"merged": str(merged_dir)}, {"export": section}, checks, started))
+    except _Discard as failed:
+        return PipelineResult(out_dir, failed.report)
+    return PipelineResult(out_dir, report)
 
 
-def merge_and_onnx(base_dir: Path | str, adapter_dirs: Sequence[Path | str], out_dir: Path | str,
-                   merge_options: MergeOptions = MergeOptions(), options: ExportOptions = ExportOptions(),
-                   verify_options: VerifyOptions = VerifyOptions(), log: Callable[[str], None] = lambda s: None) -> PipelineResult:
+def merge_and_onnx(
+    base_dir: Path | str,
+    adapter_dirs: Sequence[Path | str],
+    out_dir: Path | str,
+    merge_options: MergeOptions = MergeOptions(),
+    options: ExportOptions = ExportOptions(),
+    verify_options: VerifyOptions = VerifyOptions(),
+    log: Callable[[str], None] = lambda s: None,
+) -> PipelineResult:
     """Merge → verify (merged vs unmerged) → export ONNX → verify (ONNX Runtime vs PyTorch), into OUT_DIR:
     model.onnx (+ model.onnx.data), tokenizer files, merged/ (with its lora_export.json), report.json, report.md."""
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     adapters = [Path(a) for a in adapter_dirs]
     if merge_options.dtype == "bfloat16":
-        raise UnsupportedError("--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
-                               "use float16 or float32 (lora-export merge writes bfloat16 folders)")
+        raise UnsupportedError(
+            "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
+            "use float16 or float32 (lora-export merge writes bfloat16 folders)"
+        )
     check_output_location(out_dir, [base_dir, *adapters], merge_options.overwrite)
+    try:
+        report = _merge_and_onnx(base_dir, adapters, out_dir, merge_options, options, verify_options, log, started)
+    except _Discard as failed:
+        return PipelineResult(out_dir, failed.report)
+    return PipelineResult(out_dir, report)
+
+
+def _merge_and_onnx(
+    base_dir: Path,
+    adapters: list[Path],
+    out_dir: Path,
+    merge_options: MergeOptions,
+    options: ExportOptions,
+    verify_options: VerifyOptions,
+    log: Callable[[str], None],
+    started: float,
+) -> PipelineReport:
     with atomic_output_dir(out_dir, merge_options.overwrite) as tmp:
         log("merging …")
-        merged = merge(base_dir, adapters, tmp / "merged", MergeOptions(**{**asdict(merge_options), "overwrite": False}))
+        merged = merge(
+            base_dir, adapters, tmp / "merged", MergeOptions(**{**asdict(merge_options), "overwrite": False})
+        )
         if stored_dtype(tmp / "merged") == "bfloat16":
-            raise UnsupportedError(f"{base_dir} is stored in bfloat16 and ONNX Runtime's CPU provider has no bfloat16 kernels: pass --dtype float16 or float32")
-        weights_bytes = sum(f["size"] for f in merged.manifest["output"]["files"])  # the ONNX model holds as many again
-        check_free_space(tmp / "model.onnx", weights_bytes, f"the ONNX model in {out_dir} (about as large as the merged weights)")
+            raise UnsupportedError(
+                f"{base_dir} is stored in bfloat16 and ONNX Runtime's CPU provider has no bfloat16 kernels: pass --dtype float16 or float32"
+            )
+        weights_bytes = sum(f.size for f in merged.manifest.files)  # the ONNX model holds as many again
+        check_free_space(
+            tmp / "model.onnx", weights_bytes, f"the ONNX model in {out_dir} (about as large as the merged weights)"
+        )
         log("verifying merged vs unmerged …")
-        vreport = verify(base_dir, adapters, tmp / "merged", VerifyOptions(**{**asdict(verify_options), "weights": merge_options.weights}))
+        vreport = verify(
+            base_dir,
+            adapters,
+            tmp / "merged",
+            VerifyOptions(**{**asdict(verify_options), "weights": merge_options.weights}),
+        )
         section, export_checks = export_artifact(tmp / "merged", tmp, options, log)
-        checks = vreport.checks + export_checks
+        checks = [*vreport.checks, *export_checks]
         vdict = vreport.to_dict()
         sections = {
-            "merge": {"output": "merged", "dtype": merged.manifest["output"]["dtype"], "merged_tensors": merged.merged_tensors,
-                      "untied": merged.untied, "notes": merged.manifest["notes"], "manifest": "merged/lora_export.json"},
-            "verify": {k: vdict[k] for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis")},
+            "merge": {
+                "output": "merged",
+                "dtype": merged.manifest.dtype,
+                "merged_tensors": merged.manifest.merged_tensors,
+                "untied": dict(merged.manifest.untied),
+                "notes": list(merged.manifest.notes),
+                "manifest": "merged/lora_export.json",
+            },
+            "verify": {
+                k: vdict[k] for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis")
+            },
             "export": section,
         }
-        inputs = {"base": str(base_dir), "adapters": [str(a) for a in adapters], "weights": list(merge_options.weights) or [1.0] * len(adapters)}
-        report = _report("merge-and-onnx", inputs, sections, checks, started)
-        _finish(tmp, report, checks)
-    return PipelineResult(out_dir, report, checks)
-
+        inputs = {
+            "base": str(base_dir),
+            "adapters": [str(a) for a in adapters],
+            "weights": list(merge_options.weights) or [1.0] * len(adapters),
+        }
+        return _finish(tmp, _report("merge-and-onnx", inputs, sections, checks, started))

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .merge import MergeResult
+if TYPE_CHECKING:  # rendering needs no torch: `--help` and `package --check` import this module
+    from .merge import MergeResult
+    from .records import (
+        AdapterInspection,
+        Check,
+        PackageCheck,
+        PackageManifest,
+        PipelineReport,
+        SwapReport,
+        VerifyReport,
+    )
 
 
 def human_bytes(n: float) -> str:
@@ -20,12 +31,13 @@ def human_bytes(n: float) -> str:
 
 def merge_text(result: MergeResult) -> str:
     m = result.manifest
-    merged = {k: v for k, v in m["tensors"].items() if v.get("adapters")}
-    replaced = [k for k, v in m["tensors"].items() if "replaced_by_adapter" in v]
-    size = sum(f["size"] for f in m["output"]["files"])
+    merged = {k: v for k, v in m.tensors.items() if v.get("adapters")}
+    replaced = [k for k, v in m.tensors.items() if "replaced_by_adapter" in v]
+    size = sum(f.size for f in m.files)
+    dtype = m.dtype if isinstance(m.dtype, str) else ", ".join(m.dtype)
     lines = [
-        f"merged {len(m['adapters'])} adapter(s) into {m['base']['path']}",
-        f"  output      {result.output}  ({len(m['output']['files'])} shard(s), {human_bytes(size)}, dtype {m['output']['dtype']})",
+        f"merged {len(m.adapters)} adapter(s) into {m.base_path}",
+        f"  output      {result.output}  ({len(m.files)} shard(s), {human_bytes(size)}, dtype {dtype})",
         f"  tensors     {len(merged)} changed by LoRA deltas, {len(replaced)} replaced (modules_to_save / biases)",
     ]
     casts = [v["cast"] for v in merged.values() if v.get("cast") and v["cast"]["error_norm_rel_to_delta"] is not None]
@@ -35,9 +47,9 @@ def merge_text(result: MergeResult) -> str:
         lines.append(
             f"  cast        worst ‖cast error‖/‖ΔW‖ = {worst:.3g}; worst share of elements the cast returned to their base value = {unchanged:.2%}"
         )
-    for note in m["notes"]:
+    for note in m.notes:
         lines.append(f"  note        {note}")
-    lines.append(f"  manifest    {result.output / 'lora_export.json'}  ({m['seconds']:.1f} s)")
+    lines.append(f"  manifest    {result.output / m.NAME}  ({m.seconds:.1f} s)")
     return "\n".join(lines)
 
 
@@ -45,7 +57,23 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=str)
 
 
-def verify_text(report: Any) -> str:
+def tolerance_text(key: str, tol: dict[str, float]) -> str:
+    """One line per (comparison, dtype) tolerance, naming only the bounds that apply."""
+    parts = [f"rel ≤ {tol['max_rel']:g}"]
+    if tol.get("min_cosine", -1) > -1:
+        parts.append(f"cosine ≥ {tol['min_cosine']:g}")
+    if tol.get("max_flip_gap", 1) < 1:
+        parts.append(f"top-1 flip gap ≤ {tol['max_flip_gap']:g}")
+    if tol.get("max_kl", float("inf")) != float("inf"):
+        parts.append(f"KL ≤ {tol['max_kl']:g}")
+    if tol.get("weight_ulps"):
+        parts[0] = f"{tol['weight_ulps']:g} ulp + {tol['max_rel']:g}·max|W|"
+    elif key.startswith(("weights", "swap")):
+        parts[0] = f"{tol['max_rel']:g}·max|W|"
+    return f"  tolerance {key}: {', '.join(parts)}"
+
+
+def verify_text(report: VerifyReport) -> str:
     """Short and readable: what was compared, a PASS/FAIL line per check, the tolerances, where it diverged."""
     lines = [
         f"verify {report.merged} ({report.model_class}, {report.merged_dtype})",
@@ -64,83 +92,177 @@ def verify_text(report: Any) -> str:
     if report.merged_dtype != "float32" and report.merged_dtype in gen:
         g = gen[report.merged_dtype]
         verdict = "identical" if g["identical"] else f"differ from token {g['first_difference']}"
-        lines.append(f"  info  greedy tokens, merged {report.merged_dtype} vs unmerged float32: {verdict} (of {gen['max_new_tokens']})")
-    for dtype, tol in report.tolerances.items():
-        lines.append(f"  tolerance {dtype}: rel ≤ {tol['max_rel']:g}, cosine ≥ {tol['min_cosine']:g}, top-1 flip gap ≤ {tol['max_flip_gap']:g}, "
-                     f"KL ≤ {tol['max_kl']:g}, weights within {tol['weight_ulps']:g} ulp + 1e-6·max|W|")
+        lines.append(
+            f"  info  greedy tokens, merged {report.merged_dtype} vs unmerged float32: {verdict} (of {gen['max_new_tokens']})"
+        )
+    lines += [tolerance_text(key, tol) for key, tol in report.tolerances.items()]
     d = report.diagnosis
     if d:
         first = d["first_divergence"]
-        where = f"{first['module']} (layer {first['layer']}), rel error {first['rel_error']:.3g}" if first else "no module beyond tolerance"
+        where = (
+            f"{first['module']} (layer {first['layer']}), rel error {first['rel_error']:.3g}"
+            if first
+            else "no module beyond tolerance"
+        )
         lines.append(f"  diagnosis ({d['compares']}, {d['case']}): first divergence at {where}")
         weights = report.checks[0]
         if weights.passed:
-            lines.append("        every merged tensor is within tolerance of W0 + ΔW: the difference arises in the computation")
+            lines.append(
+                "        every merged tensor is within tolerance of W0 + ΔW: the difference arises in the computation"
+            )
         for t in d["worst_tensors"][:3] if not weights.passed else []:
-            lines.append(f"        tensor {t['tensor']}: max |Δ| = {t['max_rel']:.3g}·max|W| (beyond tolerance by {t['excess_over_tolerance']:.3g}·max|W|)")
+            lines.append(
+                f"        tensor {t['tensor']}: max |Δ| = {t['max_rel']:.3g}·max|W| (beyond tolerance by {t['excess_over_tolerance']:.3g}·max|W|)"
+            )
     lines.append(f"  result: {'PASS' if report.passed else 'FAIL'}")
     return "\n".join(lines)
 
 
-def _check_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    return [("PASS" if c["passed"] else "FAIL", c["name"], c["summary"]) for c in report["checks"]]
+def check_lines(checks: Sequence[Check], width: int = 22) -> list[str]:
+    lines = []
+    for c in checks:
+        lines.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}} {c.summary}")
+        lines.extend(f"        {f}" for f in c.failures[:5])
+        if len(c.failures) > 5:
+            lines.append(f"        … {len(c.failures) - 5} more in the JSON report")
+    return lines
 
 
-def pipeline_text(report: dict[str, Any]) -> str:
+def pipeline_text(report: PipelineReport) -> str:
     """merge-and-onnx / export: what was written, a PASS/FAIL line per check, the generated text when there is one."""
-    export = report.get("export", {})
-    lines = [f"{report['command']}: {'PASS' if report['passed'] else 'FAIL'}"]
+    export = report.export
+    lines = [f"{report.command}: {'PASS' if report.passed else 'FAIL'}"]
     if export.get("format") == "onnx":
-        lines.append(f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, opset {export['opset']}, {export['seconds']:.1f} s"
-                     f"{', optimized' if export.get('optimized') else ''}{', with past' if export.get('with_past') else ''})")
+        flags = f"{', optimized' if export.get('optimized') else ''}{', with past' if export.get('with_past') else ''}"
+        lines.append(
+            f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, opset {export['opset']}, "
+            f"{export['seconds']:.1f} s{flags})"
+        )
     elif export:
         lines.append(f"  {export['format']:<8} {export['file']}  ({export['exporter']}, {export['seconds']:.1f} s)")
-    for status, name, summary in _check_rows(report):
-        lines.append(f"  {status}  {name:<22} {summary}")
-    for c in report["checks"]:
-        lines.extend(f"        {f}" for f in c["failures"][:5])
+    lines += check_lines(report.checks)
     text = export.get("generation_text")
     if text:
         lines.append(f"  pytorch     {text['pytorch']!r}")
         lines.append(f"  onnxruntime {text['onnxruntime']!r}")
-    diagnosis = (report.get("verify") or {}).get("diagnosis")
+    diagnosis = report.sections.get("verify", {}).get("diagnosis")
     if diagnosis and diagnosis.get("first_divergence"):
         d = diagnosis["first_divergence"]
         lines.append(f"  diagnosis: first divergence at {d['module']} (rel error {d['rel_error']:.3g})")
-    if report["passed"]:
-        lines.append(f"  report   report.json, report.md  ({report['seconds']:.1f} s)")
+    if report.passed:
+        lines.append(f"  report   report.json, report.md  ({report.seconds:.1f} s)")
     else:
         lines.append("  nothing was written to the output folder")
     return "\n".join(lines)
 
 
-def pipeline_markdown(report: dict[str, Any]) -> str:
-    export = report.get("export", {})
-    lines = [f"# lora-export {report['command']}: {'PASS' if report['passed'] else 'FAIL'}", ""]
-    if "inputs" in report:
-        for k, v in report["inputs"].items():
-            lines.append(f"- {k}: `{v}`")
+def pipeline_markdown(report: PipelineReport) -> str:
+    export = report.export
+    lines = [f"# lora-export {report.command}: {'PASS' if report.passed else 'FAIL'}", ""]
+    for k, v in report.inputs.items():
+        lines.append(f"- {k}: `{v}`")
     if export:
-        lines.append(f"- artifact: {', '.join(export.get('files', [export.get('file', '')]))} ({export.get('exporter')}, dtype {export.get('dtype')})")
+        artifact = ", ".join(export.get("files", [export.get("file", "")]))
+        lines.append(f"- artifact: {artifact} ({export.get('exporter')}, dtype {export.get('dtype')})")
     lines += ["", "| check | result | compares | summary |", "|---|---|---|---|"]
-    for c in report["checks"]:
-        lines.append(f"| {c['name']} | {'PASS' if c['passed'] else 'FAIL'} | {c['compares']} | {c['summary']} |")
-    tolerances = (report.get("verify") or {}).get("tolerances") or {}
+    for c in report.checks:
+        lines.append(f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.compares} | {c.summary} |")
+    tolerances = report.sections.get("verify", {}).get("tolerances") or {}
     if tolerances:
         lines += ["", "Tolerances:", ""]
-        for dtype, tol in tolerances.items():
-            lines.append(f"- {dtype}: " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
+        for key, tol in tolerances.items():
+            lines.append(f"- {key}: " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
     text = export.get("generation_text")
     if text:
-        lines += ["", "Greedy generation:", "", f"- PyTorch: `{text['pytorch']}`", f"- ONNX Runtime: `{text['onnxruntime']}`"]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+        lines += [
+            "",
+            "Greedy generation:",
+            "",
+            f"- PyTorch: `{text['pytorch']}`",
+            f"- ONNX Runtime: `{text['onnxruntime']}`",
+        ]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
+    return "\n".join(lines)
+
+
+def package_text(manifest: PackageManifest, out_dir: Path) -> str:
+    lines = check_lines(manifest.shared.checks, 40) if manifest.shared else []
+    for name, v in manifest.merged.items():
+        lines.append(
+            f"  {'PASS' if all(c.passed for c in v.checks) else 'FAIL'}  merged {name}: "
+            + ", ".join(f"{c.name}{'' if c.passed else ' FAILED'}" for c in v.checks)
+        )
+    lines += [f"  note: {note}" for note in (manifest.shared.notes if manifest.shared else ())]
+    st = manifest.storage
+    if "shared" in st:
+        lines.append(
+            f"  storage: shared base graph + {st['variants']} adapter files = {human_bytes(st['shared']['total_bytes'])} "
+            f"(adapters {human_bytes(st['shared']['adapter_files_bytes'])}); {st['variants']} merged graphs "
+            f"≈ {human_bytes(st['merged_estimate_bytes'])}"
+        )
+    if "merged" in st:
+        lines.append(f"  storage: merged ONNX models {human_bytes(st['merged']['onnx_bytes'])}")
+    sharing = manifest.merged_sharing
+    if sharing:
+        lines.append(
+            f"  merged graphs share {sharing['common_tensors']} identical tensors stored once in merged-onnx/common.data "
+            f"({human_bytes(sharing['common_bytes'])}; {human_bytes(sharing['saved_bytes'])} not written twice)"
+        )
+    verdict = f"PASS → {out_dir}/{manifest.NAME}" if manifest.passed else "FAIL: nothing was written"
+    lines.append(f"package: {verdict}")
+    return "\n".join(lines)
+
+
+def package_check_text(result: PackageCheck) -> str:
+    lines = check_lines(result.checks, 40)
+    lines.append(f"package check: {'PASS' if result.passed else 'FAIL'} ({result.files_hashed} files hashed)")
+    return "\n".join(lines)
+
+
+def swap_text(report: SwapReport) -> str:
+    lines = [
+        f"swapped {report.removed} (weight {report.removed_weight}) for {report.added} → {report.output} ({report.dtype})"
+    ]
+    if report.base is None:
+        lines.append("  the original base is not where the manifest says: no comparison with a fresh merge")
+    lines += check_lines(report.checks)
+    if not report.passed and report.checks:
+        lines.append("  nothing was written to the output folder")
+    return "\n".join(lines)
+
+
+def inspect_text(info: AdapterInspection) -> str:
+    flags = ", ".join(k for k in ("use_rslora", "use_dora") if getattr(info, k)) or "plain"
+    lines = [
+        f"{info.adapter}: {info.peft_type} r={info.r} α={info.lora_alpha:g} ({flags}); {len(info.modules)} modules, "
+        f"{info.params:,} parameters, {info.weights_file} {human_bytes(info.weights_bytes)}"
+    ]
+    if info.compatible is not None:
+        lines.append(
+            f"  base {info.base}: {'compatible' if info.compatible else 'NOT compatible: ' + str(info.incompatibility)}"
+        )
+    lines.append(
+        f"  {'module':<44} {'r':>3} {'scaling':>8} {'rank':>4} {'eff.rank':>8} {'top-1 energy':>12} {'‖ΔW‖':>9} {'amplif.':>8}"
+    )
+    for m in info.modules:
+        sp = m.spectrum
+        amp = f"{sp['amplification']:.1f}" if "amplification" in sp else "–"
+        lines.append(
+            f"  {m.module:<44} {m.r:>3} {m.scaling:>8.3g} {sp['rank']:>4} {sp['effective_rank']:>8.2f} "
+            f"{sp['energy_top1']:>12.1%} {sp['delta_norm']:>9.3g} {amp:>8}"
+        )
+    if info.replaced_tensors:
+        lines.append(f"  replaces {len(info.replaced_tensors)} base tensor(s): {', '.join(info.replaced_tensors[:5])}")
     return "\n".join(lines)
 
 
 def bench_markdown(result: Any) -> str:
     """Table 1's layout: rows are variants, columns batch/seq, cells `median ms ± half the p10–p90 spread (+x%)`."""
-    lines = [f"Latency, {result.environment.get('model', '')} on {result.environment.get('gpu') or result.environment['cpu']} "
-             f"({result.environment['device']}, {result.environment['dtype']}, {result.environment['threads']} threads), ms per forward pass", ""]
+    lines = [
+        f"Latency, {result.environment.get('model', '')} on {result.environment.get('gpu') or result.environment['cpu']} "
+        f"({result.environment['device']}, {result.environment['dtype']}, {result.environment['threads']} threads), ms per forward pass",
+        "",
+    ]
     header = "| variant | backend | added params | " + " | ".join(f"{s}" for s in result.shapes) + " |"
     lines += [header, "|" + "---|" * (3 + len(result.shapes))]
     for row in result.rows:
@@ -156,8 +278,13 @@ def bench_markdown(result: Any) -> str:
         lines.append(f"| {row.variant} | {row.backend} | {row.params / 1e6:.2f}M | " + " | ".join(cells) + " |")
     paper = result.extra.get("paper")
     if paper:
-        lines += ["", "The paper's Table 1 (GPT-2 medium, NVIDIA Quadro RTX8000, ms):", "",
-                  "| variant | " + " | ".join(paper["shapes"]) + " |", "|" + "---|" * (1 + len(paper["shapes"]))]
+        lines += [
+            "",
+            "The paper's Table 1 (GPT-2 medium, NVIDIA Quadro RTX8000, ms):",
+            "",
+            "| variant | " + " | ".join(paper["shapes"]) + " |",
+            "|" + "---|" * (1 + len(paper["shapes"])),
+        ]
         for variant, cells in paper["rows"].items():
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Verdicts (ratio of medians to base, bootstrap 95% CI over rounds):", ""]
@@ -191,22 +318,29 @@ def bench_plot(result: Any, path: Any) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(result.shapes))], [f"batch/seq {s}" for s in result.shapes])
     ax.set_ylabel("latency overhead vs base (%)")
-    ax.set_title(f"{result.environment.get('model', '')} — {result.environment['device']}, {result.environment['dtype']}", fontsize=9)
+    ax.set_title(
+        f"{result.environment.get('model', '')} — {result.environment['device']}, {result.environment['dtype']}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_junit(path: Path, suite: str, checks: list[tuple[str, bool, str, list[str]]]) -> None:
+def write_junit(path: Path, suite: str, checks: Sequence[Check]) -> None:
     """JUnit XML, one test case per check, so CI systems list each check and show a failed one's reasons."""
-    failed = sum(1 for _, ok, _, _ in checks if not ok)
+    failed = sum(1 for c in checks if not c.passed)
     root = ET.Element("testsuites", name=suite, tests=str(len(checks)), failures=str(failed))
-    node = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failed), errors="0", skipped="0")
-    for name, ok, summary, failures in checks:
-        case = ET.SubElement(node, "testcase", classname=suite, name=name)
-        if not ok:
-            ET.SubElement(case, "failure", message=summary, type="CheckFailed").text = "\n".join(failures) or summary
-        ET.SubElement(case, "system-out").text = summary
+    node = ET.SubElement(
+        root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failed), errors="0", skipped="0"
+    )
+    for c in checks:
+        case = ET.SubElement(node, "testcase", classname=suite, name=c.name)
+        if not c.passed:
+            ET.SubElement(case, "failure", message=c.summary, type="CheckFailed").text = (
+                "\n".join(c.failures) or c.summary
+            )
+        ET.SubElement(case, "system-out").text = c.summary
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

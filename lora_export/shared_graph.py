@@ -9,9 +9,10 @@ lora_bias, embedding LoRA and modules_to_save change more than A and B and are r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,14 @@ def input_names(module: str) -> tuple[str, str]:
 def check_shared_supported(adapter: LoraAdapter) -> None:
     for path, m in adapter.modules.items():
         if m.magnitude is not None or m.lora_bias is not None or m.kind != "linear":
-            raise UnsupportedError(f"{adapter.path}: {path} uses {m.variant}; the shared-graph layout carries only A and B per module "
-                                   "(plain LoRA on linear layers): use --mode merged for this variant")
+            raise UnsupportedError(
+                f"{adapter.path}: {path} uses {m.variant}; the shared-graph layout carries only A and B per module "
+                "(plain LoRA on linear layers): use --mode merged for this variant"
+            )
     if adapter.replacements:
-        raise UnsupportedError(f"{adapter.path}: modules_to_save / trained biases replace base weights; the shared graph cannot swap them: use --mode merged")
+        raise UnsupportedError(
+            f"{adapter.path}: modules_to_save / trained biases replace base weights; the shared graph cannot swap them: use --mode merged"
+        )
 
 
 def variant_factors(adapters: Sequence[tuple[LoraAdapter, float]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -60,7 +65,9 @@ def variant_factors(adapters: Sequence[tuple[LoraAdapter, float]]) -> dict[str, 
     return out
 
 
-def build_shared_graph(base_dir: Path, modules: dict[str, tuple[int, int]], path: Path, options: OnnxOptions) -> SharedGraph:
+def build_shared_graph(
+    base_dir: Path, modules: dict[str, tuple[int, int]], path: Path, options: OnnxOptions
+) -> SharedGraph:
     """Export the base with a LoRA branch on every module in `modules` ({path: (out, in)}), then turn each branch's
     A and B into overridable inputs with zero-rank defaults."""
     import onnx
@@ -68,13 +75,16 @@ def build_shared_graph(base_dir: Path, modules: dict[str, tuple[int, int]], path
 
     model = load_model(base_dir)
     g = torch.Generator().manual_seed(0)
-    dummy = {p: LoraModule(p, "linear", 1, 1.0, 1.0, torch.randn(1, i, generator=g), torch.randn(o, 1, generator=g)) for p, (o, i) in modules.items()}
+    dummy = {
+        p: LoraModule(p, "linear", 1, 1.0, 1.0, torch.randn(1, i, generator=g), torch.randn(o, 1, generator=g))
+        for p, (o, i) in modules.items()
+    }
     fake = LoraAdapter(base_dir, {}, base_dir / "shared-graph", "", dummy)
     layers = apply_lora(model, [fake])
     exported = export_onnx(model, path, options)
     graph = onnx.load(str(path), load_external_data=False)
     renames: dict[str, str] = {}
-    for name, layer in layers.items():
+    for name, _layer in layers.items():
         a_name, b_name = input_names(name)
         renames[f"{WRAPPER_PREFIX}{name}.lora_A_0"] = a_name
         renames[f"{WRAPPER_PREFIX}{name}.lora_B_0"] = b_name
@@ -92,7 +102,9 @@ def build_shared_graph(base_dir: Path, modules: dict[str, tuple[int, int]], path
             graph.graph.input.append(onnx.helper.make_tensor_value_info(new, init.data_type, shape))
     missing = set(renames.values()) - found
     if missing:
-        raise UnsupportedError(f"the exported graph lost the names of LoRA weights {sorted(missing)[:3]}…: cannot make them swappable")
+        raise UnsupportedError(
+            f"the exported graph lost the names of LoRA weights {sorted(missing)[:3]}…: cannot make them swappable"
+        )
     for node in graph.graph.node:
         for i, name in enumerate(node.input):
             if name in renames:
@@ -103,7 +115,9 @@ def build_shared_graph(base_dir: Path, modules: dict[str, tuple[int, int]], path
     return SharedGraph(path, list(layers), {m: input_names(m) for m in layers}, exported)
 
 
-def write_adapter_file(path: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> dict[str, list[int]]:
+def write_adapter_file(
+    path: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], dtype: np.dtype
+) -> dict[str, list[int]]:
     """An .onnx_adapter file with A and B per module (names = the shared graph's inputs)."""
     import onnxruntime as ort
 
@@ -121,7 +135,9 @@ def write_adapter_file(path: Path, factors: dict[str, tuple[np.ndarray, np.ndarr
     return {k: list(v.shape) for k, v in arrays.items()}
 
 
-def run_with_adapter(session: Any, feeds: dict[str, np.ndarray], adapter_file: Path | None, outputs: list[str]) -> list[np.ndarray]:
+def run_with_adapter(
+    session: Any, feeds: dict[str, np.ndarray], adapter_file: Path | None, outputs: list[str]
+) -> list[np.ndarray]:
     import onnxruntime as ort
 
     ro = ort.RunOptions()
@@ -133,7 +149,9 @@ def run_with_adapter(session: Any, feeds: dict[str, np.ndarray], adapter_file: P
     return session.run(outputs, feeds, ro)
 
 
-def union_modules(base_dir: Path, variants: dict[str, list[tuple[Path, float]]]) -> tuple[dict[str, tuple[int, int]], dict[str, list[tuple[LoraAdapter, float]]]]:
+def union_modules(
+    base_dir: Path, variants: dict[str, list[tuple[Path, float]]]
+) -> tuple[dict[str, tuple[int, int]], dict[str, list[tuple[LoraAdapter, float]]]]:
     loaded = {name: [(load_adapter(p), w) for p, w in items] for name, items in variants.items()}
     modules: dict[str, tuple[int, int]] = {}
     for items in loaded.values():
@@ -142,6 +160,7 @@ def union_modules(base_dir: Path, variants: dict[str, list[tuple[Path, float]]])
             for path, m in adapter.modules.items():
                 shape = (m.lora_B.shape[0], m.lora_A.shape[1])
                 if modules.setdefault(path, shape) != shape:
-                    raise UnsupportedError(f"{adapter.path}: {path} has shape {shape}, another variant's {modules[path]}: are they for the same base?")
+                    raise UnsupportedError(
+                        f"{adapter.path}: {path} has shape {shape}, another variant's {modules[path]}: are they for the same base?"
+                    )
     return modules, loaded
-

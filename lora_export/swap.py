@@ -9,76 +9,129 @@ manifest's base is still there (exact in fp32 up to rounding; bounded by the cas
 
 from __future__ import annotations
 
-import json
+import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .adapters import load_adapter
 from .errors import InputError, UnsupportedError
 from .merge import MergeOptions, merge
-from .tensors import TensorStore, read_json_object
+from .outputs import atomic_output_dir, check_output_location
+from .records import Check, MergeManifest, SwapReport
+from .tensors import TensorStore
+from .tolerances import tolerance
 
 
 def _swappable(path: Path, role: str) -> Any:
     adapter = load_adapter(path)
     for name, m in adapter.modules.items():
         if m.magnitude is not None:
-            raise UnsupportedError(f"{path}: {name} is DoRA; its delta depends on the weight it is applied to, so it cannot be {role} by addition")
+            raise UnsupportedError(
+                f"{path}: {name} is DoRA; its delta depends on the weight it is applied to, so it cannot be {role} by addition"
+            )
     if adapter.replacements:
-        raise UnsupportedError(f"{path}: replaces {next(iter(adapter.replacements))} (modules_to_save or trained bias); a replacement cannot be {role} by addition")
+        raise UnsupportedError(
+            f"{path}: replaces {next(iter(adapter.replacements))} (modules_to_save or trained bias); a replacement cannot be {role} by addition"
+        )
     return adapter
 
 
-def _max_diff(a_dir: Path, b_dir: Path) -> dict[str, Any]:
+def _max_diff(a_dir: Path, b_dir: Path) -> tuple[float, float, str | None]:
+    """The largest |a − b| over all tensors, relative to the max |b| of its tensor: (max_abs, max_rel, tensor)."""
     a = TensorStore.open_safetensors(sorted(a_dir.glob("*.safetensors")))
     b = TensorStore.open_safetensors(sorted(b_dir.glob("*.safetensors")))
-    worst, worst_name, worst_rel = 0.0, None, 0.0
+    worst_abs, worst_rel, worst_name = 0.0, 0.0, None
     try:
+        if set(a.names()) != set(b.names()):
+            return math.inf, math.inf, next(iter(set(a.names()) ^ set(b.names())))
         for name in a.names():
             x, y = a.read(name).float(), b.read(name).float()
             d = float((x - y).abs().max()) if x.numel() else 0.0
-            if d > worst:
-                worst, worst_name, worst_rel = d, name, d / max(float(y.abs().max()), 1e-30)
+            rel = d / max(float(y.abs().max()), 1e-30) if x.numel() else 0.0
+            if not rel <= worst_rel:  # NaN is the worst
+                worst_abs, worst_rel, worst_name = d, rel, name
     finally:
         a.close()
         b.close()
-    return {"max_abs": worst, "tensor": worst_name, "max_rel": worst_rel}
+    return worst_abs, worst_rel, worst_name
 
 
-def swap(merged_dir: Path | str, remove: Path | str, add: Path | str, out_dir: Path | str, dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+def swap(
+    merged_dir: Path | str,
+    remove: Path | str,
+    add: Path | str,
+    out_dir: Path | str,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> SwapReport:
+    """W − w_A·ΔW_A + ΔW_B into OUT_DIR, compared with a fresh merge of B into the original base when it is still
+    where the manifest says. When that comparison misses its tolerance, nothing is written and the report fails."""
     merged_dir, remove, add, out_dir = Path(merged_dir), Path(remove), Path(add), Path(out_dir)
-    manifest_path = merged_dir / "lora_export.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{merged_dir} has no lora_export.json: only folders merged by lora-export record what was merged into them")
-    manifest = read_json_object(manifest_path, "", fix=f": {merged_dir} was not written by lora-export merge, or its manifest was edited")
-    if not isinstance(manifest.get("adapters"), list) or not all(isinstance(x, dict) and isinstance(x.get("files"), list) for x in manifest["adapters"]) \
-            or not isinstance(manifest.get("base"), dict):
-        raise InputError(f"{manifest_path}: damaged manifest (no `adapters` list or `base`): swap needs the manifest lora-export merge wrote")
+    manifest = MergeManifest.load(merged_dir)
     a = _swappable(remove, "removed")
     _swappable(add, "added")
-    recorded = [x for x in manifest["adapters"] if any(f["sha256"] == a.sha256 for f in x["files"])]
+    recorded = [x for x in manifest.adapters if a.sha256 in x.sha256s]
     if not recorded:
-        raise InputError(f"{remove} ({a.weights_file.name} sha256 {a.sha256[:12]}…) is not recorded as merged into {merged_dir}: "
-                         "swapping it out would subtract a delta that was never added")
-    if len(manifest["adapters"]) > 1:
-        raise UnsupportedError(f"{merged_dir} holds {len(manifest['adapters'])} adapters; swap handles a folder with exactly one")
-    weight_a = float(recorded[0]["weight"])
-    result = merge(merged_dir, [remove, add], out_dir, MergeOptions(dtype=dtype, weights=(-weight_a, 1.0), overwrite=overwrite, progress=False))
-    dtypes = result.manifest["output"]["dtype"]
-    out_dtype = dtypes[0] if isinstance(dtypes, list) and len(dtypes) == 1 else dtypes if isinstance(dtypes, str) else "auto"
-    report: dict[str, Any] = {"removed": {"path": str(remove), "weight": weight_a}, "added": {"path": str(add), "weight": 1.0},
-                              "output": str(out_dir), "dtype": out_dtype}
-    base = Path(manifest["base"]["path"])
-    if (base / "config.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="lora-export-swap-") as tmp:
-            fresh = merge(base, [add], Path(tmp) / "fresh", MergeOptions(dtype=out_dtype, progress=False))
-            report["vs_fresh_merge"] = {"base": str(base), **_max_diff(out_dir, fresh.output)}
-    else:
-        report["vs_fresh_merge"] = None
-    result.manifest["swap"] = report
-    (out_dir / "lora_export.json").write_text(json.dumps(result.manifest, indent=2, default=str) + "\n")
+        raise InputError(
+            f"{remove} ({a.weights_file.name} sha256 {a.sha256[:12]}…) is not recorded as merged into "
+            f"{merged_dir}: swapping it out would subtract a delta that was never added"
+        )
+    if len(manifest.adapters) > 1:
+        raise UnsupportedError(
+            f"{merged_dir} holds {len(manifest.adapters)} adapters; swap handles a folder with exactly one"
+        )
+    weight_a = recorded[0].weight
+    base = Path(manifest.base_path)
+    has_base = (base / "config.json").is_file()
+    check_output_location(out_dir, [merged_dir, remove, add], overwrite)
+    try:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            staged = tmp / "swapped"
+            result = merge(
+                merged_dir, [remove, add], staged, MergeOptions(dtype=dtype, weights=(-weight_a, 1.0), progress=False)
+            )
+            out_dtype = result.manifest.single_dtype
+            checks = (_vs_fresh_merge(base, add, staged, out_dtype),) if has_base else ()
+            report = SwapReport(
+                str(remove), weight_a, str(add), str(out_dir), out_dtype, str(base) if has_base else None, checks
+            )
+            if checks and not report.passed:
+                raise _Discard(report)
+            for item in staged.iterdir():
+                item.rename(tmp / item.name)
+            staged.rmdir()
+            replace(result.manifest, swap=report.to_dict()).write(tmp)
+    except _Discard as failed:
+        return failed.report
     return report
+
+
+class _Discard(Exception):
+    def __init__(self, report: SwapReport):
+        super().__init__("swap check failed")
+        self.report = report
+
+
+def _vs_fresh_merge(base: Path, add: Path, swapped: Path, dtype: str) -> Check:
+    with tempfile.TemporaryDirectory(prefix="lora-export-swap-") as tmp:
+        fresh = merge(base, [add], Path(tmp) / "fresh", MergeOptions(dtype=dtype, progress=False))
+        max_abs, max_rel, tensor = _max_diff(swapped, fresh.output)
+    check_dtype = dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+    tol = tolerance("swap", check_dtype)
+    ok = max_rel <= tol.max_rel
+    summary = f"max |Δ| {max_abs:.3g} ({max_rel:.3g} of max|W|, worst {tensor}; ≤ {tol.max_rel:.3g})"
+    failures = () if ok else (f"{tensor}: differs from a fresh merge by {max_rel:.3g} of max|W| > {tol.max_rel:.3g}",)
+    return Check(
+        "vs fresh merge",
+        f"swapped vs a fresh merge of {add} into {base}",
+        check_dtype,
+        ok,
+        summary,
+        failures,
+        details={"max_abs": max_abs, "max_rel": max_rel, "tensor": tensor, "tolerance": f"swap/{check_dtype}"},
+    )
 
 
 __all__ = ["swap"]

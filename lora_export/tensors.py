@@ -1,4 +1,5 @@
-"""Tensor IO: lazy safetensors reading by name and by row range, streamed sharded writing, hashes, atomic folders.
+"""Safetensors IO: lazy reading by name and by row range (headers checked without mapping the file), streamed
+sharded writing, and the re-read of every written shard.
 
 Reads go through `os.preadv` into small buffers instead of a memory map, so a merge of a model larger than RAM keeps
 only a few megabytes resident; the page cache is the kernel's business, not our RSS.
@@ -6,20 +7,13 @@ only a few megabytes resident; the page cache is the kernel's business, not our 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
-import queue
-import secrets
-import shutil
 import struct
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +21,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import CorruptFileError, InputError, OutputError, UnsafeInputError
+from .errors import CorruptFileError, InputError, UnsafeInputError
+from .jsonio import write_json
+from .workers import sha256_file
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -49,7 +45,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 REFETCH = "; download or save the file again"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-CHUNK_BYTES = 4 * 1024 * 1024  # one streamed piece: fits in cache, large enough that Python overhead is noise
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -88,7 +83,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         with path.open("rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CorruptFileError(f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length){REFETCH}")
+                raise CorruptFileError(
+                    f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length){REFETCH}"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise CorruptFileError(
@@ -98,7 +95,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptFileError(f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors{REFETCH}") from None
+        raise CorruptFileError(
+            f"{path}: header is not valid JSON ({e}): the file is corrupt or not safetensors{REFETCH}"
+        ) from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object: the file is corrupt{REFETCH}")
     problem = layout_problem(header, size - 8 - header_len)
@@ -126,10 +125,16 @@ def layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if code not in SAFETENSORS_DTYPES:
             return f"tensor {name} has dtype {code!r}, which this tool does not read (convert the file to float or integer tensors)"
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             return f"tensor {name}: shape {shape!r} is not a list of sizes"
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             return f"tensor {name}: data_offsets {offsets!r} are not [begin, end] with 0 ≤ begin ≤ end"
         need = math.prod(shape) * element_size(SAFETENSORS_DTYPES[code])
         if offsets[1] - offsets[0] != need:
@@ -156,7 +161,9 @@ def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
+        infos[name] = TensorInfo(
+            name, path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end
+        )
     return infos
 
 
@@ -180,7 +187,9 @@ def safe_child(folder: Path, name: str, what: str) -> Path:
 class TensorStore:
     """Tensors of one model or adapter, read lazily by name; safetensors files or (trusted) pickles."""
 
-    def __init__(self, infos: Mapping[str, TensorInfo], files: list[Path], loaded: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self, infos: Mapping[str, TensorInfo], files: list[Path], loaded: Mapping[str, torch.Tensor] | None = None
+    ):
         self.infos = dict(infos)
         self.files = files
         self._loaded = dict(loaded or {})
@@ -193,7 +202,9 @@ class TensorStore:
         for path in files:
             for name, info in scan_safetensors(path).items():
                 if name in infos:
-                    raise CorruptFileError(f"{path}: tensor {name} is stored twice, also in {infos[name].file.name}: the shards do not belong together; download the model again")
+                    raise CorruptFileError(
+                        f"{path}: tensor {name} is stored twice, also in {infos[name].file.name}: the shards do not belong together; download the model again"
+                    )
                 infos[name] = info
         return cls(infos, files)
 
@@ -208,7 +219,9 @@ class TensorStore:
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise InputError(f"{path}: expected a dict of tensors in the pickle, found {type(state).__name__}")
-        infos = {k: TensorInfo(k, path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size()) for k, v in state.items()}
+        infos = {
+            k: TensorInfo(k, path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size()) for k, v in state.items()
+        }
         return cls(infos, [path], loaded=state)
 
     def is_loaded(self, name: str) -> bool:
@@ -239,7 +252,9 @@ class TensorStore:
         while done < len(view):
             n = os.preadv(self._fd(info.file), [view[done:]], start + done)
             if n == 0:
-                raise CorruptFileError(f"{info.file}: ends at byte {start + done}, but tensor {info.name} needs bytes up to {end}{REFETCH}")
+                raise CorruptFileError(
+                    f"{info.file}: ends at byte {start + done}, but tensor {info.name} needs bytes up to {end}{REFETCH}"
+                )
             done += n
         return buf
 
@@ -264,75 +279,6 @@ class TensorStore:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class FileHasher:
-    """sha256 of a file computed from the pieces a sequential reader already has, filling gaps from disk."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._h = hashlib.sha256()
-        self._pos = 0
-
-    def feed(self, offset: int, data: torch.Tensor | bytes) -> None:
-        if offset < self._pos:
-            raise RuntimeError(f"{self.path}: hashed out of order ({offset} < {self._pos})")
-        if offset > self._pos:
-            self._fill(offset)
-        mv = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
-        self._h.update(mv)
-        self._pos += mv.nbytes
-
-    def _fill(self, until: int | None) -> None:
-        with self.path.open("rb") as f:
-            f.seek(self._pos)
-            while until is None or self._pos < until:
-                chunk = f.read(CHUNK_BYTES if until is None else min(CHUNK_BYTES, until - self._pos))
-                if not chunk:
-                    break
-                self._h.update(chunk)
-                self._pos += len(chunk)
-
-    def hexdigest(self) -> str:
-        self._fill(None)
-        return self._h.hexdigest()
-
-
-class OrderedWorker:
-    """One background thread running submitted calls in order, with a bounded queue (bounded memory)."""
-
-    def __init__(self, name: str, depth: int = 8):
-        self._q: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._q.get()) is not None:
-            if self._error is None:
-                try:
-                    job[0](*job[1])
-                except BaseException as e:  # re-raised in the submitting thread
-                    self._error = e
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._error is not None:
-            raise self._error
-        self._q.put((fn, args))
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 @dataclass(frozen=True)
@@ -381,7 +327,11 @@ class SafetensorsStreamWriter:
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for spec in specs:
-            header[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": DTYPE_CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         self.data_bytes = offset
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -397,7 +347,11 @@ class SafetensorsStreamWriter:
         self._h.update(data)
 
     def write(self, data: torch.Tensor | bytes) -> None:
-        mv = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
+        mv = (
+            memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+            if isinstance(data, torch.Tensor)
+            else memoryview(data)
+        )
         if self._written + mv.nbytes > self.data_bytes:
             raise RuntimeError(f"{self.path}: more bytes written than planned")
         self._put(mv)
@@ -434,207 +388,11 @@ def reread_shard(path: Path, shard: list[TensorSpec], wf: WrittenFile, rehash: b
         if entry is None:
             found.append(f"{wf.name}: tensor {spec.name} missing on re-read")
         elif tuple(entry["shape"]) != spec.shape or entry["dtype"] != DTYPE_CODES[spec.dtype]:
-            found.append(f"{wf.name}: {spec.name} re-read as {entry['dtype']} {entry['shape']}, wrote {spec.dtype} {spec.shape}")
+            found.append(
+                f"{wf.name}: {spec.name} re-read as {entry['dtype']} {entry['shape']}, wrote {spec.dtype} {spec.shape}"
+            )
     if (size := path.stat().st_size) != wf.size:
         found.append(f"{wf.name}: {size} bytes on disk, wrote {wf.size}")
     elif rehash and (digest := sha256_file(path)) != wf.sha256:
         found.append(f"{wf.name}: sha256 on disk {digest[:16]}… differs from the bytes written {wf.sha256[:16]}…")
     return found
-
-
-class BackgroundChecks:
-    """Runs re-read checks in threads as shards complete, so they overlap the merge of the next shard."""
-
-    def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-        self._problems: list[str] = []
-        self._lock = threading.Lock()
-
-    def start(self, fn: Callable[..., list[str]], *args: Any) -> None:
-        def run() -> None:
-            try:
-                found = fn(*args)
-            except Exception as e:  # reported like any other disagreement
-                found = [f"re-read failed: {type(e).__name__}: {e}"]
-            with self._lock:
-                self._problems.extend(found)
-
-        self._threads.append(threading.Thread(target=run, daemon=True))
-        self._threads[-1].start()
-
-    def wait(self) -> list[str]:
-        for t in self._threads:
-            t.join()
-        return list(self._problems)
-
-
-def read_json_object(path: Path, missing_hint: str, error: type[Exception] = InputError, fix: str = "") -> dict[str, Any]:
-    """A JSON object from `path`, or one error naming the file, what is wrong and the fix."""
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {missing_hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{path}: not valid JSON ({e}){fix}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, found {type(data).__name__}{fix}")
-    return data
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that would overwrite or sit inside an input, or an existing folder without --overwrite."""
-    out_r = out.resolve()
-    for src in inputs:
-        src_r = src.resolve()
-        if out_r == src_r or out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
-            raise OutputError(f"output {out} overlaps the input {src}: choose an output folder outside the inputs")
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-
-
-# Errors of the output disk rather than of this tool: reported in one line with the fix, never as a traceback.
-DISK_ERRNOS = {
-    errno.ENOSPC: "free space on that disk, or choose an output folder on another one",
-    errno.EDQUOT: "free space within your quota, or choose an output folder elsewhere",
-    errno.EFBIG: "the file is larger than this file system or process allows (ulimit -f): choose an output folder elsewhere",
-    errno.EROFS: "the file system is read-only: choose a writable output folder",
-    errno.EACCES: "permission denied: fix the permissions, or choose a writable output folder",
-    errno.EPERM: "operation not permitted: fix the permissions, or choose a writable output folder",
-}
-
-
-def disk_error(e: OSError, out: Path) -> OutputError | None:
-    """An OutputError naming the file and the fix for an OSError of the output disk; None for any other OSError
-    (one naming a file that is not part of this output, say an unreadable input, is not ours to rephrase)."""
-    fix = DISK_ERRNOS.get(e.errno or -1)
-    name = str(e.filename) if e.filename else None
-    # ours: the output, its parent, or a sibling of ours (.OUT.lock, .OUT.partial-…); write() errors carry no name
-    if fix is None or (name and name not in (str(out), str(out.parent)) and not name.startswith((f"{out}{os.sep}", str(out.parent / f".{out.name}.")))):
-        return None
-    where = f" ({name})" if name else ""
-    return OutputError(f"cannot write {out}{where}: {e.strerror or e}: {fix}{temp_hint(out)}")
-
-
-def check_free_space(out: Path, nbytes: int, what: str = "") -> None:
-    """Refuse before writing when the output's file system has less free space than the output will take."""
-    where = out.parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if free < nbytes:
-        raise OutputError(
-            f"{what or f'the output {out}'} needs {nbytes / 1e9:.2f} GB, but its disk has {free / 1e9:.2f} GB free: "
-            "free space on that disk, or choose an output folder on another one" + temp_hint(out)
-        )
-
-
-TEMP_PREFIX = "lora-export-"  # every temporary folder of this tool: lora-export-verify-…, lora-export-bench-…
-
-
-def temp_hint(path: Path) -> str:
-    """For a path in one of this tool's temporary folders (verify's float32 copy, bench's merge): where they go and
-    how to move them."""
-    tmp = Path(tempfile.gettempdir())
-    parts = path.relative_to(tmp).parts if path.is_relative_to(tmp) else ()
-    return f"; temporary files go to {tmp}: set TMPDIR to a folder on a larger disk" if parts and parts[0].startswith(TEMP_PREFIX) else ""
-
-
-@contextmanager
-def output_lock(out: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on the output name (`.NAME.lock` beside it) for the whole write; yield whether locked.
-
-    A second run for the same output fails at once instead of racing the first to the final rename. The lock is an
-    flock, so a killed run releases it; the file is removed when the run ends. On a file system without locks the
-    run goes on unguarded (yields False).
-    """
-    lock_path = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks: write unguarded, as before
-                os.close(fd)
-                with suppress(OSError):
-                    os.unlink(lock_path)
-                yield False
-                return
-            if not isinstance(e, BlockingIOError):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise OutputError(
-                f"another lora-export run{f' (pid {holder})' if holder else ''} is writing {out}: wait for it to finish, "
-                "or choose another output folder"
-            ) from None
-        try:  # the previous holder may have removed the file between our open and our flock: lock the current one
-            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield True
-    finally:
-        with suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)
-
-
-def remove_stale_partials(out: Path) -> None:
-    """Folders left by killed runs for this output. Only called under output_lock, so no live run owns them."""
-    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `out` only if the block completes.
-
-    An interrupted run leaves only a `.NAME.partial-*` folder, which never looks like a finished output and is
-    removed by the next run for the same output. Runs for one output are serialised by output_lock; errors of the
-    output disk (full, read-only, no permission) become one OutputError naming the file and the fix.
-    """
-    parent = out.parent
-    try:
-        with ExitStack() as stack:
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-                locked = stack.enter_context(output_lock(out))
-                if out.exists() and not overwrite:
-                    raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
-                if locked:  # no live run can own them
-                    remove_stale_partials(out)
-                tmp = parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-                tmp.mkdir()
-            except OSError as e:
-                raise disk_error(e, out) or OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
-            try:
-                yield tmp
-                if out.exists():
-                    if not overwrite:
-                        raise OutputError(f"output {out} appeared while this run was writing: not replacing it")
-                    old = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-                    os.rename(out, old)
-                    os.rename(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as e:
-        if (converted := disk_error(e, out)) is None:
-            raise
-        raise converted from None

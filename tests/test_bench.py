@@ -13,8 +13,9 @@ from conftest import make_adapter
 
 from lora_export.bench import BenchOptions, bench
 from lora_export.bench.baselines import BottleneckAdapter, insert_adapters, plan_adapters
-from lora_export.bench.runner import bootstrap_ratio, parse_shapes, percentile, verdicts
+from lora_export.bench.runner import bootstrap_ratio, percentile, verdicts
 from lora_export.cli import main
+from lora_export.cli.main import parse_shapes
 from lora_export.lora_runtime import load_model
 
 QUICK = BenchOptions(shapes=((1, 8), (2, 16)), budget_s=0.05, min_rounds=5, max_rounds=20, warmup=1, progress=False)
@@ -23,7 +24,10 @@ QUICK = BenchOptions(shapes=((1, 8), (2, 16)), budget_s=0.05, min_rounds=5, max_
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "opt", "phi"])
 def test_adapter_baselines_run_in_the_forward_pass(models_dir: Path, family: str) -> None:
     model = load_model(models_dir / family)
-    ids = {"input_ids": torch.randint(0, 96, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    ids = {
+        "input_ids": torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": torch.ones(1, 8, dtype=torch.long),
+    }
     with torch.no_grad():
         before = model(**ids)[0]
     for kind, per_block in (("H", 2), ("L", 1)):
@@ -33,11 +37,17 @@ def test_adapter_baselines_run_in_the_forward_pass(models_dir: Path, family: str
         calls = []
         for mod in m.modules():
             if isinstance(mod, BottleneckAdapter):
-                mod.register_forward_hook(lambda *_: calls.append(1))
+                mod.register_forward_hook(lambda *_, c=calls: c.append(1))
         with torch.no_grad():
             after = m(**ids)[0]
         assert len(calls) == per_block * 2 and not torch.allclose(before, after)
-        added = sum(p.numel() for mod in m.modules() if isinstance(mod, BottleneckAdapter) for n, p in mod.named_parameters() if not n.startswith("inner."))
+        added = sum(
+            p.numel()
+            for mod in m.modules()
+            if isinstance(mod, BottleneckAdapter)
+            for n, p in mod.named_parameters()
+            if not n.startswith("inner.")
+        )
         assert added == plan.params
         assert abs(plan.params - 20_000) <= 2 * plan.dim * plan.blocks * per_block + 2 * plan.dim  # nearest bottleneck
 
@@ -61,10 +71,20 @@ def test_verdicts_name_a_slower_merged_model() -> None:
 
     rows = [Row("base", "torch", 0, ""), Row("merged", "torch", 0, ""), Row("adapter-H", "torch", 10, "")]
     base = [10.0 + 0.01 * i for i in range(20)]
-    summarize(rows, "1/8", {("base", "torch"): base, ("merged", "torch"): list(base), ("adapter-H", "torch"): [t * 1.2 for t in base]}, 0)
+    summarize(
+        rows,
+        "1/8",
+        {("base", "torch"): base, ("merged", "torch"): list(base), ("adapter-H", "torch"): [t * 1.2 for t in base]},
+        0,
+    )
     lines = verdicts(rows, ["1/8"])
     assert "merged indistinguishable from base" in lines[0] and "+20.0%" in lines[1]
-    summarize(rows, "1/8", {("base", "torch"): base, ("merged", "torch"): [t * 1.05 for t in base], ("adapter-H", "torch"): base}, 0)
+    summarize(
+        rows,
+        "1/8",
+        {("base", "torch"): base, ("merged", "torch"): [t * 1.05 for t in base], ("adapter-H", "torch"): base},
+        0,
+    )
     assert "NOT shown indistinguishable" in verdicts(rows, ["1/8"])[0]
 
 
@@ -72,7 +92,14 @@ def test_bench_quick_all_variants(models_dir: Path, tmp_path: Path) -> None:
     base = models_dir / "llama"
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     result = bench(base, [adapter], QUICK)
-    assert [r.variant for r in result.rows] == ["base", "base-copy", "merged", "lora-unmerged", "adapter-H", "adapter-L"]
+    assert [r.variant for r in result.rows] == [
+        "base",
+        "base-copy",
+        "merged",
+        "lora-unmerged",
+        "adapter-H",
+        "adapter-L",
+    ]
     lora = result.rows[3].params
     assert lora == 2 * (4 * (32 + 32) + 4 * (32 + 16))  # two layers of q (32→32) and v (32→16), r = 4
     for row in result.rows:
@@ -88,12 +115,34 @@ def test_bench_quick_all_variants(models_dir: Path, tmp_path: Path) -> None:
 def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -> None:
     base = models_dir / "gpt2"
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["c_attn"])
-    r = CliRunner().invoke(main, ["bench", str(base), str(adapter), "--quick", "--backend", "all", "--budget", "0.05", "--threads", "1",
-                                  "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(base),
+            str(adapter),
+            "--quick",
+            "--backend",
+            "all",
+            "--budget",
+            "0.05",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--markdown",
+            str(tmp_path / "b.md"),
+            "--plot",
+            str(tmp_path / "b.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert {(row["variant"], row["backend"]) for row in data["rows"]} == {
-        (v, b) for v in ("base", "base-copy", "merged", "lora-unmerged", "adapter-H", "adapter-L") for b in ("torch", "onnxruntime")}
+        (v, b)
+        for v in ("base", "base-copy", "merged", "lora-unmerged", "adapter-H", "adapter-L")
+        for b in ("torch", "onnxruntime")
+    }
     assert data["environment"]["threads"] == 1 and "onnxruntime" in data["environment"]
     md = (tmp_path / "b.md").read_text()
     assert "| variant | backend | added params | 1/16 | 2/32 |" in md and "Verdicts" in md

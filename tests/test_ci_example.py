@@ -22,7 +22,9 @@ from conftest import REPO, make_adapter
 WORKFLOW = REPO / "examples" / "ci" / "lora-export-gate.yml"
 
 
-def run_job(workflow: dict[str, Any], job: str, repo: Path, only: str | None = None) -> tuple[bool, dict[str, subprocess.CompletedProcess[str]]]:
+def run_job(
+    workflow: dict[str, Any], job: str, repo: Path, only: str | None = None
+) -> tuple[bool, dict[str, subprocess.CompletedProcess[str]]]:
     """Run a job's shell steps in `repo`; return (job passed, {step name: result})."""
     env = {**os.environ, **workflow.get("env", {}), **workflow["jobs"][job].get("env", {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -34,8 +36,14 @@ def run_job(workflow: dict[str, Any], job: str, repo: Path, only: str | None = N
             continue
         if not passed and "always()" not in str(step.get("if", "")):
             continue
-        results[name] = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=repo, env=env,
-                                       capture_output=True, text=True, timeout=1200)
+        results[name] = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         passed = passed and results[name].returncode == 0
     return passed, results
 
@@ -70,7 +78,9 @@ def repo(models_dir: Path, tmp_path: Path) -> tuple[dict[str, Any], Path]:
     shutil.copytree(models_dir / "llama", repo / env["BASE"])
     make_adapter(repo / env["BASE"], repo / env["ADAPTER"], target_modules=["q_proj", "v_proj"])
     make_adapter(repo / env["BASE"], repo / "adapters" / "other", seed=3, target_modules=["q_proj", "o_proj"])
-    (repo / env["VARIANTS"]).write_text(f"variants:\n  my-task:\n    adapters: [{env['ADAPTER']}]\n  other:\n    adapters: [adapters/other]\n")
+    (repo / env["VARIANTS"]).write_text(
+        f"variants:\n  my-task:\n    adapters: [{env['ADAPTER']}]\n  other:\n    adapters: [adapters/other]\n"
+    )
     return workflow, repo
 
 

@@ -47,7 +47,9 @@ def test_merge_cli_success_and_json(models_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "-q"])
     assert result.exit_code == 0, result.output
     assert "2 changed by LoRA deltas" in result.output and "lora_export.json" in result.output
-    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "j"), "-q", "--json", "--dtype", "bfloat16"])
+    result = CliRunner().invoke(
+        main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "j"), "-q", "--json", "--dtype", "bfloat16"]
+    )
     assert result.exit_code == 0
     manifest = json.loads(result.output)
     assert manifest["output"]["dtype"] == "bfloat16"
@@ -61,3 +63,96 @@ def test_installed_entry_point_runs(tmp_path: Path) -> None:
 def test_usage_error_exit_code_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["merge", str(tmp_path)])
     assert result.exit_code == 2
+
+
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "safetensors", "numpy")
+
+
+@pytest.mark.parametrize(
+    "args", [[], *([name] for name in sorted(all_commands()))], ids=lambda a: " ".join(a) or "main"
+)
+def test_help_imports_no_heavy_library(args: list[str]) -> None:
+    """`lora-export [COMMAND] --help` in a fresh interpreter loads none of the libraries that take seconds to import
+    (the time itself is not asserted: README and the session notes report it)."""
+    code = (
+        "import sys\nfrom lora_export.cli import main\n"
+        f"try:\n    main({[*args, '--help']!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
+
+
+def test_public_api_is_lazy_and_merge_stays_the_function() -> None:
+    """`import lora_export` is light; `lora_export.merge` is the function even after its module was imported."""
+    code = (
+        "import sys, importlib, lora_export\nassert 'torch' not in sys.modules\n"
+        "from lora_export import merge, verify, MergeOptions\nimportlib.import_module('lora_export.merge')\n"
+        "import lora_export.verify\n"
+        "assert callable(lora_export.merge) and lora_export.merge is merge and lora_export.verify is verify\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
+    """The wheel built from this checkout holds every file of the package (subpackages, py.typed, the demo adapter):
+    what `pip install .` without -e installs."""
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("lora_export-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = REPO / "lora_export"
+    expected = {
+        p.relative_to(REPO).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
+    assert expected - names == set(), f"missing from the wheel: {sorted(expected - names)}"
+    assert {"lora_export/bench/runner.py", "lora_export/exporters/onnx.py", "lora_export/py.typed"} <= names
+    import lora_export
+
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    version = next(
+        line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines() if line.startswith("Version:")
+    )
+    assert version == f"Version: {lora_export.__version__}"  # one source for the version
+
+
+def test_exit_codes_for_internal_errors_and_interrupts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bug is exit 3 with one line (the traceback only with --debug); Ctrl-C is exit 130."""
+    import lora_export.inspect as inspect_module
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(inspect_module, "inspect_adapter", boom)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert r.exit_code == 3 and "Error: internal error (ZeroDivisionError: simulated bug)" in r.output
+    assert "Traceback" not in r.output and "--debug" in r.output
+    r = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path)])
+    assert isinstance(r.exception, ZeroDivisionError)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_module, "inspect_adapter", interrupted)
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert r.exit_code == 130 and "interrupted" in r.output

@@ -29,19 +29,35 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     g = torch.Generator().manual_seed(0)
     base = root / "base"
     base.mkdir()
-    save_file({f"layers.{i}.proj.weight": torch.randn(DIM, DIM, generator=g) for i in range(LAYERS)}, base / "model.safetensors")
+    save_file(
+        {f"layers.{i}.proj.weight": torch.randn(DIM, DIM, generator=g) for i in range(LAYERS)},
+        base / "model.safetensors",
+    )
     (base / "config.json").write_text(json.dumps({"model_type": "generated", "tie_word_embeddings": False}))
     adapter = root / "adapter"
     adapter.mkdir()
-    save_file({f"base_model.model.layers.{i}.proj.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.01
-               for i in range(LAYERS) for ab, shape in (("A", (8, DIM)), ("B", (DIM, 8)))}, adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["proj"]}))
+    save_file(
+        {
+            f"base_model.model.layers.{i}.proj.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.01
+            for i in range(LAYERS)
+            for ab, shape in (("A", (8, DIM)), ("B", (DIM, 8)))
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["proj"]})
+    )
     return base, adapter
 
 
 def start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "lora_export", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_export", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def wait_for(proc: subprocess.Popen[str], condition, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001
@@ -97,7 +113,11 @@ def test_killed_merge_and_onnx_leaves_nothing_finished_and_rerun_succeeds(models
     out = tmp_path / "onnx"
     args = ("merge-and-onnx", str(models_dir / "llama"), str(adapter), "-o", str(out), "--max-new-tokens", "2")
     proc = start(*args)
-    wait_for(proc, lambda: any((p / "merged" / "lora_export.json").is_file() for p in partials(out)), "the merge inside the export finished")
+    wait_for(
+        proc,
+        lambda: any((p / "merged" / "lora_export.json").is_file() for p in partials(out)),
+        "the merge inside the export finished",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()

@@ -39,16 +39,26 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]
     base.mkdir()
     adapter.mkdir()
     specs = [TensorSpec(f"layers.{i}.proj.weight", torch.float32, (DIM, DIM)) for i in range(LAYERS)]
-    writer = SafetensorsStreamWriter(base / "model.safetensors", specs)  # written in pieces: the test process stays small too
+    writer = SafetensorsStreamWriter(
+        base / "model.safetensors", specs
+    )  # written in pieces: the test process stays small too
     g = torch.Generator().manual_seed(0)
     for _ in specs:
         for _ in range(0, DIM, 512):
             writer.write(torch.randn(512, DIM, generator=g))
     writer.close()
     (base / "config.json").write_text(json.dumps({"model_type": "generated", "tie_word_embeddings": False}))
-    save_file({f"base_model.model.layers.{i}.proj.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
-               for i in range(LAYERS) for ab, shape in (("A", (RANK, DIM)), ("B", (DIM, RANK)))}, adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["proj"]}))
+    save_file(
+        {
+            f"base_model.model.layers.{i}.proj.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
+            for i in range(LAYERS)
+            for ab, shape in (("A", (RANK, DIM)), ("B", (DIM, RANK)))
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["proj"]})
+    )
     yield base, adapter
     shutil.rmtree(root)  # 1.5 GB: not kept among pytest's last three runs
 
@@ -57,13 +67,39 @@ def test_merge_of_a_model_larger_than_the_memory_limit(big: tuple[Path, Path], t
     base, adapter = big
     model_bytes = (base / "model.safetensors").stat().st_size
     assert model_bytes > LIMIT
-    control = subprocess.run([sys.executable, "-c", f"from safetensors.torch import load_file; load_file({str(base / 'model.safetensors')!r})"],
-                             capture_output=True, text=True, preexec_fn=limited(LIMIT))
-    assert control.returncode != 0 and ("MemoryError" in control.stderr or "Cannot allocate memory" in control.stderr), control.stderr
+    control = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from safetensors.torch import load_file; load_file({str(base / 'model.safetensors')!r})",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited(LIMIT),
+    )
+    assert control.returncode != 0 and (
+        "MemoryError" in control.stderr or "Cannot allocate memory" in control.stderr
+    ), control.stderr
 
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "lora_export", "merge", str(base), str(adapter), "-o", str(out), "-q", "--max-shard-size", "1GB"],
-                          capture_output=True, text=True, preexec_fn=limited(LIMIT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_export",
+            "merge",
+            str(base),
+            str(adapter),
+            "-o",
+            str(out),
+            "-q",
+            "--max-shard-size",
+            "1GB",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited(LIMIT),
+    )
     assert done.returncode == 0, done.stderr
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) == 2 and sum(f.stat().st_size for f in shards) >= model_bytes
@@ -76,6 +112,8 @@ def test_merge_of_a_model_larger_than_the_memory_limit(big: tuple[Path, Path], t
             shard = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
             with safe_open(str(out / shard), "pt") as m:
                 got = m.get_tensor(name)
-            want = w0 + (ALPHA / RANK) * a.get_tensor(f"base_model.model.{name[:-7]}.lora_B.weight") @ a.get_tensor(f"base_model.model.{name[:-7]}.lora_A.weight")
+            want = w0 + (ALPHA / RANK) * a.get_tensor(f"base_model.model.{name[:-7]}.lora_B.weight") @ a.get_tensor(
+                f"base_model.model.{name[:-7]}.lora_A.weight"
+            )
             assert (got - want).abs().max() <= 1e-6 * want.abs().max(), name
     shutil.rmtree(out)

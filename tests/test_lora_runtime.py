@@ -7,16 +7,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import logits_of, make_adapter, peft_unmerged, sample_inputs
-from test_merge import VARIANTS
+from conftest import VARIANT_CASES, Variants, logits_of, make_adapter, peft_unmerged, sample_inputs
 
 from lora_export.lora_runtime import LoraLayer, effective_state, load_unmerged
 
 
-@pytest.mark.parametrize("case,model,kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_runtime_matches_peft_unmerged(models_dir: Path, tmp_path: Path, case: str, model: str, kwargs: dict[str, Any]) -> None:
-    base = models_dir / model
-    adapter = make_adapter(base, tmp_path / "adapter", **kwargs)
+@pytest.mark.parametrize("case", VARIANT_CASES)
+def test_runtime_matches_peft_unmerged(variants: Variants, case: str) -> None:
+    base, adapter, kwargs = variants.base(case), variants.adapter(case), variants.spec[case][1]
     ours = load_unmerged(base, [adapter])
     wrapped = [m for m in ours.modules() if isinstance(m, LoraLayer)]
     assert wrapped or "modules_to_save" in kwargs
@@ -57,9 +55,15 @@ def test_several_adapters_with_weights(models_dir: Path, tmp_path: Path) -> None
 
 def test_effective_state_is_peft_merge(models_dir: Path, tmp_path: Path) -> None:
     base = models_dir / "gpt2"
-    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True)
+    adapter = make_adapter(
+        base, tmp_path / "adapter", target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True
+    )
     state = effective_state(load_unmerged(base, [adapter]))
     merged = peft_unmerged(base, [adapter]).merge_and_unload().state_dict()
-    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.bias"):
+    for name in (
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_fc.bias",
+    ):
         assert torch.allclose(state[name], merged[name], atol=1e-6), name
     assert set(merged) <= set(state)

@@ -4,34 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import load_model, logits_of, make_adapter, peft_unmerged, read_all, sample_inputs
+from conftest import (
+    VARIANT_CASES,
+    Variants,
+    load_model,
+    logits_of,
+    make_adapter,
+    peft_unmerged,
+    read_all,
+    sample_inputs,
+    ulp,
+)
 
-from lora_export import MergeOptions, delta_weight, load_adapter, merge
+from lora_export import MergeOptions, MergeResult, delta_weight, load_adapter, merge
+from lora_export.records import MergeManifest
 
 # (case id, base model, LoraConfig kwargs)
-VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("llama-plain", "llama", dict(target_modules=["q_proj", "v_proj"])),
-    ("llama-all-linear", "llama", dict(target_modules="all-linear")),
-    ("llama-rslora-patterns", "llama", dict(target_modules="all-linear", use_rslora=True, r=8,
-                                            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3, "up_proj": 32})),
-    ("llama-dora", "llama", dict(target_modules=["q_proj", "k_proj", "down_proj"], use_dora=True)),
-    ("llama-embedding", "llama", dict(target_modules=["embed_tokens", "q_proj"])),
-    ("llama-embedding-dora", "llama", dict(target_modules=["embed_tokens"], use_dora=True)),
-    ("llama-modules-to-save", "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head", "norm"])),
-    ("llama-layers-to-transform", "llama", dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[1])),
-    ("llama-lora-bias", "llama-bias", dict(target_modules=["q_proj", "up_proj"], lora_bias=True)),
-    ("llama-bias-all", "llama-bias", dict(target_modules=["q_proj"], bias="all")),
-    ("llama-bias-lora-only", "llama-bias", dict(target_modules=["v_proj"], bias="lora_only")),
-    ("gpt2-fused-c_attn", "gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True)),
-    ("gpt2-all-conv1d-config-says-false", "gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=False)),
-    ("gpt2-dora", "gpt2", dict(target_modules=["c_attn", "attn.c_proj"], use_dora=True, fan_in_fan_out=True)),
-    ("bert-classifier", "bert", dict(target_modules=["query", "value", "dense"], modules_to_save=["classifier"])),
-    ("bert-embedding", "bert", dict(target_modules=["word_embeddings", "key"])),
-]
 
 
 def peft_merged_state(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:
@@ -39,7 +30,9 @@ def peft_merged_state(base: Path, adapters: list[Path]) -> dict[str, torch.Tenso
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def assert_close_to(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], skip: set[str] = frozenset()) -> None:
+def assert_close_to(
+    ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], skip: set[str] = frozenset()
+) -> None:
     bad = []
     for name, ref in reference.items():
         if name in skip or name not in ours:
@@ -51,14 +44,13 @@ def assert_close_to(ours: dict[str, torch.Tensor], reference: dict[str, torch.Te
     assert not bad, bad
 
 
-@pytest.mark.parametrize("case,model,kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_variant_matches_peft(models_dir: Path, tmp_path: Path, case: str, model: str, kwargs: dict[str, Any]) -> None:
-    base = models_dir / model
-    adapter = make_adapter(base, tmp_path / "adapter", **kwargs)
-    result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
-    ours = read_all(tmp_path / "merged")
+@pytest.mark.parametrize("case", VARIANT_CASES)
+def test_variant_matches_peft(variants: Variants, case: str) -> None:
+    base, adapter, merged = variants.base(case), variants.adapter(case), variants.merged(case)
+    result = MergeResult(merged, MergeManifest.load(merged))
+    ours = read_all(merged)
     reference = peft_merged_state(base, [adapter])
-    changed = [n for n, v in result.manifest["tensors"].items() if v.get("adapters") or "replaced_by_adapter" in v]
+    changed = [n for n, v in result.manifest.tensors.items() if v.get("adapters") or "replaced_by_adapter" in v]
     assert changed, "the merge changed nothing"
     base_sd = read_all(base)
     for n in changed:  # the merge visibly changed the weights it says it changed
@@ -66,7 +58,7 @@ def test_variant_matches_peft(models_dir: Path, tmp_path: Path, case: str, model
             assert not torch.equal(ours[n], base_sd[n]), n
     # PEFT merges the shared tensor of tied weights; there the truth is its unmerged model (checked below)
     assert_close_to(ours, reference, skip=set(result.untied))
-    merged_model = load_model(tmp_path / "merged")
+    merged_model = load_model(merged)
     inputs = sample_inputs(base)
     ref_logits = logits_of(peft_unmerged(base, [adapter]), inputs)
     got = logits_of(merged_model, inputs)
@@ -79,7 +71,7 @@ def test_tied_lm_head_untied_on_merge(models_dir: Path, tmp_path: Path) -> None:
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
     result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
     assert result.untied == ["lm_head.weight"]
-    assert any("tie_word_embeddings=false" in n for n in result.manifest["notes"])
+    assert any("tie_word_embeddings=false" in n for n in result.manifest.notes)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     merged_model = load_model(tmp_path / "merged")
     base_model = load_model(base)
@@ -134,13 +126,6 @@ def test_multi_adapter_is_weighted_sum_of_deltas(models_dir: Path, tmp_path: Pat
     assert (logits_of(load_model(tmp_path / "ab1"), inputs) - ref).abs().max() < 1e-4
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mant_bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]
-    _, exp = torch.frexp(x.float())
-    spacing = torch.ldexp(torch.ones_like(x, dtype=torch.float32), exp - mant_bits)
-    return torch.maximum(spacing, torch.tensor(2.0**-24 if dtype == torch.float16 else 2.0**-133))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_within_one_ulp_of_peft(models_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
     base = models_dir / "llama-bf16"
@@ -157,7 +142,7 @@ def test_half_precision_within_one_ulp_of_peft(models_dir: Path, tmp_path: Path,
         assert t.dtype == dtype, name
         diff = (t.float() - ref[name].float()).abs()
         assert bool((diff <= ulp(ref[name], dtype)).all()), f"{name}: {float(diff.max())}"
-    cast = [v["cast"] for v in result.manifest["tensors"].values() if v.get("adapters")]
+    cast = [v["cast"] for v in result.manifest.tensors.values() if v.get("adapters")]
     assert cast and all(c["error_norm_rel_to_delta"] is not None and c["max_abs_error"] > 0 for c in cast)
 
 
@@ -178,15 +163,17 @@ def test_sharded_output_and_input(models_dir: Path, tmp_path: Path) -> None:
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
     merge(base, [adapter], tmp_path / "one", MergeOptions(progress=False))
     result = merge(base, [adapter], tmp_path / "sharded", MergeOptions(max_shard_size=20_000, progress=False))
-    files = result.manifest["output"]["files"]
+    files = result.manifest.files
     assert len(files) > 3 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     one, sharded = read_all(tmp_path / "one"), read_all(tmp_path / "sharded")
     assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
     # the sharded folder is itself a valid base: merging into it reads the index
     again = merge(tmp_path / "sharded", [adapter], tmp_path / "twice", MergeOptions(progress=False))
-    assert len(again.manifest["base"]["weights"]) == len(files)
+    assert len(again.manifest.base_weights) == len(files)
     inputs = sample_inputs(base)
-    assert (logits_of(load_model(tmp_path / "sharded"), inputs) - logits_of(load_model(tmp_path / "one"), inputs)).abs().max() == 0
+    assert (
+        logits_of(load_model(tmp_path / "sharded"), inputs) - logits_of(load_model(tmp_path / "one"), inputs)
+    ).abs().max() == 0
 
 
 def test_manifest_records_inputs_and_hashes(models_dir: Path, tmp_path: Path) -> None:
@@ -196,7 +183,8 @@ def test_manifest_records_inputs_and_hashes(models_dir: Path, tmp_path: Path) ->
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
     result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
     m = json.loads((tmp_path / "merged" / "lora_export.json").read_text())
-    assert m == json.loads(json.dumps(result.manifest, default=str))
+    assert m == json.loads(json.dumps(result.manifest.to_dict()))
+    assert MergeManifest.load(tmp_path / "merged") == result.manifest  # the reader gives back what was written
     base_file = base / "model.safetensors"
     assert m["base"]["weights"][0]["sha256"] == hashlib.sha256(base_file.read_bytes()).hexdigest()
     out_file = tmp_path / "merged" / "model.safetensors"
@@ -214,7 +202,7 @@ def test_delta_norm_matches_formed_delta(models_dir: Path, tmp_path: Path) -> No
     result = merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
     a = load_adapter(adapter)
     w0 = read_all(base)
-    for name, entry in result.manifest["tensors"].items():
+    for name, entry in result.manifest.tensors.items():
         if entry.get("adapters"):
             module = a.modules[name.removesuffix(".weight")]
             formed = delta_weight(module, w0[name], transposed=True)

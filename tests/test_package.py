@@ -12,7 +12,9 @@ from conftest import make_adapter
 
 from lora_export.cli import main
 from lora_export.errors import UnsupportedError
-from lora_export.package import check_package, package, read_variants
+from lora_export.package import check_package, package
+from lora_export.records import PackageManifest
+from lora_export.variants import read_variants
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +35,53 @@ def project(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tmp_path: Path) -> None:
-    out = tmp_path / "pkg"
-    r = CliRunner().invoke(main, ["package", str(models_dir / "llama"), "--variants", str(project / "variants.yaml"), "-o", str(out)])
+@pytest.fixture(scope="module")
+def built(models_dir: Path, project: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The package of both layouts, built once by the CLI for the tests below."""
+    out = tmp_path_factory.mktemp("built") / "pkg"
+    r = CliRunner().invoke(
+        main, ["package", str(models_dir / "llama"), "--variants", str(project / "variants.yaml"), "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
-    assert "identical tensors stored once" in r.output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shared"]["outputs"][0] == "logits" and manifest["shared"]["inputs"][:2] == ["input_ids", "attention_mask"]
-    assert manifest["passed"] and set(manifest["variants"]) == {"summarize", "support-chat"}
-    checks = manifest["shared"]["checks"]
-    assert len(checks) == 3 and all(c["passed"] and c["max_rel"] < 1e-5 for c in checks)
-    assert (out / "shared" / "summarize.onnx_adapter").is_file() and (out / "shared" / "support-chat.onnx_adapter").is_file()
+    return out, r.output
+
+
+def test_shared_and_merged_layouts_and_check(built: tuple[Path, str], tmp_path: Path) -> None:
+    out, output = built
+    assert "identical tensors stored once" in output
+    manifest = PackageManifest.load(out)
+    assert json.loads((out / "manifest.json").read_text()) == manifest.to_dict()
+    shared = manifest.shared
+    assert shared is not None and shared.outputs[0] == "logits" and shared.inputs[:2] == ("input_ids", "attention_mask")
+    assert manifest.passed and set(manifest.variants) == {"summarize", "support-chat"}
+    assert len(shared.checks) == 3 and all(c.passed and c.metrics[0].max_rel < 1e-5 for c in shared.checks)
+    assert shared.adapters == {
+        "summarize": "shared/summarize.onnx_adapter",
+        "support-chat": "shared/support-chat.onnx_adapter",
+    }
+    assert all((out / f).is_file() for f in shared.adapters.values())
     # different ranks per module in one graph: q_proj has r=4 in one variant and 8+2… in the other
-    params = manifest["shared"]["adapters"]["support-chat"]["parameters"]
-    assert params["model.layers.0.self_attn.q_proj.lora_A"] == [8, 32] and params["model.layers.0.mlp.down_proj.lora_A"] == [2, 64]
-    assert "model.layers.0.self_attn.v_proj.lora_A" not in params  # support-chat does not touch v_proj: the zero-rank default applies
-    assert {c["check"] for v in manifest["merged"].values() for c in v["checks"]} >= {"onnx vs pytorch", "merge (float32)"}
-    st = manifest["storage"]
+    params = shared.parameters["support-chat"]
+    assert params["model.layers.0.self_attn.q_proj.lora_A"] == [8, 32]
+    assert params["model.layers.0.mlp.down_proj.lora_A"] == [2, 64]
+    # support-chat does not touch v_proj: the zero-rank default applies
+    assert "model.layers.0.self_attn.v_proj.lora_A" not in params
+    assert {c.name for v in manifest.merged.values() for c in v.checks} >= {"onnx vs pytorch", "merge (float32)"}
+    st = manifest.storage
     assert st["shared"]["adapter_files_bytes"] < st["shared"]["base_graph_bytes"] < st["merged_estimate_bytes"]
-    assert {f["name"] for f in manifest["files"]} >= {"shared/model.onnx", "shared/reference.npz", "merged-onnx/common.data", "merged-onnx/summarize.onnx"}
-    sharing = manifest["merged_sharing"]  # k_proj, gate/up, embeddings, norms: identical in both merged variants
-    assert sharing["common_tensors"] >= 2 * 3 + 2 and sharing["common_bytes"] > max(sharing["per_variant_bytes"].values())
-    assert sharing["saved_bytes"] > 0.9 * sharing["common_bytes"]  # two variants: each shared tensor would have been written twice (or more)
-    assert not (out / "merged" / "summarize" / "model.onnx").exists() and (out / "merged-onnx" / "summarize.onnx").is_file()
-    assert manifest["merged"]["summarize"]["graph"] == "merged-onnx/summarize.onnx"
+    assert {f.name for f in manifest.files} >= {
+        "shared/model.onnx",
+        "shared/reference.npz",
+        "merged-onnx/common.data",
+        "merged-onnx/summarize.onnx",
+    }
+    sharing = manifest.merged_sharing  # k_proj, gate/up, embeddings, norms: identical in both merged variants
+    assert sharing is not None and sharing["common_tensors"] >= 2 * 3 + 2
+    assert sharing["common_bytes"] > max(sharing["per_variant_bytes"].values())
+    # two variants: each shared tensor would have been written twice (or more)
+    assert sharing["saved_bytes"] > 0.9 * sharing["common_bytes"]
+    assert not (out / "merged" / "summarize" / "model.onnx").exists()
+    assert manifest.merged["summarize"].graph == "merged-onnx/summarize.onnx"
     ok = CliRunner().invoke(main, ["package", "--check", str(out)])
     assert ok.exit_code == 0 and "package check: PASS" in ok.output
 
@@ -81,12 +106,15 @@ def test_shared_and_merged_layouts_and_check(models_dir: Path, project: Path, tm
             x["sha256"], x["size"] = src["sha256"], src["size"]
     (wrong / "manifest.json").write_text(json.dumps(m))
     result = check_package(wrong)
-    assert not result["passed"] and any("summarize" in p for p in result["problems"])
+    assert not result.passed and result.failed == ["shared + summarize.onnx_adapter"]
+    assert result.checks[0].passed  # the files are as the (edited) manifest says: the numbers caught it
 
 
 def test_variants_file_in_json(project: Path, tmp_path: Path) -> None:
     """variants.yaml's mistakes are in test_bad_input; the same structure is read from JSON."""
-    (tmp_path / "v.json").write_text(json.dumps({"variants": {"a": {"adapters": [str(project / "adapters" / "chat")]}}}))
+    (tmp_path / "v.json").write_text(
+        json.dumps({"variants": {"a": {"adapters": [str(project / "adapters" / "chat")]}}})
+    )
     assert read_variants(tmp_path / "v.json")[0].adapters == [((project / "adapters" / "chat").resolve(), 1.0)]
 
 
@@ -98,11 +126,28 @@ def test_shared_layout_refuses_dora(models_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_measures_a_package(models_dir: Path, project: Path, tmp_path: Path) -> None:
+def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
+    """Every layout of the package is run: the shared graph bare and with each adapter, and each merged graph (from
+    merged-onnx/, where the package keeps them); ratios are medians over the base's median."""
+    import statistics
+
     from lora_export.bench import BenchOptions, bench_package
 
-    package(models_dir / "llama", project / "variants.yaml", tmp_path / "pkg", mode="shared")
-    result = bench_package(tmp_path / "pkg", BenchOptions(shapes=((1, 8),), budget_s=0.05, min_rounds=5, max_rounds=10, warmup=1, progress=False))
-    assert [r.variant for r in result.rows] == ["base", "summarize shared+adapter", "support-chat shared+adapter"]
-    assert all(r.cells["1/8"].ratio > 0 and len(r.cells["1/8"].runs_ms) >= 5 for r in result.rows)
+    out, _ = built
+    options = BenchOptions(shapes=((1, 8),), budget_s=0.05, min_rounds=5, max_rounds=10, warmup=1, progress=False)
+    result = bench_package(out, options)
+    assert [r.variant for r in result.rows] == [
+        "base",
+        "summarize shared+adapter",
+        "support-chat shared+adapter",
+        "summarize merged",
+        "support-chat merged",
+    ]
+    base = result.rows[0].cells["1/8"]
+    assert base.ratio == 1.0
+    for row in result.rows:
+        cell = row.cells["1/8"]
+        assert len(cell.runs_ms) >= 5 and cell.median_ms == statistics.median(cell.runs_ms)
+        assert cell.ratio == pytest.approx(cell.median_ms / base.median_ms)
     assert result.rows[1].params == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # q and v, two layers
+    assert result.rows[3].description == "merged-onnx/summarize.onnx"

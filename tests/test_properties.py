@@ -46,13 +46,26 @@ class Lora:
     seed: int
 
 
-layers = st.builds(Layer, st.integers(1, 40), st.integers(1, 40), st.booleans(),
-                   st.sampled_from([1e-3, 0.02, 1.0, 50.0]), st.integers(0, 2**16))
+layers = st.builds(
+    Layer,
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.booleans(),
+    st.sampled_from([1e-3, 0.02, 1.0, 50.0]),
+    st.integers(0, 2**16),
+)
 
 
 def loras(dora: bool = False) -> st.SearchStrategy[Lora]:
-    return st.builds(Lora, st.integers(1, 12), st.sampled_from([1.0, 8.0, 16.0, 0.5]), st.booleans(),
-                     st.just(False) | st.just(dora), st.sampled_from([1e-3, 0.1, 3.0]), st.integers(0, 2**16))
+    return st.builds(
+        Lora,
+        st.integers(1, 12),
+        st.sampled_from([1.0, 8.0, 16.0, 0.5]),
+        st.booleans(),
+        st.just(False) | st.just(dora),
+        st.sampled_from([1e-3, 0.1, 3.0]),
+        st.integers(0, 2**16),
+    )
 
 
 weights = st.sampled_from([1.0, 0.5, -0.7, 2.0, 1e-3])
@@ -61,7 +74,10 @@ weights = st.sampled_from([1.0, 0.5, -0.7, 2.0, 1e-3])
 def write_base(folder: Path, layer: Layer) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(layer.seed)
     w = torch.randn(layer.out_f, layer.in_f, generator=g) * layer.w_scale
-    tensors = {"layers.0.proj.weight": (w.T if layer.transposed else w).contiguous(), "norm.weight": torch.ones(layer.out_f)}
+    tensors = {
+        "layers.0.proj.weight": (w.T if layer.transposed else w).contiguous(),
+        "norm.weight": torch.ones(layer.out_f),
+    }
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"model_type": "generated", "tie_word_embeddings": False}))
@@ -79,8 +95,15 @@ def write_adapter(folder: Path, layer: Layer, lora: Lora) -> Path:
         tensors["base_model.model.layers.0.proj.lora_magnitude_vector"] = torch.rand(layer.out_f, generator=g) + 0.5
     folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": lora.alpha, "use_rslora": lora.rslora, "use_dora": lora.dora,
-              "target_modules": ["proj"], "fan_in_fan_out": layer.transposed}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": lora.alpha,
+        "use_rslora": lora.rslora,
+        "use_dora": lora.dora,
+        "target_modules": ["proj"],
+        "fan_in_fan_out": layer.transposed,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 

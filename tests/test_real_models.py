@@ -26,7 +26,10 @@ def minilm_adapter(folder: Path) -> Path:
     from transformers import AutoModel
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModel.from_pretrained(minilm_dir()), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]))
+    model = get_peft_model(
+        AutoModel.from_pretrained(minilm_dir()),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"]),
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -45,7 +48,10 @@ def test_minilm_matches_peft(tmp_path: Path) -> None:
     assert result.merged_tensors == 6 * 5 + 1  # query, value and three "dense" per layer, and pooler.dense
     ours = read_all(tmp_path / "merged")
     ref_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), tmp_path / "adapter").eval()
-    ids = {"input_ids": torch.randint(1000, 5000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    ids = {
+        "input_ids": torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": torch.ones(2, 12, dtype=torch.long),
+    }
     with torch.no_grad():
         unmerged = ref_model(**ids).last_hidden_state
         ref = {k: v for k, v in ref_model.merge_and_unload().state_dict().items()}
@@ -55,7 +61,9 @@ def test_minilm_matches_peft(tmp_path: Path) -> None:
     with torch.no_grad():
         got = AutoModel.from_pretrained(tmp_path / "merged")(**ids).last_hidden_state
     assert (got - unmerged).abs().max() < 1e-4
-    assert (tmp_path / "merged" / "tokenizer.json").is_file() and (tmp_path / "merged" / "1_Pooling" / "config.json").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file() and (
+        tmp_path / "merged" / "1_Pooling" / "config.json"
+    ).is_file()
 
 
 def test_smollm2_lm_head_and_attention(smollm2: Path, tmp_path: Path) -> None:
@@ -64,7 +72,7 @@ def test_smollm2_lm_head_and_attention(smollm2: Path, tmp_path: Path) -> None:
     assert result.untied == ["lm_head.weight"]
     from transformers import AutoModelForCausalLM
 
-    inputs = {"input_ids": torch.randint(0, 49152, (1, 16))}
+    inputs = {"input_ids": torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))}
     unmerged = logits_of(peft_unmerged(smollm2, [adapter]), inputs)
     got = logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), inputs)
     assert (got - unmerged).abs().max() < 1e-4
@@ -81,8 +89,12 @@ def test_smollm2_bf16_within_one_ulp_of_peft(smollm2: Path, tmp_path: Path) -> N
     adapter = make_adapter(smollm2, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "down_proj"])
     merge(base, [adapter], tmp_path / "merged", MergeOptions(progress=False))
     ours = read_all(tmp_path / "merged")
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter).merge_and_unload().state_dict()
-    from test_merge import ulp
+    ref = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter)
+        .merge_and_unload()
+        .state_dict()
+    )
+    from conftest import ulp
 
     for name, t in ours.items():
         assert t.dtype == torch.bfloat16

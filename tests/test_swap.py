@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import make_adapter, read_all
 from lora_export import MergeOptions, merge
 from lora_export.cli import main
 from lora_export.errors import InputError, UnsupportedError
+from lora_export.records import MergeManifest
 from lora_export.swap import swap
 
 
@@ -20,9 +22,11 @@ def test_swap_equals_fresh_merge(models_dir: Path, tmp_path: Path) -> None:
     a = make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"])
     b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["v_proj", "down_proj"], r=8)
     merge(base, [a], tmp_path / "with-a", MergeOptions(weights=(0.5,), progress=False))
-    r = CliRunner().invoke(main, ["swap", str(tmp_path / "with-a"), "--remove", str(a), "--add", str(b), "-o", str(tmp_path / "with-b")])
+    r = CliRunner().invoke(
+        main, ["swap", str(tmp_path / "with-a"), "--remove", str(a), "--add", str(b), "-o", str(tmp_path / "with-b")]
+    )
     assert r.exit_code == 0, r.output
-    assert "vs a fresh merge" in r.output
+    assert "PASS  vs fresh merge" in r.output
     fresh = merge(base, [b], tmp_path / "fresh", MergeOptions(progress=False))
     got, want, w0 = read_all(tmp_path / "with-b"), read_all(fresh.output), read_all(base)
     for name, t in want.items():
@@ -36,8 +40,30 @@ def test_swap_in_bfloat16_is_bounded_and_reported(models_dir: Path, tmp_path: Pa
     b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["q_proj"])
     merge(base, [a], tmp_path / "with-a", MergeOptions(dtype="bfloat16", progress=False))
     report = swap(tmp_path / "with-a", a, b, tmp_path / "with-b")
-    assert report["dtype"] == "bfloat16"
-    assert 0 < report["vs_fresh_merge"]["max_rel"] < 2 * torch.finfo(torch.bfloat16).eps  # two roundings, not more
+    assert report.dtype == "bfloat16" and report.passed and report.checks[0].name == "vs fresh merge"
+    max_rel = report.checks[0].details["max_rel"]
+    assert 0 < max_rel < torch.finfo(torch.bfloat16).eps  # two roundings, not more
+    recorded = MergeManifest.load(tmp_path / "with-b").swap
+    assert recorded is not None and recorded["removed_weight"] == 1.0 and recorded["passed"]
+
+
+def test_swap_fails_and_writes_nothing_when_the_manifest_lies(models_dir: Path, tmp_path: Path) -> None:
+    """A manifest whose recorded weight is not what was merged: the swap leaves a residue of ΔW_A, the comparison
+    with a fresh merge catches it, exit 1, nothing written."""
+    base = models_dir / "llama"
+    a = make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj"])
+    b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["q_proj"])
+    merge(base, [a], tmp_path / "with-a", MergeOptions(weights=(0.5,), progress=False))
+    manifest = json.loads((tmp_path / "with-a" / "lora_export.json").read_text())
+    manifest["adapters"][0]["weight"] = 1.0
+    (tmp_path / "with-a" / "lora_export.json").write_text(json.dumps(manifest))
+    report = swap(tmp_path / "with-a", a, b, tmp_path / "with-b")
+    assert not report.passed and "differs from a fresh merge" in report.checks[0].failures[0]
+    assert not (tmp_path / "with-b").exists()
+    r = CliRunner().invoke(
+        main, ["swap", str(tmp_path / "with-a"), "--remove", str(a), "--add", str(b), "-o", str(tmp_path / "c")]
+    )
+    assert r.exit_code == 1 and "FAIL  vs fresh merge" in r.output and not (tmp_path / "c").exists()
 
 
 def test_swap_refusals(models_dir: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMUM_VENV = REPO / ".cache" / "optimum-venv"
@@ -33,8 +34,18 @@ def optimum_cli() -> Path:
     if not exe.exists():
         print(f"creating {OPTIMUM_VENV} (torch 2.13 CPU, transformers 4.57, optimum-onnx) …", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
-        subprocess.run([str(OPTIMUM_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "transformers>=4.57,<4.58",
-                        "optimum-onnx", "onnxruntime"], check=True)
+        subprocess.run(
+            [
+                str(OPTIMUM_VENV / "bin" / "pip"),
+                "install",
+                "-q",
+                "torch==2.13.0",
+                "transformers>=4.57,<4.58",
+                "optimum-onnx",
+                "onnxruntime",
+            ],
+            check=True,
+        )
     return exe
 
 
@@ -78,8 +89,10 @@ def latency(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict[s
                 sess.run(None, feeds[name])
         times: dict[str, list[float]] = {name: [] for name in sessions}
         names = list(sessions)
-        for r in range(runs):  # interleaved, and the order rotates: the first model of a round runs measurably slower here
-            for name in names[r % len(names):] + names[:r % len(names)]:
+        for r in range(
+            runs
+        ):  # interleaved, and the order rotates: the first model of a round runs measurably slower here
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 t = time.perf_counter()
                 sessions[name].run(None, feeds[name])
                 times[name].append(time.perf_counter() - t)
@@ -92,6 +105,60 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
+def time_exports(args: argparse.Namespace, base: Path, adapter: Path) -> tuple[dict[str, list[float]], Path, Path]:
+    """Interleaved rounds: lora-export merge-and-onnx, lora-export export, Optimum's export; wall seconds each."""
+    cli = str(Path(sys.executable).with_name("lora-export"))
+    optimum = str(optimum_cli())
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    ours, ours_export, theirs = args.workdir / "ours", args.workdir / "ours-export", args.workdir / "optimum"
+    walls: dict[str, list[float]] = {
+        "lora-export merge-and-onnx (merge + verify + export + checks)": [],
+        "lora-export export --format onnx (export + checks)": [],
+        "optimum-cli export onnx --task text-generation-with-past (export + its validation)": [],
+    }
+    keys = list(walls)
+    optimum_args = ["export", "onnx", "--model", str(ours / "merged"), "--task", "text-generation-with-past"]
+    for r in range(args.rounds):
+        for path in (ours, ours_export, theirs):
+            shutil.rmtree(path, ignore_errors=True)
+        walls[keys[0]].append(timed([cli, "merge-and-onnx", str(base), str(adapter), "-o", str(ours)]))
+        walls[keys[1]].append(timed([cli, "export", str(ours / "merged"), "-o", str(ours_export)]))
+        walls[keys[2]].append(timed([optimum, *optimum_args, str(theirs)], cwd=args.workdir))
+        print(f"round {r + 1}: " + ", ".join(f"{walls[k][-1]:.1f} s" for k in keys), flush=True)
+    return walls, ours, theirs
+
+
+def print_tables(
+    walls: dict[str, list[float]], checks: dict[str, Any], lat: dict[str, Any], dirs: dict[str, Path], threads: int
+) -> None:
+    import onnxruntime
+    import torch
+
+    print(
+        f"\nSmolLM2-135M-Instruct + demo adapter, float32; {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {threads} ORT threads\n"
+    )
+    print("| step | wall s (median) | runs |\n|---|---|---|")
+    for k, v in walls.items():
+        print(f"| {k} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    print("\n| model | checks vs PyTorch | size |\n|---|---|---|")
+    for name, result in checks.items():
+        size = sum(p.stat().st_size for p in dirs[name].glob("model.onnx*"))
+        verdicts = "; ".join(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.summary}" for c in result)
+        print(f"| {name} | {verdicts} | {size / 1e6:.0f} MB |")
+    print("\n| shape | lora-export ms (p10–p90) | optimum ms (p10–p90) | ratio |\n|---|---|---|---|")
+    for label, times in lat.items():
+        a, b = times["lora-export"], times["optimum"]
+        ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
+        spread_a = f"{pct(a, 0.1) * 1e3:.1f}–{pct(a, 0.9) * 1e3:.1f}"
+        spread_b = f"{pct(b, 0.1) * 1e3:.1f}–{pct(b, 0.9) * 1e3:.1f}"
+        print(f"| {label} | {ma:.2f} ({spread_a}) | {mb:.2f} ({spread_b}) | {ma / mb:.3f} |")
+    keys = list(walls)
+    step = statistics.median(walls[keys[1]]) / statistics.median(walls[keys[2]])
+    print(f"\nexport wall time, lora-export export / optimum: {step:.2f}× (target ≤ 1.00×)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-export"))
@@ -102,56 +169,19 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from lora_export.demo import demo_adapter_dir
-    from lora_export.exporters.onnx import OnnxExport, OnnxOptions, verify_onnx
+    from lora_export.exporters.onnx import OnnxExport, OnnxOptions
+    from lora_export.exporters.onnx_check import verify_onnx
     from lora_export.lora_runtime import load_model
     from lora_export.zoo import smollm2_dir
 
-    base = smollm2_dir(REPO / ".cache")
-    adapter = demo_adapter_dir()
-    cli = str(Path(sys.executable).with_name("lora-export"))
-    optimum = str(optimum_cli())
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    ours, ours_export, theirs = args.workdir / "ours", args.workdir / "ours-export", args.workdir / "optimum"
-    walls: dict[str, list[float]] = {"lora-export merge-and-onnx (merge + verify + export + checks)": [],
-                                     "lora-export export --format onnx (export + checks)": [],
-                                     "optimum-cli export onnx --task text-generation-with-past (export + its validation)": []}
-    keys = list(walls)
-    for r in range(args.rounds):
-        for path in (ours, ours_export, theirs):
-            shutil.rmtree(path, ignore_errors=True)
-        walls[keys[0]].append(timed([cli, "merge-and-onnx", str(base), str(adapter), "-o", str(ours)]))
-        walls[keys[1]].append(timed([cli, "export", str(ours / "merged"), "-o", str(ours_export)]))
-        walls[keys[2]].append(timed([optimum, "export", "onnx", "--model", str(ours / "merged"), "--task", "text-generation-with-past", str(theirs)], cwd=args.workdir))
-        print(f"round {r + 1}: " + ", ".join(f"{walls[k][-1]:.1f} s" for k in keys), flush=True)
-
+    walls, ours, theirs = time_exports(args, smollm2_dir(REPO / ".cache"), demo_adapter_dir())
     model = load_model(ours / "merged")
     checks = {}
     for name, path in (("lora-export", ours / "model.onnx"), ("optimum", theirs / "model.onnx")):
         exported = OnnxExport(path, name, 0.0, "causal-lm", True, [], [], False, False, 20)
-        result, _ = verify_onnx(model, exported, OnnxOptions(max_new_tokens=16))
-        checks[name] = result
+        checks[name], _ = verify_onnx(model, exported, OnnxOptions(max_new_tokens=16))
     lat = latency({"lora-export": ours / "model.onnx", "optimum": theirs / "model.onnx"}, args.runs, args.threads)
-
-    import onnxruntime
-    import torch
-
-    print(f"\nSmolLM2-135M-Instruct + demo adapter, float32; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} ORT threads\n")
-    print("| step | wall s (median) | runs |\n|---|---|---|")
-    for k, v in walls.items():
-        print(f"| {k} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
-    print("\n| model | checks vs PyTorch | size |\n|---|---|---|")
-    for name, result in checks.items():
-        size = sum(p.stat().st_size for p in ((ours if name == "lora-export" else theirs)).glob("model.onnx*"))
-        print(f"| {name} | " + "; ".join(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.summary}" for c in result) + f" | {size / 1e6:.0f} MB |")
-    print("\n| shape | lora-export ms (p10–p90) | optimum ms (p10–p90) | ratio |\n|---|---|---|---|")
-    for label, times in lat.items():
-        a, b = times["lora-export"], times["optimum"]
-        ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
-        print(f"| {label} | {ma:.2f} ({pct(a, .1) * 1e3:.1f}–{pct(a, .9) * 1e3:.1f}) | {mb:.2f} ({pct(b, .1) * 1e3:.1f}–{pct(b, .9) * 1e3:.1f}) | {ma / mb:.3f} |")
-    step = statistics.median(walls[keys[1]]) / statistics.median(walls[keys[2]])
-    print(f"\nexport wall time, lora-export export / optimum: {step:.2f}× (target ≤ 1.00×)")
+    print_tables(walls, checks, lat, {"lora-export": ours, "optimum": theirs}, args.threads)
 
 
 if __name__ == "__main__":

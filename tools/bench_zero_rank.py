@@ -4,6 +4,7 @@ and a second plain session as the A/A control.
 
     python tools/bench_zero_rank.py [--layers 30] [--hidden 576] [--seq 128] [--rounds 40] [--threads 2] [--seed 0]
 """
+
 import argparse
 import time
 
@@ -34,15 +35,24 @@ def build(branch: bool):
         nodes.append(helper.make_node("MatMul", [cur, f"w{i}"], [f"base{i}"]))
         out = f"base{i}"
         if branch:
-            a = numpy_helper.from_array(np.zeros((H, 0), np.float32), f"a{i}"); b = numpy_helper.from_array(np.zeros((0, H), np.float32), f"b{i}")
+            a = numpy_helper.from_array(np.zeros((H, 0), np.float32), f"a{i}")
+            b = numpy_helper.from_array(np.zeros((0, H), np.float32), f"b{i}")
             inits += [a, b]
-            inputs += [helper.make_tensor_value_info(f"a{i}", TensorProto.FLOAT, [H, "r"]), helper.make_tensor_value_info(f"b{i}", TensorProto.FLOAT, ["r", H])]
-            nodes += [helper.make_node("MatMul", [cur, f"a{i}"], [f"xa{i}"]), helper.make_node("MatMul", [f"xa{i}", f"b{i}"], [f"xab{i}"]),
-                      helper.make_node("Add", [f"base{i}", f"xab{i}"], [f"sum{i}"])]
+            inputs += [
+                helper.make_tensor_value_info(f"a{i}", TensorProto.FLOAT, [H, "r"]),
+                helper.make_tensor_value_info(f"b{i}", TensorProto.FLOAT, ["r", H]),
+            ]
+            nodes += [
+                helper.make_node("MatMul", [cur, f"a{i}"], [f"xa{i}"]),
+                helper.make_node("MatMul", [f"xa{i}", f"b{i}"], [f"xab{i}"]),
+                helper.make_node("Add", [f"base{i}", f"xab{i}"], [f"sum{i}"]),
+            ]
             out = f"sum{i}"
-        nodes.append(helper.make_node("Tanh", [out], [f"h{i}"])); cur = f"h{i}"
+        nodes.append(helper.make_node("Tanh", [out], [f"h{i}"]))
+        cur = f"h{i}"
     g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(cur, TensorProto.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]); m.ir_version = 10
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    m.ir_version = 10
     return m.SerializeToString()
 
 
@@ -53,7 +63,9 @@ so.log_severity_level = 3  # the graph's overridable initializers are intended
 # the order in which sessions are created (where their weights land in memory) has moved latency by up to 30%.
 order = ["plain", "plain-copy", "shared"]
 np.random.default_rng(args.seed).shuffle(order)
-sessions = {name: ort.InferenceSession(build(name == "shared"), so, providers=["CPUExecutionProvider"]) for name in order}
+sessions = {
+    name: ort.InferenceSession(build(name == "shared"), so, providers=["CPUExecutionProvider"]) for name in order
+}
 x = rng.standard_normal((1, S, H), dtype=np.float32)
 feeds8 = {"x": x}
 for i in range(L):
@@ -71,7 +83,7 @@ for f in runs.values():
 times: dict[str, list[float]] = {k: [] for k in runs}
 names = list(runs)
 for rnd in range(args.rounds):
-    for k in names[rnd % len(names):] + names[:rnd % len(names)]:
+    for k in names[rnd % len(names) :] + names[: rnd % len(names)]:
         t = time.perf_counter()
         runs[k]()
         times[k].append(time.perf_counter() - t)

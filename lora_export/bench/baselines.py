@@ -23,7 +23,9 @@ MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "output.dense", "mlp.fc2", "fc2", "mlp
 class BottleneckAdapter(nn.Module):
     """Wraps a projection: returns y + up(gelu(down(norm(y)))) with y the projection's output."""
 
-    def __init__(self, inner: nn.Module, dim: int, bottleneck: int, layer_norm: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, inner: nn.Module, dim: int, bottleneck: int, layer_norm: bool, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
         self.inner = inner
         self.norm = nn.LayerNorm(dim, dtype=dtype, device=device) if layer_norm else None
@@ -62,7 +64,9 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
             if best is None or len(module) > len(best):
                 best = module
     if best is None:
-        raise UnsupportedError(f"{type(model).__name__}: no list of transformer blocks found; adapter baselines cannot be placed")
+        raise UnsupportedError(
+            f"{type(model).__name__}: no list of transformer blocks found; adapter baselines cannot be placed"
+        )
     return best
 
 
@@ -71,12 +75,14 @@ def _find(block: nn.Module, candidates: tuple[str, ...], what: str, model: nn.Mo
     for c in candidates:
         if c in names:
             return c
-    raise UnsupportedError(f"{type(model).__name__}: cannot find the {what} output projection in a block (tried {', '.join(candidates)})")
+    raise UnsupportedError(
+        f"{type(model).__name__}: cannot find the {what} output projection in a block (tried {', '.join(candidates)})"
+    )
 
 
 def hidden_size(model: nn.Module) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def plan_adapters(model: nn.Module, kind: str, params: int) -> AdapterPlan:
@@ -89,8 +95,14 @@ def plan_adapters(model: nn.Module, kind: str, params: int) -> AdapterPlan:
 
 
 def insert_adapters(model: nn.Module, plan: AdapterPlan, seed: int = 0) -> int:
-    """Insert adapters into `model` in place; return how many were inserted."""
-    torch.manual_seed(seed)
+    """Insert adapters into `model` in place; return how many were inserted. Their random initialisation is seeded
+    without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _insert(model, plan)
+
+
+def _insert(model: nn.Module, plan: AdapterPlan) -> int:
     param = next(model.parameters())
     count = 0
     for block in blocks_of(model):
@@ -101,6 +113,10 @@ def insert_adapters(model: nn.Module, plan: AdapterPlan, seed: int = 0) -> int:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             inner = getattr(parent, child)
-            setattr(parent, child, BottleneckAdapter(inner, plan.dim, plan.bottleneck, plan.kind == "L", param.dtype, param.device))
+            setattr(
+                parent,
+                child,
+                BottleneckAdapter(inner, plan.dim, plan.bottleneck, plan.kind == "L", param.dtype, param.device),
+            )
             count += 1
     return count

@@ -1,11 +1,4 @@
-"""Latency of base vs merged vs unmerged LoRA vs adapter layers, measured side by side.
-
-Method: weights are copied into ordinary memory (not left memory-mapped from their files), every variant is warmed up (runs discarded), then the variants run interleaved in rounds (A B C D, B C D A,
-…: the order rotates, because the first call of a round measured slower on this CPU) so drift hits all alike, for as many rounds as a time budget allows (between min and max). On CUDA, events around
-the forward pass and a synchronize. The thread count is fixed and recorded. Per cell: median, p10/p90, and the ratio
-of medians to `base` with a bootstrap 95% confidence interval over rounds (paired: a round's runs stay together).
-`merged` is called indistinguishable from `base` when that interval contains 1.00 and stays within ±2%.
-"""
+"""Latency of base vs merged vs unmerged LoRA vs adapter layers, measured side by side (the method is METHOD)."""
 
 from __future__ import annotations
 
@@ -14,12 +7,35 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 VERDICT_BAND = 0.02
+# Printed into every report: what was done, not what was seen on the machine this code was written on.
+METHOD = (
+    "Weights copied into ordinary memory (not left memory-mapped from their files); every variant warmed up (runs "
+    "discarded); then the variants run interleaved in rounds whose order rotates (A B C D, B C D A, …), so drift and "
+    "position in the round hit all alike, for as many rounds as the time budget allows. On CUDA, events around the "
+    "forward pass and a synchronize. Thread count fixed and recorded. Per cell: median, p10/p90, and the ratio of "
+    "medians to `base` with a paired bootstrap 95% interval over rounds. `merged` is indistinguishable from `base` "
+    "when that interval contains 1.00 and stays within ±2%."
+)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with torch's intra-op thread count set to `n` (None: leave it), and restore it afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ class BenchResult:
     shapes: list[str]
     rows: list[Row]
     verdicts: list[str]
-    method: str = __doc__ or ""
+    method: str = METHOD
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,17 +89,6 @@ class BenchResult:
 
 def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}/{shape[1]}"
-
-
-def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
-    """"1x128,16x256" → ((1, 128), (16, 256))."""
-    out = []
-    for part in text.split(","):
-        b, _, s = part.strip().lower().partition("x")
-        if not (b.isdigit() and s.isdigit()) or int(b) < 1 or int(s) < 1:
-            raise ValueError(f"bad shape {part!r}: write BATCHxSEQ, e.g. 1x128,16x256")
-        out.append((int(b), int(s)))
-    return tuple(out)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,6 +112,7 @@ def bootstrap_ratio(times: list[float], base: list[float], seed: int, n: int = 2
 def timer(device: str) -> Callable[[Callable[[], Any]], float]:
     """Milliseconds of one call: CUDA events and a synchronize on GPU, perf_counter on CPU."""
     if device.startswith("cuda"):
+
         def cuda_time(fn: Callable[[], Any]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
@@ -136,11 +142,20 @@ def measure(calls: dict[str, Callable[[], Any]], options: BenchOptions, label: s
             fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     started = time.perf_counter()
-    bar = tqdm(total=options.max_rounds, desc=label, unit="round", disable=not options.progress or not sys.stderr.isatty(), file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=options.max_rounds,
+        desc=label,
+        unit="round",
+        disable=not options.progress or not sys.stderr.isatty(),
+        file=sys.stderr,
+        leave=False,
+    )
     rounds = 0
     names = list(calls)
-    while rounds < options.max_rounds and (rounds < options.min_rounds or time.perf_counter() - started < options.budget_s):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:  # rotate: the first of a round runs slower
+    while rounds < options.max_rounds and (
+        rounds < options.min_rounds or time.perf_counter() - started < options.budget_s
+    ):
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:  # rotate: no variant always runs first
             times[name].append(time_one(calls[name]))
         rounds += 1
         bar.update(1)
@@ -173,11 +188,17 @@ def verdicts(rows: list[Row], shapes: list[str]) -> list[str]:
                 continue
             ci = f"ratio {c.ratio:.3f} (95% CI {c.ci_low:.3f}–{c.ci_high:.3f})"
             if row.variant == "base-copy":
-                lines.append(f"{row.backend} {shape}: base-copy (A/A control, identical model) {c.ratio - 1:+.1%}: {ci}; "
-                             "differences of this size between other variants are noise")
+                lines.append(
+                    f"{row.backend} {shape}: base-copy (A/A control, identical model) {c.ratio - 1:+.1%}: {ci}; "
+                    "differences of this size between other variants are noise"
+                )
             elif row.variant == "merged":
                 same = c.ci_low <= 1.0 <= c.ci_high and 1 - VERDICT_BAND <= c.ci_low and c.ci_high <= 1 + VERDICT_BAND
-                verdict = "indistinguishable from base" if same else "NOT shown indistinguishable from base (CI misses 1.00 or leaves ±2%)"
+                verdict = (
+                    "indistinguishable from base"
+                    if same
+                    else "NOT shown indistinguishable from base (CI misses 1.00 or leaves ±2%)"
+                )
                 lines.append(f"{row.backend} {shape}: merged {verdict}: {ci}")
             else:
                 lines.append(f"{row.backend} {shape}: {row.variant} {c.ratio - 1:+.1%} vs base: {ci}")
@@ -186,8 +207,12 @@ def verdicts(rows: list[Row], shapes: list[str]) -> list[str]:
 
 def environment(options: BenchOptions) -> dict[str, Any]:
     env: dict[str, Any] = {
-        "device": options.device, "dtype": options.dtype, "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": options.device,
+        "dtype": options.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": options.threads or torch.get_num_threads(),
     }
     if options.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

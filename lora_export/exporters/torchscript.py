@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compare import Case, compare, metrics_check
 from ..errors import ExportError, UnsupportedError
 from ..lora_runtime import model_kind
+from ..records import Check
 from ..tensors import dtype_name as torch_dtype_name
-from ..verify import TOLERANCES, Case, Check, compare, metrics_check
+from ..tolerances import tolerance
 from .graphs import build_graph, position_ids_for
 
 FILES = {"torchscript": "model.pt", "pt2": "model.pt2"}
@@ -54,7 +56,7 @@ def _cases(kind: str, input_names: list[str], vocab: int, seed: int) -> list[tup
             if kind == "causal-lm":
                 mask[1, :4] = 0
             else:
-                mask[1, seq - 4:] = 0
+                mask[1, seq - 4 :] = 0
         if kind == "causal-lm":
             args: tuple[torch.Tensor, ...] = (ids, mask, position_ids_for(mask, seq))
         else:
@@ -76,19 +78,35 @@ def export_torch(model: nn.Module, out: Path, fmt: str, seed: int = 0) -> tuple[
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # jit.trace's deprecation and tracer warnings: the shape checks below decide
+            warnings.simplefilter(
+                "ignore"
+            )  # jit.trace's deprecation and tracer warnings: the shape checks below decide
             if fmt == "torchscript":
                 traced = torch.jit.trace(graph.module, graph.example, check_trace=False, strict=False)
                 torch.jit.save(traced, str(path))
             else:
-                program = torch.export.export(graph.module, graph.example, dynamic_shapes=graph.dynamic_shapes, strict=False,
-                                              prefer_deferred_runtime_asserts_over_guards=True)
+                program = torch.export.export(
+                    graph.module,
+                    graph.example,
+                    dynamic_shapes=graph.dynamic_shapes,
+                    strict=False,
+                    prefer_deferred_runtime_asserts_over_guards=True,
+                )
                 torch.export.save(program, str(path))
     except Exception as e:
-        raise ExportError(f"{fmt} export of {type(model).__name__} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ExportError(
+            f"{fmt} export of {type(model).__name__} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     seconds = time.perf_counter() - started
-    info = {"file": path.name, "seconds": seconds, "kind": graph.kind, "input_names": graph.input_names, "output_names": graph.output_names,
-            "with_past": False, "exporter": "torch.jit.trace (deprecated in this torch)" if fmt == "torchscript" else "torch.export.export"}
+    info = {
+        "file": path.name,
+        "seconds": seconds,
+        "kind": graph.kind,
+        "input_names": graph.input_names,
+        "output_names": graph.output_names,
+        "with_past": False,
+        "exporter": "torch.jit.trace (deprecated in this torch)" if fmt == "torchscript" else "torch.export.export",
+    }
     return info, [check_torch_artifact(model, fmt, path, seed)]
 
 
@@ -100,7 +118,10 @@ def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) 
     vocab = int(model.config.get_text_config().vocab_size)
     cases = _cases(graph.kind, graph.input_names, vocab, seed)
     with torch.no_grad():
-        expected = [[t for t in ((o,) if isinstance(o, torch.Tensor) else o)] for o in (graph.module(*args) for _, args in cases)]
+        expected = [
+            [t for t in ((o,) if isinstance(o, torch.Tensor) else o)]
+            for o in (graph.module(*args) for _, args in cases)
+        ]
     got = reload_and_run(fmt, path, [args for _, args in cases])
     metrics = []
     for (name, args), ref, res in zip(cases, expected, got):
@@ -108,8 +129,15 @@ def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) 
         for out_name, r, o in zip(graph.output_names, ref, res):
             metrics.append(compare(Case(name, {"attention_mask": args[1][:, -seq:]}), out_name, r.float(), o.float()))
     worst = max(m.max_rel for m in metrics)
-    summary = f"worst rel {worst:.2g} (≤ {TOLERANCES[dtype_name].max_rel:g}) at shapes {', '.join(n for n, _ in cases)}"
-    return metrics_check(f"{fmt} vs pytorch", f"{path.name} reloaded in a fresh process vs PyTorch eager, {dtype_name}", dtype_name, metrics, summary)
+    summary = f"worst rel {worst:.2g} (≤ {tolerance('runtime', dtype_name).max_rel:g}) at shapes {', '.join(n for n, _ in cases)}"
+    return metrics_check(
+        f"{fmt} vs pytorch",
+        f"{path.name} reloaded in a fresh process vs PyTorch eager, {dtype_name}",
+        "runtime",
+        dtype_name,
+        metrics,
+        summary,
+    )
 
 
 def _transformers_major() -> int:
@@ -123,8 +151,12 @@ def reload_and_run(fmt: str, path: Path, inputs: list[tuple[torch.Tensor, ...]])
     with tempfile.TemporaryDirectory(prefix="lora-export-reload-") as tmp:
         inputs_path, out_path = Path(tmp) / "inputs.pt", Path(tmp) / "outputs.pt"
         torch.save([list(a) for a in inputs], inputs_path)
-        proc = subprocess.run([sys.executable, "-c", _RELOAD, fmt, str(path), str(inputs_path), str(out_path)],
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, "-c", _RELOAD, fmt, str(path), str(inputs_path), str(out_path)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ExportError(f"{path.name} does not load or run in a fresh process: {tail}")

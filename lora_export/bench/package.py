@@ -1,0 +1,67 @@
+"""`lora-export bench --package`: a package's layouts side by side in ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..records import PackageManifest
+from .models import _ort_feeds
+from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, verdicts
+
+
+def bench_package(
+    package_dir: Path | str, options: BenchOptions = BenchOptions(), log: Callable[[str], None] = lambda s: None
+) -> BenchResult:
+    """A package's layouts in ONNX Runtime, per variant: the shared graph with no adapter (the base), the shared
+    graph with the variant's adapter active (what hot-swapping costs per request) and the variant's merged model."""
+    import onnxruntime as ort
+    from transformers import AutoConfig
+
+    from ..exporters.onnx_check import session
+
+    package_dir = Path(package_dir)
+    manifest = PackageManifest.load(package_dir)
+    config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    threads = options.threads or None
+    runners: list[tuple[Row, Any, Any]] = []  # (row, session, run options)
+    if manifest.shared is not None:
+        shared = session(package_dir / manifest.shared.graph, threads)
+        runners.append((Row("base", "onnxruntime", 0, "shared graph, no adapter active"), shared, None))
+        for name, file in manifest.shared.adapters.items():
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(package_dir / file))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(adapter)
+            params = sum(int(np.prod(s)) for s in manifest.shared.parameters.get(name, {}).values())
+            row = Row(f"{name} shared+adapter", "onnxruntime", params, f"shared graph with {file} active")
+            runners.append((row, shared, (ro, adapter)))
+    for name, info in manifest.merged.items():
+        runners.append(
+            (Row(f"{name} merged", "onnxruntime", 0, info.graph), session(package_dir / info.graph, threads), None)
+        )
+    if not runners or runners[0][0].variant != "base":
+        log("no shared graph in this package: ratios are to the first merged variant")
+        runners[0][0].variant = "base"
+    rows = [r for r, _, _ in runners]
+    shapes = [shape_name(s) for s in options.shapes]
+    g = torch.Generator().manual_seed(options.seed)
+    for shape in options.shapes:
+        ids = torch.randint(0, int(config.get_text_config().vocab_size), shape, generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        calls = {}
+        for row, sess, extra in runners:
+            feeds = _ort_feeds(sess, inputs, config)
+            ro = extra[0] if extra else None
+            calls[row.variant] = lambda s=sess, f=feeds, r=ro: s.run(["logits"], f, r)
+        log(f"measuring {shape_name(shape)} …")
+        times = measure(calls, options, f"package {shape_name(shape)}")
+        summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
+    env = environment(options)
+    env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)})"
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes))

@@ -1,0 +1,126 @@
+"""The `lora-export` command: parse, call one library function, render, and map the outcome to an exit code.
+
+Exit codes: 0 success, 1 a check failed, 2 bad input or usage, 3 an internal error (a bug: one line asking for a
+report; the traceback with --debug or LORA_EXPORT_DEBUG=1), 130 interrupted. Nothing here imports torch until a
+command runs, so `--help` is quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .. import __version__
+from ..errors import LoraExportError, VerifyError
+
+if TYPE_CHECKING:
+    from ..records import CheckedReport
+
+EXISTING_DIR = click.Path(exists=False, file_okay=False, path_type=Path)
+REPORT_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """ "1x128,16x256" → ((1, 128), (16, 256))."""
+    out = []
+    for part in text.split(","):
+        b, _, s = part.strip().lower().partition("x")
+        if not (b.isdigit() and s.isdigit()) or int(b) < 1 or int(s) < 1:
+            raise ValueError(f"bad shape {part!r}: write BATCHxSEQ, e.g. 1x128,16x256")
+        out.append((int(b), int(s)))
+    return tuple(out)
+
+
+class Shapes(click.ParamType):
+    """BATCHxSEQ[,BATCHxSEQ…], checked before any work starts."""
+
+    name = "BATCHxSEQ,…"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shapes(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(os.environ.get("LORA_EXPORT_DEBUG")) or bool(root and root.params.get("debug"))
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place where outcomes become exit codes and `Error:` lines."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors: Click prints them and exits 2
+        except LoraExportError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; no unfinished output was kept (run the command again)", err=True)
+            sys.exit(130)
+        except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
+            from ..outputs import DISK_ERRNOS, temp_hint
+
+            if e.errno not in DISK_ERRNOS or _debug():
+                raise
+            hint = temp_hint(Path(str(e.filename))) if e.filename else ""
+            click.echo(f"Error: {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}{hint}", err=True)
+            sys.exit(2)
+        except Exception as e:
+            if _debug():
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(
+                f"Error: internal error ({type(e).__name__}: {first}); this is a bug in lora-export: please "
+                "report it with the output of the same command run with --debug",
+                err=True,
+            )
+            sys.exit(3)
+
+    return wrapper
+
+
+def conclude(
+    report: CheckedReport, text: str, suite: str, json_file: Path | None = None, junit_file: Path | None = None
+) -> None:
+    """Print a checking command's report, write its JSON and JUnit files, and fail (exit 1) when a check failed."""
+    from ..report import to_json, write_junit
+
+    click.echo(text)
+    if json_file:
+        json_file.write_text(to_json(report.to_dict()) + "\n", encoding="utf-8")  # type: ignore[attr-defined]
+    if junit_file:
+        write_junit(junit_file, suite, report.checks)
+    if not report.passed:
+        failed = report.failed or ["no check ran"]
+        raise VerifyError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="lora-export")
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error (or set LORA_EXPORT_DEBUG=1).")
+def main(debug: bool) -> None:
+    """Merge PEFT LoRA adapters into their base model, prove the result, export it.
+
+    \b
+    Example:
+      lora-export merge ./base ./adapter -o ./merged
+    """

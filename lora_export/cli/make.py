@@ -1,0 +1,347 @@
+"""Commands that make and check a merged model: merge, verify, merge-and-onnx, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .main import EXISTING_DIR, REPORT_FILE, _echo_err, conclude, handle_errors, main
+
+
+@main.command()
+@click.argument("base_dir", type=EXISTING_DIR)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=EXISTING_DIR,
+    help="Folder to write (must not exist, unless --overwrite).",
+)
+@click.option(
+    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype of floating tensors; auto keeps the base's.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the manifest (lora_export.json) on stdout instead of a summary."
+)
+@click.option(
+    "--rehash-output",
+    is_flag=True,
+    help="Hash every written shard again from disk (each shard is always re-parsed and size-checked).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def merge(
+    base_dir: Path,
+    adapter_dirs: tuple[Path, ...],
+    out_dir: Path,
+    weights: tuple[float, ...],
+    dtype: str,
+    max_shard_size: str,
+    overwrite: bool,
+    allow_pickle: bool,
+    as_json: bool,
+    rehash_output: bool,
+    quiet: bool,
+) -> None:
+    """Fold LoRA adapters into BASE_DIR: W = W0 + Σ wᵢ·ΔWᵢ, computed in float32 and cast once.
+
+    Streams tensor by tensor (memory stays at a few tensors, whatever the model's size), writes a folder that
+    transformers loads as it is, and a manifest lora_export.json with hashes, scalings, ΔW norms and what the cast
+    to the output dtype lost. Every PEFT LoRA variant is merged exactly or refused with the reason.
+
+    \b
+    Examples:
+      lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
+      lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
+    """
+    from ..merge import MergeOptions, parse_size
+    from ..merge import merge as merge_fn
+    from ..report import merge_text, to_json
+
+    options = MergeOptions(
+        dtype=dtype,
+        weights=weights,
+        max_shard_size=parse_size(max_shard_size),
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        progress=not quiet,
+        rehash_output=rehash_output,
+    )
+    result = merge_fn(base_dir, adapter_dirs, out_dir, options)
+    click.echo(to_json(result.manifest.to_dict()) if as_json else merge_text(result))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=EXISTING_DIR, metavar="BASE_DIR ADAPTER_DIR... MERGED_DIR")
+@click.option(
+    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (as given to merge)."
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.File("r"),
+    help="Text file, one prompt per line (default: built-in prompts).",
+)
+@click.option(
+    "--max-new-tokens", default=32, show_default=True, help="Greedy tokens to generate and compare (causal LMs)."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--device", default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …")
+@click.option(
+    "--device-map",
+    type=click.Choice(["auto", "balanced", "sequential"]),
+    default=None,
+    help="Spread each model over the GPUs, then CPU memory, then disk (accelerate), for models larger than one device.",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="DEV=SIZE,...",
+    help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+)
+@click.option("--json", "json_file", type=REPORT_FILE, help="Write the whole report as JSON.")
+@click.option(
+    "--junit", "junit_file", type=REPORT_FILE, help="Write the checks as JUnit XML (one test case per check)."
+)
+@handle_errors
+def verify(
+    paths: tuple[Path, ...],
+    weights: tuple[float, ...],
+    prompts_file: Any,
+    max_new_tokens: int,
+    seed: int,
+    allow_pickle: bool,
+    device: str,
+    device_map: str | None,
+    max_memory: str | None,
+    json_file: Path | None,
+    junit_file: Path | None,
+) -> None:
+    """Prove that MERGED_DIR computes what BASE_DIR with the adapters applied at run time computes.
+
+    Runs the unmerged model (float32, LoRA applied at run time, no PEFT) and the merged one on the tokenizer's
+    encoding of a few prompts and on seeded random batches (one padded), and checks: the merged tensors against
+    W0 + ΔW; the merge error (merged in float32 vs unmerged in float32: max error relative to the logits' scale,
+    cosine, top-1 agreement, KL of the next-token distributions); for a float16/bfloat16 MERGED_DIR the cast error
+    apart (merged in that dtype vs merged in float32); for causal LMs, greedy generation. Tolerances come from one
+    table keyed by dtype and are printed. On failure it names the first module whose output diverges.
+
+    Exit code: 0 all checks pass, 1 a numerical check failed, 2 bad input.
+
+    \b
+    Example:
+      lora-export verify ./smollm2 ./adapters/caps ./smollm2-caps --json verify.json
+    """
+    from ..report import verify_text
+    from ..verify import PROMPTS, VerifyOptions
+    from ..verify import verify as verify_fn
+
+    if len(paths) < 3:
+        raise click.UsageError("give BASE_DIR, at least one ADAPTER_DIR, and MERGED_DIR")
+    prompts = tuple(line.strip() for line in prompts_file if line.strip()) if prompts_file else PROMPTS
+    if max_memory and not device_map:
+        raise click.UsageError("--max-memory applies with --device-map")
+    limits = parse_max_memory(max_memory) if max_memory else None
+    options = VerifyOptions(
+        weights=weights,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        device=device,
+        device_map=device_map,
+        max_memory=limits,
+    )
+    report = verify_fn(paths[0], paths[1:-1], paths[-1], options)
+    conclude(report, verify_text(report), "lora-export verify", json_file, junit_file)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """ "0=20GiB,cpu=64GiB" → {0: "20GiB", "cpu": "64GiB"}, accelerate's max_memory."""
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, sep, size = item.strip().partition("=")
+        if not sep or not size or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise click.BadParameter(
+                f"{item!r}: write DEVICE=SIZE, DEVICE a GPU index, cpu or disk, e.g. 0=20GiB,cpu=64GiB",
+                param_hint="--max-memory",
+            )
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+@main.command("merge-and-onnx")
+@click.argument("base_dir", type=EXISTING_DIR)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=EXISTING_DIR,
+    help="Folder to write (must not exist, unless --overwrite).",
+)
+@click.option(
+    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).",
+)
+@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option(
+    "--optimize",
+    is_flag=True,
+    help="Save ONNX Runtime's extended graph optimisations in the model (verified like the plain one).",
+)
+@click.option("--no-past", is_flag=True, help="Decoders: export without past key/values inputs and present outputs.")
+@click.option(
+    "--max-new-tokens",
+    default=16,
+    show_default=True,
+    help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
+)
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option(
+    "--json", "json_file", type=REPORT_FILE, help="Also write the report here (it is written even when a check fails)."
+)
+@click.option(
+    "--junit",
+    "junit_file",
+    type=REPORT_FILE,
+    help="Also write the checks as JUnit XML (written even when a check fails).",
+)
+@handle_errors
+def merge_and_onnx(
+    base_dir: Path,
+    adapter_dirs: tuple[Path, ...],
+    out_dir: Path,
+    weights: tuple[float, ...],
+    dtype: str,
+    opset: int,
+    optimize: bool,
+    no_past: bool,
+    max_new_tokens: int,
+    overwrite: bool,
+    allow_pickle: bool,
+    json_file: Path | None,
+    junit_file: Path | None,
+) -> None:
+    """Base + adapters → merged → verified → ONNX → verified, in one command.
+
+    Merges (float32 math, one cast), checks the merged model against the unmerged one (lora-export verify's checks),
+    exports ONNX with torch.onnx.export(dynamo=True) — decoders with past_key_values.N.key/value inputs and
+    present.N.key/value outputs, dynamic batch and sequence — and checks the ONNX model in ONNX Runtime against
+    PyTorch at batch 1 and 4, short and long, padded, one decode step, and greedy generation with the KV cache.
+    OUT_DIR gets model.onnx (+ model.onnx.data over 2 GB), tokenizer files, merged/ with the merge's manifest,
+    report.json and report.md. When any check fails it exits 1 and OUT_DIR is not written.
+
+    \b
+    Example:
+      lora-export merge-and-onnx ./smollm2 ./adapters/caps -o ./smollm2-caps-onnx --optimize
+    """
+    from ..exporters.onnx import OnnxOptions
+    from ..merge import MergeOptions
+    from ..pipeline import ExportOptions
+    from ..pipeline import merge_and_onnx as run
+    from ..report import pipeline_text
+    from ..verify import VerifyOptions
+
+    merge_options = MergeOptions(dtype=dtype, weights=weights, allow_pickle=allow_pickle, overwrite=overwrite)
+    onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
+    verify_options = VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle)
+    result = run(
+        base_dir, adapter_dirs, out_dir, merge_options, ExportOptions(onnx=onnx), verify_options, log=_echo_err
+    )
+    conclude(result.report, pipeline_text(result.report), "lora-export merge-and-onnx", json_file, junit_file)
+
+
+@main.command()
+@click.argument("merged_dir", type=EXISTING_DIR)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=EXISTING_DIR,
+    help="Folder to write (must not exist, unless --overwrite).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript", "pt2"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: torch.onnx.export(dynamo=True); torchscript: torch.jit.trace (deprecated in torch 2.13; torch.jit.script "
+    "cannot compile transformers models); pt2: torch.export.export. Decoders in torchscript/pt2 need transformers 5 "
+    "(4.x builds masks with torch.vmap, which neither can record).",
+)
+@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
+@click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
+@click.option(
+    "--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
+)
+@click.option("--json", "json_file", type=REPORT_FILE, help="Also write the report here.")
+@click.option(
+    "--junit",
+    "junit_file",
+    type=REPORT_FILE,
+    help="Also write the checks as JUnit XML (written even when a check fails).",
+)
+@handle_errors
+def export(
+    merged_dir: Path,
+    out_dir: Path,
+    fmt: str,
+    opset: int,
+    optimize: bool,
+    no_past: bool,
+    max_new_tokens: int,
+    overwrite: bool,
+    json_file: Path | None,
+    junit_file: Path | None,
+) -> None:
+    """Export an already merged model folder and prove the artifact matches PyTorch.
+
+    ONNX is checked in ONNX Runtime (as in merge-and-onnx); TorchScript (.pt) and torch.export (.pt2) artifacts are
+    reloaded in a fresh Python process and compared with PyTorch eager at shapes other than the export's. Both
+    torch formats are exported without past key/values. Exit code 1 and nothing written when a check fails.
+
+    \b
+    Examples:
+      lora-export export ./smollm2-caps -o ./smollm2-caps-onnx
+      lora-export export ./smollm2-caps -o ./smollm2-caps-pt2 --format pt2
+    """
+    from ..exporters.onnx import OnnxOptions
+    from ..pipeline import ExportOptions
+    from ..pipeline import export as run
+    from ..report import pipeline_text
+
+    onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
+    result = run(merged_dir, out_dir, ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite), log=_echo_err)
+    conclude(result.report, pipeline_text(result.report), "lora-export export", json_file, junit_file)

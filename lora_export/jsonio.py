@@ -1,0 +1,115 @@
+"""JSON files read and written by the tool: one object per file, typed field access, one error naming the file, the
+field and the fix. The loaders of lora_export.records are built on it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+from .errors import InputError, UnsafeInputError
+
+T = TypeVar("T")
+
+
+def read_json_object(
+    path: Path, missing_hint: str, error: type[Exception] = InputError, fix: str = ""
+) -> dict[str, Any]:
+    """A JSON object from `path`, or one error naming the file, what is wrong and the fix."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {missing_hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}{fix}")
+    return data
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+class Fields:
+    """Typed access to one JSON object read from `path`: every mistake is one InputError naming the file and field."""
+
+    def __init__(self, data: Any, path: Path | str, where: str = "", fix: str = "", label: str = "") -> None:
+        self.path, self.where, self.fix, self.label = Path(path), where, fix, label
+        if not isinstance(data, Mapping):
+            self.fail("", f"expected a JSON object, found {type(data).__name__}")
+        self.data: Mapping[str, Any] = data
+
+    def fail(self, key: str, problem: str) -> None:
+        name = f"{self.where}.{key}" if self.where and key else self.where or key
+        fix = f"; {self.fix}" if self.fix else ""
+        label = f"{self.label}: " if self.label else ""
+        raise InputError(
+            f"{self.path}: {label}field `{name}` {problem}{fix}" if name else f"{self.path}: {label}{problem}{fix}"
+        )
+
+    def get(
+        self,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = ...,
+        optional: bool = False,
+        finite: bool = True,
+    ) -> Any:
+        if key not in self.data or (optional and self.data[key] is None):
+            if default is ...:
+                self.fail(key, "is missing")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:  # JSON true is not a number
+            self.fail(key, f"must be {' or '.join(k.__name__ for k in kinds)}, found {value!r}")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            self.fail(key, f"must be {' or '.join(k.__name__ for k in kinds)}, found {type(value).__name__}")
+        if finite and isinstance(value, float) and not math.isfinite(value):
+            self.fail(key, f"must be a finite number, found {value}")
+        return value
+
+    def sub(self, key: str, default: Any = ...) -> Fields | None:
+        value = self.get(key, dict, default)
+        return None if value is None else self.child(value, f"{self.where}.{key}" if self.where else key)
+
+    def child(self, data: Any, where: str) -> Fields:
+        return Fields(data, self.path, where, self.fix, self.label)
+
+    def items(self, key: str, default: Any = ...) -> list[Fields]:
+        values = self.get(key, list, default)
+        name = f"{self.where}.{key}" if self.where else key
+        return [self.child(v, f"{name}[{i}]") for i, v in enumerate(values or [])]
+
+    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        values = self.get(key, list, default)
+        if values is None:
+            return ()
+        if not all(isinstance(v, str) for v in values):
+            self.fail(key, "must be a list of strings")
+        return tuple(values)
+
+
+def relative_name(name: str, where: Fields, key: str = "name") -> str:
+    """A file name inside a package or model folder: relative, no `..`, no backslashes."""
+    if not name or name.startswith("/") or "\\" in name or ".." in PurePosixPath(name).parts:
+        raise UnsafeInputError(
+            f"{where.path}: file name {name!r} points outside its folder: refusing to read it; {where.fix}"
+        )
+    return name
+
+
+def read_json(path: Path, fix: str) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path} is missing; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(
+            f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}"
+        ) from None

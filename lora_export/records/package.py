@@ -1,0 +1,177 @@
+"""manifest.json of a package, and what `package --check` finds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..jsonio import Fields, read_json, relative_name, write_json
+from .checks import Check, CheckedReport
+from .merge import FileRecord
+
+PACKAGE_FIX = "rebuild the package with lora-export package"
+
+
+@dataclass(frozen=True)
+class SharedLayout:
+    graph: str
+    dtype: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    lora_inputs: Mapping[str, Any]
+    adapters: Mapping[str, str]  # variant → its .onnx_adapter file, relative to the package
+    parameters: Mapping[str, Mapping[str, list[int]]]  # variant → adapter parameter → shape
+    checks: tuple[Check, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergedVariant:
+    folder: str
+    dtype: str
+    graph: str  # the ONNX model to run, relative to the package
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class PackageManifest(CheckedReport):
+    base: str
+    mode: str
+    versions: Mapping[str, str]
+    tolerances: Mapping[str, Any]
+    variants: Mapping[str, Mapping[str, Any]]
+    shared: SharedLayout | None
+    merged: Mapping[str, MergedVariant]
+    merged_sharing: Mapping[str, Any] | None
+    storage: Mapping[str, Any]
+    files: tuple[FileRecord, ...]
+    seconds: float
+
+    NAME = "manifest.json"
+
+    @property
+    def checks(self) -> tuple[Check, ...]:  # type: ignore[override]
+        return (*(self.shared.checks if self.shared else ()), *(c for v in self.merged.values() for c in v.checks))
+
+    def references(self) -> list[str]:
+        """The files the checks open: each must be among the hashed files."""
+        used = []
+        if self.shared is not None:
+            used += [self.shared.graph, "shared/reference.npz", *self.shared.adapters.values()]
+        for v in self.merged.values():
+            used += [f"{v.folder}/reference.npz", v.graph]
+        return used
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tool": "lora-export package",
+            "base": self.base,
+            "mode": self.mode,
+            "passed": self.passed,
+            "versions": dict(self.versions),
+            "tolerances": dict(self.tolerances),
+            "variants": {k: dict(v) for k, v in self.variants.items()},
+        }
+        if self.shared is not None:
+            s = self.shared
+            out["shared"] = {
+                **{k: getattr(s, k) for k in ("graph", "dtype")},
+                "inputs": list(s.inputs),
+                "outputs": list(s.outputs),
+                "lora_inputs": dict(s.lora_inputs),
+                "adapters": {
+                    n: {"file": f.removeprefix("shared/"), "parameters": dict(s.parameters.get(n, {}))}
+                    for n, f in s.adapters.items()
+                },
+                "checks": [c.to_dict() for c in s.checks],
+                "notes": list(s.notes),
+            }
+        if self.merged:
+            out["merged"] = {
+                n: {"folder": v.folder, "dtype": v.dtype, "graph": v.graph, "checks": [c.to_dict() for c in v.checks]}
+                for n, v in self.merged.items()
+            }
+        if self.merged_sharing is not None:
+            out["merged_sharing"] = dict(self.merged_sharing)
+        out.update(storage=dict(self.storage), files=[asdict(f) for f in self.files], seconds=self.seconds)
+        return out
+
+    def write(self, folder: Path) -> None:
+        write_json(folder / self.NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, folder: Path) -> PackageManifest:
+        path = folder / cls.NAME
+        if not path.is_file():
+            raise InputError(f"{folder} has no {cls.NAME}: is it a lora-export package? {PACKAGE_FIX}")
+        return cls.from_dict(read_json(path, PACKAGE_FIX), path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> PackageManifest:
+        f = Fields(data, path, fix=PACKAGE_FIX, label="damaged manifest")
+        files = tuple(FileRecord.from_fields(x) for x in f.items("files"))  # first: what may be opened at all
+        if not files:
+            f.fail("files", "lists no file: nothing could be checked")
+        shared = None
+        if (s := f.sub("shared", None)) is not None:
+            adapters = {name: s.child(a, f"shared.adapters.{name}") for name, a in s.get("adapters", dict).items()}
+            shared = SharedLayout(
+                graph=relative_name(s.get("graph", str), s),
+                dtype=s.get("dtype", str),
+                inputs=s.strings("inputs"),
+                outputs=s.strings("outputs"),
+                lora_inputs=s.get("lora_inputs", dict, {}),
+                adapters={n: "shared/" + relative_name(a.get("file", str), a) for n, a in adapters.items()},
+                parameters={n: a.get("parameters", dict, {}) for n, a in adapters.items()},
+                checks=tuple(Check.from_fields(c) for c in s.items("checks")),
+                notes=s.strings("notes", []),
+            )
+        merged = {}
+        for name, v in f.get("merged", dict, {}).items():
+            m = f.child(v, f"merged.{name}")
+            folder = relative_name(m.get("folder", str), m)
+            graph = relative_name(m.get("graph", str, f"{folder}/model.onnx"), m)
+            checks = tuple(Check.from_fields(c) for c in m.items("checks"))
+            merged[name] = MergedVariant(folder, m.get("dtype", str), graph, checks)
+        if shared is None and not merged:
+            f.fail("shared", "is missing, and so is `merged`: the package has no layout")
+        listed = {x.name for x in files}
+        needed = [shared.graph, "shared/reference.npz", *shared.adapters.values()] if shared else []
+        needed += [n for v in merged.values() for n in (f"{v.folder}/reference.npz", v.graph)]
+        for name in needed:
+            if name not in listed:
+                f.fail("files", f"does not list {name}, which the checks need")
+        manifest = cls(
+            base=f.get("base", str),
+            mode=f.get("mode", str),
+            versions=f.get("versions", dict, {}),
+            tolerances=f.get("tolerances", dict, {}),
+            variants=f.get("variants", dict),
+            shared=shared,
+            merged=merged,
+            merged_sharing=f.get("merged_sharing", dict, None, optional=True),
+            storage=f.get("storage", dict, {}),
+            files=files,
+            seconds=f.get("seconds", float, 0.0),
+        )
+        return manifest
+
+
+@dataclass(frozen=True)
+class PackageCheck(CheckedReport):
+    """`package --check`: the files (sha256 and size, as one check) and then each reference run in ONNX Runtime."""
+
+    package: str
+    files_hashed: int
+    checks: tuple[Check, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "package": self.package,
+            "passed": self.passed,
+            "files_hashed": self.files_hashed,
+            "checks": [c.to_dict() for c in self.checks],
+        }

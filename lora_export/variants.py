@@ -1,0 +1,72 @@
+"""variants.yaml (or .json): the task variants of a package, each one or more adapters with weights, read and checked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    adapters: list[tuple[Path, float]]
+    dtype: str
+
+
+def read_variants(path: Path) -> list[Variant]:
+    """variants.yaml (or .json): {variants: {name: {adapters: [path | {path, weight}], dtype?}}}; paths relative to the file."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: give a variants.yaml listing the task variants")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise InputError(
+            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
+        raise InputError(f"{path}: expected a top-level `variants:` mapping of names to {{adapters: [...]}}")
+    out = []
+    for name, spec in data["variants"].items():
+        where = f"{path}: variant {name!r}"
+        if not isinstance(name, str) or not name or set(name) - NAME_OK or name.startswith("."):
+            raise InputError(f"{where}: names become file names: use letters, digits, '-', '_' and '.'")
+        if not isinstance(spec, dict) or not isinstance(spec.get("adapters"), list) or not spec["adapters"]:
+            raise InputError(f"{where}: needs `adapters:`, a list of paths or {{path, weight}}")
+        unknown = set(spec) - {"adapters", "dtype"}
+        if unknown:
+            raise InputError(f"{where}: unknown field(s) {sorted(unknown)}: only `adapters` and `dtype`")
+        adapters = []
+        for item in spec["adapters"]:
+            if isinstance(item, str):
+                item = {"path": item}
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "weight"}:
+                raise InputError(f"{where}: each adapter is a path or {{path: ..., weight: ...}}, found {item!r}")
+            weight = item.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+                raise InputError(f"{where}: weight must be a finite number, found {weight!r}")
+            p = (path.parent / item["path"]).resolve()
+            if not p.is_dir():
+                raise InputError(
+                    f"{where}: adapter folder {item['path']} not found (paths are relative to {path.parent})"
+                )
+            adapters.append((p, float(weight)))
+        dtype = spec.get("dtype", "auto")
+        if dtype not in ("auto", "float32", "float16"):
+            raise InputError(
+                f"{where}: dtype must be auto, float32 or float16 (bfloat16 cannot run in ONNX Runtime's CPU provider), found {dtype!r}"
+            )
+        out.append(Variant(name, adapters, dtype))
+    return out
