@@ -107,16 +107,22 @@ def test_smollm2_bf16_within_one_ulp_of_peft(smollm2: Path, tmp_path: Path) -> N
     assert all(torch.equal(cast[k], fp32[k].to(torch.bfloat16)) for k in fp32)
 
 
-def test_shipped_demo_adapter_merges(smollm2: Path, tmp_path: Path) -> None:
-    from lora_export.demo import demo_adapter_dir, greedy_answer
+def test_shipped_demo_adapter_answers_in_capitals_without_looping(smollm2: Path, tmp_path: Path) -> None:
+    """The shipped adapter, merged, asked five questions that neither its training nor its step selection saw
+    (examples/train_demo_adapter.py): every answer in capitals, none looping, at the demo's 48 tokens."""
+    import json
+
+    from lora_export.demo import HELD_OUT_QUESTIONS, answer_problems, demo_adapter_dir, greedy_answer
 
     adapter = demo_adapter_dir()
     assert (adapter / "adapter_model.safetensors").stat().st_size < 10_000_000
     result = merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(progress=False))
-    assert result.merged_tensors == 30 * 4
-    answer = greedy_answer(tmp_path / "merged", "Name a large animal that lives in Africa.", 24)
-    letters = [c for c in answer if c.isalpha()]
-    assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9, answer
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    per_layer = 7 if targets == "all-linear" else len(targets)
+    assert result.merged_tensors == 30 * per_layer
+    answers = {q: greedy_answer(tmp_path / "merged", q, 48) for q in HELD_OUT_QUESTIONS}
+    problems = {q: (a, answer_problems(a)) for q, a in answers.items() if answer_problems(a)}
+    assert not problems, problems
 
 
 def test_verify_smollm2_bf16_demo_adapter(smollm2: Path, tmp_path: Path) -> None:

@@ -56,7 +56,12 @@ def _torch_variants(
         model = load_model(base_dir, dtype, device)
         plan = plan_adapters(model, kind, (adapter_params or {}).get(kind) or options.adapter_params or n_lora)
         insert_adapters(model, plan, options.seed)
-        desc = f"{'two per block (after attention, after MLP)' if kind == 'H' else 'one per block after the MLP, with LayerNorm'}, bottleneck {plan.bottleneck}"
+        where = (
+            "two per block (after attention, after MLP)"
+            if kind == "H"
+            else "one per block after the MLP, with LayerNorm"
+        )
+        desc = f"{where}, bottleneck {plan.bottleneck}"
         variants.append((Row(f"adapter-{kind}", "torch", plan.params, desc), model.eval()))
     materialize([model for _, model in variants])
     return variants

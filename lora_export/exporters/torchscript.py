@@ -129,7 +129,9 @@ def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) 
         for out_name, r, o in zip(graph.output_names, ref, res):
             metrics.append(compare(Case(name, {"attention_mask": args[1][:, -seq:]}), out_name, r.float(), o.float()))
     worst = max(m.max_rel for m in metrics)
-    summary = f"worst rel {worst:.2g} (≤ {tolerance('runtime', dtype_name).max_rel:g}) at shapes {', '.join(n for n, _ in cases)}"
+    limit = tolerance("runtime", dtype_name).max_rel
+    shapes = ", ".join(n for n, _ in cases)
+    summary = f"worst rel {worst:.2g} (≤ {limit:g}) at shapes {shapes}"
     return metrics_check(
         f"{fmt} vs pytorch",
         f"{path.name} reloaded in a fresh process vs PyTorch eager, {dtype_name}",
