@@ -5,9 +5,10 @@ first sentence, so the adapter learns one visible behaviour — capitals, then s
 version (80 steps at lr 3e-3 on 40 answers cut off mid-word at 48 tokens) overfit: asked about Italy it answered
 "THE CAPITAL OF ILOWES-WELL-WELL-WELL…", having learnt to run on rather than to end. This one: more questions of
 many kinds, answers that are whole sentences ending in EOS (answers that loop, or have no complete sentence, are
-dropped), a lower learning rate, and training keeps the step with the best score on held-out questions (capital
-letters, no repeated n-gram loops, at the demo's 48 tokens) — the check `tests/test_real_models.py` runs on
-questions that neither training nor selection saw.
+dropped), all linear layers adapted, a lower learning rate, and training keeps the step with the best score on
+held-out questions: first clean answers (capital letters, no repeated n-gram loops, at the demo's 48 tokens) — the
+check `tests/test_real_models.py` runs on questions that neither training nor selection saw — then how many words of
+the base model's own answer the adapter's answer keeps (it should change the case, not the content).
 
 Runs on a CPU in about ten minutes; needs `peft` (a test dependency, not needed by the tool itself).
 
@@ -99,6 +100,8 @@ SELECTION = [
     "Name a sport played with a ball.",
     "What do cows eat?",
     "Why do leaves change color?",
+    "Where do penguins live?",
+    "What is the capital of Chile?",
 ]
 
 
@@ -138,12 +141,19 @@ def examples_for(model, tokenizer, cache: Path, max_new_tokens: int) -> list[tup
     return [(prompt, cut) for prompt, answer in raw if (cut := first_sentence(answer))]
 
 
-def score(model, tokenizer, max_new_tokens: int) -> int:
-    """How many selection questions get a clean answer in capitals."""
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[A-Z0-9']+", (first_sentence(text) or text).upper()))
+
+
+def score(model, tokenizer, max_new_tokens: int, reference: dict[str, str]) -> tuple[int, float]:
+    """(how many selection questions get a clean answer in capitals, how much of the base model's first sentence
+    the answers keep): the adapter should change the case, not the content."""
     model.eval()
-    ok = sum(not answer_problems(generate(model, tokenizer, q, max_new_tokens), upper=True) for q in SELECTION)
+    answers = {q: generate(model, tokenizer, q, max_new_tokens) for q in SELECTION}
     model.train()
-    return ok
+    clean = sum(not answer_problems(a, upper=True) for a in answers.values())
+    kept = sum(len(words(a) & words(reference[q])) / max(1, len(words(reference[q]))) for q, a in answers.items())
+    return clean, round(kept / len(SELECTION), 3)
 
 
 def main() -> None:
@@ -162,19 +172,20 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     examples = examples_for(model, tokenizer, args.cache / "demo-caps-examples-v2.json", args.max_new_tokens)
+    reference = {q: generate(model, tokenizer, q, args.eval_tokens) for q in SELECTION}  # the base model's answers
     print(f"{len(examples)} training examples", flush=True)
 
     config = LoraConfig(
         r=8,
         lora_alpha=16,
         lora_dropout=0.05,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules="all-linear",  # the MLPs too: spelling in capitals is more than attention
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    best = (-1, -1)
+    best: tuple[tuple[int, float], int] = ((-1, -1.0), -1)
     for step in range(1, args.steps + 1):
         losses = []
         for prompt, answer in rng.sample(examples, 4):
@@ -189,12 +200,17 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         if step % args.eval_every == 0:
-            ok = score(peft_model, tokenizer, args.eval_tokens)
-            print(f"step {step:4d}  loss {loss.item():.3f}  selection {ok}/{len(SELECTION)}", flush=True)
-            if ok > best[0]:
-                best = (ok, step)
+            result = score(peft_model, tokenizer, args.eval_tokens, reference)
+            print(
+                f"step {step:4d}  loss {loss.item():.3f}  selection {result[0]}/{len(SELECTION)} clean, "
+                f"{result[1]:.0%} of the base's words kept",
+                flush=True,
+            )
+            if result > best[0]:
+                best = (result, step)
                 peft_model.save_pretrained(args.out)
-    print(f"saved {args.out} from step {best[1]} ({best[0]}/{len(SELECTION)} selection questions clean)")
+    (clean, kept), step = best
+    print(f"saved {args.out} from step {step} ({clean}/{len(SELECTION)} selection answers clean, {kept:.0%} kept)")
 
 
 if __name__ == "__main__":

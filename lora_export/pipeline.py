@@ -12,8 +12,10 @@ from typing import Any
 
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
+from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
+from .exporters.runtime_files import GENAI_CONFIG, GENAI_MISSING, genai_check, genai_installed, write_runtime_files
 from .lora_runtime import load_model
 from .merge import MergeOptions, merge
 from .outputs import atomic_output_dir, check_free_space, check_output_location
@@ -96,30 +98,53 @@ def export_artifact(
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
     model = load_model(merged_dir, DTYPES[dtype])
-    prompt, eos, tokenizer = _prompt_tokens(merged_dir)
     section: dict[str, Any] = {"format": options.format, "dtype": dtype}
     if options.format == "onnx":
-        log(f"exporting ONNX (opset {options.onnx.opset}{', past key/values' if options.onnx.with_past else ''}) …")
-        exported = export_onnx(model, out / "model.onnx", options.onnx, log)
-        log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
-        checks, generation = verify_onnx(model, exported, options.onnx, options.seed, prompt, eos)
-        section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
-        section["files"] = [p.name for p in onnx_files(exported.path)]
-        if generation and tokenizer is not None:
-            section["generation_text"] = {
-                "pytorch": tokenizer.decode(generation["reference"]),
-                "onnxruntime": tokenizer.decode(generation["tokens"]),
-            }
+        checks = _export_onnx(model, merged_dir, out, options, section, log)
     else:
         from .exporters.torchscript import export_torch
 
         log(f"exporting {options.format} …")
         info, checks = export_torch(model, out, options.format, options.seed)
         section.update(info)
+        _copy_side_files(merged_dir, out)
+    return section, checks
+
+
+def _copy_side_files(merged_dir: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (merged_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(merged_dir / name, out / name)
-    return section, checks
+
+
+def _export_onnx(
+    model: Any, merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
+) -> list[Check]:
+    """The ONNX graph, checked in ONNX Runtime; the files runtimes need beside it; for decoders with past, the
+    folder loaded and run by ONNX Runtime GenAI as written."""
+    prompt, eos, tokenizer = _prompt_tokens(merged_dir)
+    log(f"exporting ONNX (opset {options.onnx.opset}{', past key/values' if options.onnx.with_past else ''}) …")
+    exported = export_onnx(model, out / "model.onnx", options.onnx, log)
+    log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
+    checks, generation = verify_onnx(model, exported, options.onnx, options.seed, prompt, eos)
+    section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
+    section["files"] = [p.name for p in onnx_files(exported.path)]
+    if generation and tokenizer is not None:
+        section["generation_text"] = {
+            "pytorch": tokenizer.decode(generation["reference"]),
+            "onnxruntime": tokenizer.decode(generation["tokens"]),
+        }
+    _copy_side_files(merged_dir, out)
+    decoder = exported.kind == "causal-lm" and exported.with_past
+    shape = cache_shape(model.config) if decoder else None
+    section["runtime_files"] = write_runtime_files(out, merged_dir, shape, exported.input_names, exported.output_names)
+    if decoder and generation and (out / GENAI_CONFIG).is_file():
+        if genai_installed():
+            log("checking in ONNX Runtime GenAI …")
+            checks.append(genai_check(out, generation["prompt_tokens"], generation["reference"], section["dtype"]))
+        else:  # said in the report, not skipped silently
+            section["runtime_files"].append(GENAI_MISSING)
+    return checks
 
 
 def _report(

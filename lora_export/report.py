@@ -141,6 +141,7 @@ def pipeline_text(report: PipelineReport) -> str:
     elif export:
         lines.append(f"  {export['format']:<8} {export['file']}  ({export['exporter']}, {export['seconds']:.1f} s)")
     lines += check_lines(report.checks)
+    lines += [f"  note     {note}" for note in export.get("runtime_files", [])]
     text = export.get("generation_text")
     if text:
         lines.append(f"  pytorch     {text['pytorch']!r}")

@@ -31,7 +31,7 @@ from .lora_runtime import (
     model_kind,
     placement_summary,
 )
-from .merge import MergeOptions, merge
+from .merge import MergeOptions, adapter_weights, merge
 from .records import Check, VerifyReport
 from .tensors import TensorStore
 from .tolerances import tolerance, tolerances_for
@@ -144,7 +144,7 @@ def verify(
         if not folder.is_dir():
             raise InputError(f"{folder} does not exist or is not a folder")
     config = read_json_object(merged_dir / "config.json", f"is {merged_dir} a merged model folder?")
-    weights = tuple(options.weights) or (1.0,) * len(adapter_paths)
+    weights = adapter_weights(options.weights, len(adapter_paths))
     dtype = stored_dtype(merged_dir)
     with tempfile.TemporaryDirectory(prefix="lora-export-verify-") as tmp:  # lives as long as the models: offloaded
         place = Placement(

