@@ -31,7 +31,14 @@ from .outputs import atomic_output_dir, check_output_location
 from .pipeline import SIDE_FILES, ExportOptions, merge_and_onnx
 from .records import Check, MergedVariant, PackageCheck, PackageManifest, SharedLayout, files_of, versions
 from .records.package import PACKAGE_FIX
-from .shared_graph import build_shared_graph, run_with_adapter, union_modules, variant_factors, write_adapter_file
+from .shared_graph import (
+    build_shared_graph,
+    run_with_adapter,
+    shared_in_genai,
+    union_modules,
+    variant_factors,
+    write_adapter_file,
+)
 from .tolerances import tolerances_for
 from .variants import Variant, read_variants
 from .workers import sha256_file
@@ -99,6 +106,8 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
         checks.append(
             _compare(f"shared graph + {path.name} vs {v.name} in PyTorch", references[v.name], got, mask.numpy())
         )
+    genai_checks, runtime_notes = shared_in_genai(shared, base_dir, variants, files, out, graph.export)
+    checks += genai_checks
     np.savez(
         shared / "reference.npz",
         **{f"input:{k}": v for k, v in feeds.items()},
@@ -108,7 +117,7 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
         f"variant {v.name}: dtype {v.dtype} applies to its merged layout; the shared graph and its adapters are float32"
         for v in variants
         if v.dtype not in ("auto", "float32")
-    ]
+    ] + runtime_notes
     return SharedLayout(
         "shared/model.onnx",
         "float32",

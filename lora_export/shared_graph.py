@@ -19,8 +19,19 @@ import torch
 
 from .adapters import LoraAdapter, LoraModule, load_adapter
 from .errors import UnsupportedError
+from .exporters.graphs import build_graph, cache_shape
 from .exporters.onnx import OnnxExport, OnnxOptions, export_onnx
-from .lora_runtime import apply_lora, load_model
+from .exporters.onnx_check import greedy_loop
+from .exporters.runtime_files import (
+    GENAI_CONFIG,
+    GENAI_MISSING,
+    genai_adapters_check,
+    genai_installed,
+    write_runtime_files,
+)
+from .lora_runtime import apply_lora, load_model, load_unmerged
+from .records.checks import Check
+from .variants import Variant
 
 WRAPPER_PREFIX = "model."  # the export wrapper holds the transformers model as `model`
 
@@ -164,3 +175,39 @@ def union_modules(
                         f"{adapter.path}: {path} has shape {shape}, another variant's {modules[path]}: are they for the same base?"
                     )
     return modules, loaded
+
+
+def _greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """PyTorch's greedy tokens after `prompt` through the exported graph's contract, and the logits after it."""
+    graph = build_graph(model, with_past=True)
+    logits: list[np.ndarray] = []
+
+    def step(*a: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = [t.numpy() for t in graph.module(*[torch.from_numpy(x) for x in a])]
+        logits.append(out[0][0, -1].astype(np.float64))
+        return out
+
+    tokens = greedy_loop(step, graph.cache, prompt, n, None, torch.float32)
+    return tokens, logits[0]
+
+
+def shared_in_genai(
+    shared: Path, base_dir: Path, variants: list[Variant], files: dict[str, str], out: Path, export: Any
+) -> tuple[list[Check], list[str]]:
+    """genai_config.json and tokenizer files for the shared graph, and the graph with each adapter run in GenAI."""
+    base = load_model(base_dir)
+    notes = write_runtime_files(shared, base_dir, cache_shape(base.config), export.input_names, export.output_names)
+    if not (shared / GENAI_CONFIG).is_file():
+        return [], notes
+    if not genai_installed():
+        return [], [*notes, GENAI_MISSING]
+    prompt = [
+        int(t) for t in torch.randint(0, int(base.config.vocab_size), (6,), generator=torch.Generator().manual_seed(3))
+    ]
+    references = {"__base__": _greedy_reference(base, prompt, 8)}
+    for v in variants:
+        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+        references[v.name] = _greedy_reference(unmerged, prompt, 8)
+    adapters = {name: out / file for name, file in files.items()}
+    return [genai_adapters_check(shared, adapters, prompt, references)], notes

@@ -19,8 +19,11 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..jsonio import read_json_object, write_json
 from ..records import Check
+from ..tolerances import tolerance
 from .graphs import CacheShape
 
 GENAI_CONFIG = "genai_config.json"
@@ -149,3 +152,65 @@ def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: st
     summary = "identical" if ok else f"first difference at token {first}"
     failures = () if ok else (f"GenAI's greedy tokens differ from PyTorch's from token {first}",)
     return Check(name, compares, dtype, ok, summary, failures, details={"tokens": tokens, "reference": reference})
+
+
+def genai_adapters_check(
+    folder: Path, adapters: dict[str, Path], prompt: list[int], references: dict[str, tuple[list[int], np.ndarray]]
+) -> Check:
+    """The shared graph in ONNX Runtime GenAI: without an adapter it computes the base; with each variant's
+    .onnx_adapter active (og.Adapters, Generator.set_active_adapter), that variant. Compared per variant: the logits
+    after the prompt (within the runtime tolerance, relative to their largest value) and the greedy tokens."""
+    import onnxruntime_genai as og
+
+    tol = tolerance("runtime", "float32").max_rel
+    n = max(len(tokens) for tokens, _ in references.values())
+    name, compares = "genai adapters", f"logits and {n} greedy tokens per variant, GenAI multi-LoRA vs PyTorch"
+    failures, worst, got = [], 0.0, {}
+    try:
+        model = og.Model(str(folder))
+        loaded = og.Adapters(model)
+        for variant, path in adapters.items():
+            loaded.load(str(path), variant)
+        for variant, (reference, ref_logits) in references.items():
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(prompt) + len(reference))
+            generator = og.Generator(model, params)
+            if variant in adapters:
+                generator.set_active_adapter(loaded, variant)
+            generator.append_tokens(prompt)
+            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
+            rel = float(np.abs(logits - ref_logits).max() / max(float(np.abs(ref_logits).max()), 1e-30))
+            worst = max(worst, rel) if rel == rel else float("inf")
+            if not rel <= tol:
+                failures.append(f"{variant}: logits after the prompt differ from PyTorch's by {rel:.3g} > {tol:g}")
+            tokens: list[int] = []
+            while not generator.is_done() and len(tokens) < len(reference):
+                generator.generate_next_token()
+                tokens.append(int(generator.get_next_tokens()[0]))
+            got[variant] = tokens
+            if tokens != reference:
+                failures.append(f"{variant}: GenAI's greedy tokens {tokens} differ from PyTorch's {reference}")
+    except Exception as e:  # GenAI reports a folder or adapter it cannot use as a RuntimeError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Check(name, compares, "float32", False, "could not run", (f"ONNX Runtime GenAI: {first}",))
+    # what the check can tell apart: how far each adapter moves the logits from the base's (in PyTorch)
+    base = references.get("__base__", (None, None))[1]
+    effect = {
+        v: float(np.abs(r - base).max() / max(float(np.abs(base).max()), 1e-30))
+        for v, (_, r) in references.items()
+        if base is not None and v != "__base__"
+    }
+    summary = f"{len(references)} variants: worst logits rel {worst:.2g} (≤ {tol:g}), tokens " + (
+        "identical" if not any("tokens" in f for f in failures) else "differ"
+    )
+    if effect:
+        summary += f"; adapters move the logits by ≥ {min(effect.values()):.2g}"
+    return Check(
+        name,
+        compares,
+        "float32",
+        not failures,
+        summary,
+        tuple(failures),
+        details={"tokens": got, "adapter_effect": effect},
+    )
