@@ -9,6 +9,7 @@ the checks with their tolerances, and the storage each layout takes. Each layout
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -158,49 +159,46 @@ def _merged(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
 
 
 def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str, MergedVariant], dict[str, Any]]:
-    """Store the merged variants' graphs in merged-onnx/: tensors identical in every variant once, in common.data,
-    the rest in NAME.data (ONNX external data; each NAME.onnx refers to both, in the same folder, as ONNX Runtime
-    requires). The per-variant merged/NAME/model.onnx copies are removed; each new graph is checked against the
-    variant's reference outputs before they go."""
+    """Keep each merged variant a folder a runtime loads as it is (merged/NAME/model.onnx beside its config,
+    tokenizer and genai_config.json), while storing the tensors identical in every variant once: they go to
+    common.data, hard-linked into each variant's folder (ONNX Runtime wants external data beside the graph), the
+    rest to the variant's model.onnx.data. Each rewritten graph is checked against the variant's reference outputs."""
     import onnx
 
     names = list(merged)
-    models = {n: onnx.load(str(out / merged[n].graph)) for n in names}
-    folder = out / "merged-onnx"
-    folder.mkdir()
-    common, saved = _write_external_data(models, folder)
+    folders = {n: out / merged[n].folder for n in names}
+    models = {n: onnx.load(str(out / merged[n].graph)) for n in names}  # with their weights, before the rewrite
+    for folder in folders.values():
+        for f in folder.glob("model.onnx*"):
+            f.unlink()
+    common, saved, linked = _write_external_data(models, folders, out / "merged" / ".common.data")
     updated = {}
     for n in names:
-        ref = np.load(out / merged[n].folder / "reference.npz")
+        ref = np.load(folders[n] / "reference.npz")
         feeds = {k.split(":", 1)[1]: ref[k] for k in ref.files if k.startswith("input:")}
-        got = session(folder / f"{n}.onnx").run(["logits"], feeds)[0]
-        check = _compare(
-            f"merged-onnx/{n}.onnx (shared tensors) vs reference",
-            ref[f"logits:{n}"],
-            got,
-            feeds["attention_mask"],
-            merged[n].dtype,
-        )
+        got = session(folders[n] / "model.onnx").run(["logits"], feeds)[0]
+        name = f"{merged[n].folder}/model.onnx (shared tensors) vs reference"
+        check = _compare(name, ref[f"logits:{n}"], got, feeds["attention_mask"], merged[n].dtype)
         if not check.passed:
             raise VerifyError(
-                f"{folder / (n + '.onnx')}: differs from the variant's reference after sharing tensors: "
+                f"{folders[n]}: differs from the variant's reference after sharing tensors: "
                 + "; ".join(check.failures)
             )
-        updated[n] = replace(merged[n], graph=f"merged-onnx/{n}.onnx", checks=(*merged[n].checks, check))
-        for f in (out / merged[n].folder).glob("model.onnx*"):
-            f.unlink()
+        updated[n] = replace(merged[n], graph=f"{merged[n].folder}/model.onnx", checks=(*merged[n].checks, check))
     sharing = {
         "common_tensors": common,
-        "saved_bytes": saved,
-        "common_bytes": (folder / "common.data").stat().st_size,
-        "per_variant_bytes": {n: (folder / f"{n}.data").stat().st_size for n in names},
+        "saved_bytes": saved if linked else 0,
+        "common_bytes": (folders[names[0]] / "common.data").stat().st_size,
+        "common_file": "common.data in each variant's folder, " + ("hard links to one file" if linked else "copies"),
+        "per_variant_bytes": {n: (folders[n] / "model.onnx.data").stat().st_size for n in names},
     }
     return updated, sharing
 
 
-def _write_external_data(models: dict[str, Any], folder: Path) -> tuple[int, int]:
-    """Write each model as folder/NAME.onnx with its tensors in common.data (those found, by content, in more than
-    one model) or NAME.data. Returns the number of common tensors and the bytes not written twice."""
+def _write_external_data(models: dict[str, Any], folders: dict[str, Path], staging: Path) -> tuple[int, int, bool]:
+    """Write each model as FOLDER/model.onnx with its tensors in common.data (those found, by content, in more
+    than one model; written once, then hard-linked into every folder) or model.onnx.data. Returns the number of
+    common tensors, the bytes not written twice, and whether hard links worked (else common.data is copied)."""
     import onnx
     from onnx import numpy_helper
 
@@ -209,38 +207,50 @@ def _write_external_data(models: dict[str, Any], folder: Path) -> tuple[int, int
         for t in m.graph.initializer:
             seen.setdefault(sha256_bytes(numpy_helper.to_array(t).tobytes()), set()).add(n)
 
-    def place(data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
-        data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
-        offset = data.tell()
-        data.write(raw)
-        return [("location", location), ("offset", str(offset)), ("length", str(len(raw)))]
-
-    def point(tensor: Any, entries: list[tuple[str, str]]) -> None:
-        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            tensor.ClearField(f)
-        del tensor.external_data[:]
-        for key, value in entries:
-            tensor.external_data.add(key=key, value=value)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-
     common: dict[str, list[tuple[str, str]]] = {}
     saved = 0
-    with (folder / "common.data").open("wb") as common_data:
+    with staging.open("wb") as common_data:
         for n, model in models.items():
-            with (folder / f"{n}.data").open("wb") as own:
+            with (folders[n] / "model.onnx.data").open("wb") as own:
                 for t in model.graph.initializer:
                     raw = numpy_helper.to_array(t).tobytes()
                     digest = sha256_bytes(raw)
                     if len(seen[digest]) == 1:
-                        point(t, place(own, f"{n}.data", raw))
+                        _point(t, _place(own, "model.onnx.data", raw))
                         continue
                     if digest in common:
                         saved += len(raw)
                     else:
-                        common[digest] = place(common_data, "common.data", raw)
-                    point(t, common[digest])
-            onnx.save(model, str(folder / f"{n}.onnx"))
-    return len(common), saved
+                        common[digest] = _place(common_data, "common.data", raw)
+                    _point(t, common[digest])
+            onnx.save(model, str(folders[n] / "model.onnx"))
+    linked = True
+    for folder in folders.values():
+        try:
+            os.link(staging, folder / "common.data")
+        except OSError:  # a file system without hard links: each folder gets its own copy
+            linked = False
+            shutil.copyfile(staging, folder / "common.data")
+    staging.unlink()
+    return len(common), saved, linked
+
+
+def _place(data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
+    data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
+    offset = data.tell()
+    data.write(raw)
+    return [("location", location), ("offset", str(offset)), ("length", str(len(raw)))]
+
+
+def _point(tensor: Any, entries: list[tuple[str, str]]) -> None:
+    import onnx
+
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(f)
+    del tensor.external_data[:]
+    for key, value in entries:
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -315,8 +325,9 @@ def _package(
 def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[str, Any]:
     """Bytes on disk: N merged models vs one base graph plus N adapter files (the paper's storage argument)."""
 
-    def size(pattern: str) -> int:
-        return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+    def size(pattern: str) -> int:  # a hard-linked file is stored once
+        stats = {(st.st_dev, st.st_ino): st.st_size for p in folder.glob(pattern) if p.is_file() and (st := p.stat())}
+        return sum(stats.values())
 
     out: dict[str, Any] = {"variants": len(variants)}
     if mode in ("shared", "both"):
@@ -326,7 +337,7 @@ def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[st
         out["merged_estimate_bytes"] = graph * len(variants)
     if mode in ("merged", "both"):
         out["merged"] = {
-            "onnx_bytes": size("merged/*/model.onnx*") + size("merged-onnx/*"),
+            "onnx_bytes": size("merged/*/model.onnx*") + size("merged/*/common.data"),
             "with_merged_folders_bytes": size("merged/**/*"),
         }
     return out

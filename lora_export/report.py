@@ -206,7 +206,7 @@ def package_text(manifest: PackageManifest, out_dir: Path) -> str:
     sharing = manifest.merged_sharing
     if sharing:
         lines.append(
-            f"  merged graphs share {sharing['common_tensors']} identical tensors stored once in merged-onnx/common.data "
+            f"  merged graphs share {sharing['common_tensors']} identical tensors stored once (common.data, {sharing.get('common_file', '')}) "
             f"({human_bytes(sharing['common_bytes'])}; {human_bytes(sharing['saved_bytes'])} not written twice)"
         )
     verdict = f"PASS → {out_dir}/{manifest.NAME}" if manifest.passed else "FAIL: nothing was written"

@@ -78,16 +78,30 @@ def test_shared_and_merged_layouts_and_check(built: tuple[Path, str], tmp_path: 
     assert {f.name for f in manifest.files} >= {
         "shared/model.onnx",
         "shared/reference.npz",
-        "merged-onnx/common.data",
-        "merged-onnx/summarize.onnx",
+        "merged/summarize/model.onnx",
+        "merged/summarize/common.data",
+        "merged/support-chat/common.data",
     }
     sharing = manifest.merged_sharing  # k_proj, gate/up, embeddings, norms: identical in both merged variants
     assert sharing is not None and sharing["common_tensors"] >= 2 * 3 + 2
     assert sharing["common_bytes"] > max(sharing["per_variant_bytes"].values())
     # two variants: each shared tensor would have been written twice (or more)
     assert sharing["saved_bytes"] > 0.9 * sharing["common_bytes"]
-    assert not (out / "merged" / "summarize" / "model.onnx").exists()
-    assert manifest.merged["summarize"].graph == "merged-onnx/summarize.onnx"
+    # each variant stays a folder runtimes load as it is; the common tensors are one file on disk, linked twice
+    a, b = out / "merged" / "summarize", out / "merged" / "support-chat"
+    assert {"model.onnx", "model.onnx.data", "common.data", "genai_config.json", "config.json"} <= {
+        p.name for p in a.iterdir()
+    }
+    assert (a / "common.data").stat().st_ino == (b / "common.data").stat().st_ino
+    assert manifest.merged["summarize"].graph == "merged/summarize/model.onnx"
+    # and the rewritten folder still runs in GenAI as written, generating what PyTorch generated
+    from lora_export.exporters.runtime_files import genai_check
+
+    recorded = next(c for c in manifest.merged["summarize"].checks if c.name == "onnx generation").details
+    assert genai_check(a, recorded["prompt_tokens"], recorded["reference"], "float32").passed
+    assert st["merged"]["onnx_bytes"] < sum(
+        p.stat().st_size for v in (a, b) for p in v.glob("*") if "onnx" in p.name or p.name == "common.data"
+    )
     ok = CliRunner().invoke(main, ["package", "--check", str(out)])
     assert ok.exit_code == 0 and "package check: PASS" in ok.output
 
@@ -134,7 +148,7 @@ def test_shared_layout_refuses_dora(models_dir: Path, tmp_path: Path) -> None:
 
 def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
     """Every layout of the package is run: the shared graph bare and with each adapter, and each merged graph (from
-    merged-onnx/, where the package keeps them); ratios are medians over the base's median."""
+    their folders, after the package rewrote them to share tensors); ratios are medians over the base's median."""
     import statistics
 
     from lora_export.bench import BenchOptions, bench_package
@@ -156,4 +170,4 @@ def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
         assert len(cell.runs_ms) >= 5 and cell.median_ms == statistics.median(cell.runs_ms)
         assert cell.ratio == pytest.approx(cell.median_ms / base.median_ms)
     assert result.rows[1].params == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # q and v, two layers
-    assert result.rows[3].description == "merged-onnx/summarize.onnx"
+    assert result.rows[3].description == "merged/summarize/model.onnx"
