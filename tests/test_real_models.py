@@ -125,26 +125,37 @@ def test_shipped_demo_adapter_answers_in_capitals_without_looping(smollm2: Path,
     assert not problems, problems
 
 
-def test_verify_smollm2_bf16_demo_adapter(smollm2: Path, tmp_path: Path) -> None:
-    from lora_export.demo import demo_adapter_dir
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_verify_smollm2_demo_adapter_in_half_precision(smollm2: Path, tmp_path: Path, dtype: str) -> None:
+    """The merge is exact in float32; what the half dtype loses is reported apart, as the cast's. float16 passes
+    every check. bfloat16 keeps 8 bits: with the shipped adapter (every linear layer) its cast error on random
+    tokens measured 0.16 of the logits' scale against the table's 0.15 (the base alone: 0.036), so the report may
+    fail the cast check, and then says it is the cast and where it diverges first."""
+    from lora_export.demo import answer_problems, demo_adapter_dir
     from lora_export.report import verify_text
     from lora_export.verify import VerifyOptions, verify
 
     adapter = demo_adapter_dir()
-    merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype="bfloat16", progress=False))
+    merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype=dtype, progress=False))
     report = verify(smollm2, [adapter], tmp_path / "merged", VerifyOptions(max_new_tokens=32))
-    assert report.passed, [c.failures for c in report.checks]
     assert report.cases[0]["name"].startswith("chat prompts")  # SmolLM2 has a tokenizer and a chat template
     checks = {c.name: c for c in report.checks}
+    assert checks[f"weights ({dtype})"].passed and checks["merge (float32)"].passed
+    assert checks["generation (float32)"].passed
     merge_err = max(m.max_rel for m in checks["merge (float32)"].metrics)
-    cast_err = max(m.max_rel for m in checks["cast (bfloat16)"].metrics)
-    assert merge_err < 1e-3 and cast_err > 10 * merge_err  # the cast, not the merge, makes the difference
-    gen = report.generation["bfloat16"]
+    cast_err = max(m.max_rel for m in checks[f"cast ({dtype})"].metrics)
+    assert merge_err < 1e-4 and cast_err > 10 * merge_err  # the cast, not the merge, makes the difference
+    if dtype == "float16":
+        assert report.passed, [c.failures for c in report.checks]
+    elif not report.passed:
+        assert report.failed == ["cast (bfloat16)"] and report.diagnosis is not None
+        assert report.diagnosis["compares"] == "merged in bfloat16 vs merged in float32"
+    gen = report.generation[dtype]
     text = verify_text(report)
     expected = "identical" if gen["identical"] else f"differ from token {gen['first_difference']}"
-    assert f"merged bfloat16 vs unmerged float32: {expected}" in text
-    letters = [c for c in report.generation["unmerged_text"] if c.isalpha()]
-    assert sum(c.isupper() for c in letters) > 0.75 * len(letters)  # the demo adapter answers (mostly) in capitals
+    assert f"merged {dtype} vs unmerged float32: {expected}" in text
+    answer = report.generation["unmerged_text"].split("<|im_end|>")[0]  # the text before the end-of-turn token
+    assert answer and not answer_problems(answer), answer  # the demo adapter answers in capitals
 
 
 def test_verify_minilm_encoder(tmp_path: Path) -> None:
