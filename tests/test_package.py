@@ -46,7 +46,7 @@ def built(models_dir: Path, project: Path, tmp_path_factory: pytest.TempPathFact
     return out, r.output
 
 
-def test_shared_and_merged_layouts_and_check(built: tuple[Path, str], tmp_path: Path) -> None:
+def test_shared_layout_runs_in_ort_and_genai_with_each_adapter(built: tuple[Path, str]) -> None:
     out, output = built
     assert "identical tensors stored once" in output
     manifest = PackageManifest.load(out)
@@ -72,6 +72,11 @@ def test_shared_and_merged_layouts_and_check(built: tuple[Path, str], tmp_path: 
     assert params["model.layers.0.mlp.down_proj.lora_A"] == [2, 64]
     # support-chat does not touch v_proj: the zero-rank default applies
     assert "model.layers.0.self_attn.v_proj.lora_A" not in params
+
+
+def test_merged_layout_variants_are_runnable_folders_sharing_tensors(built: tuple[Path, str]) -> None:
+    out, _ = built
+    manifest = PackageManifest.load(out)
     assert {c.name for v in manifest.merged.values() for c in v.checks} >= {"onnx vs pytorch", "merge (float32)"}
     st = manifest.storage
     assert st["shared"]["adapter_files_bytes"] < st["shared"]["base_graph_bytes"] < st["merged_estimate_bytes"]
@@ -102,6 +107,10 @@ def test_shared_and_merged_layouts_and_check(built: tuple[Path, str], tmp_path: 
     assert st["merged"]["onnx_bytes"] < sum(
         p.stat().st_size for v in (a, b) for p in v.glob("*") if "onnx" in p.name or p.name == "common.data"
     )
+
+
+def test_package_check_catches_changed_bytes_and_wrong_numbers(built: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = built
     ok = CliRunner().invoke(main, ["package", "--check", str(out)])
     assert ok.exit_code == 0 and "package check: PASS" in ok.output
 

@@ -207,7 +207,17 @@ def test_cli_exit_codes_and_json(models_dir: Path, tmp_path: Path) -> None:
         and data["tolerances"]["merge/float32"]["max_rel"] == tolerance("merge", "float32").max_rel
     )
     assert {c["name"] for c in data["checks"]} >= {"weights (float32)", "merge (float32)", "generation (float32)"}
+    missing = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "Error:" in missing.output and "nope" in missing.output
+    too_few = runner.invoke(main, ["verify", str(base), str(tmp_path / "good")])
+    assert too_few.exit_code == 2
 
+
+def test_cli_failed_check_exit_1_json_and_junit(models_dir: Path, tmp_path: Path) -> None:
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, [adapter], tmp_path / "good", MergeOptions(progress=False))
+    runner = CliRunner()
     w0 = load_file(base / "model.safetensors")
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
     edit_merged(
@@ -238,11 +248,6 @@ def test_cli_exit_codes_and_json(models_dir: Path, tmp_path: Path) -> None:
     failed = {name for name, c in cases.items() if c.find("failure") is not None}
     assert "weights (float32)" in failed and "merge (float32)" in failed and suite.get("failures") == str(len(failed))
     assert "model.layers.1.self_attn.q_proj.weight" in cases["weights (float32)"].find("failure").text
-
-    missing = runner.invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "nope")])
-    assert missing.exit_code == 2 and "Error:" in missing.output and "nope" in missing.output
-    too_few = runner.invoke(main, ["verify", str(base), str(tmp_path / "good")])
-    assert too_few.exit_code == 2
 
 
 def test_broken_merges_are_far_beyond_the_float32_tolerance(models_dir: Path, tmp_path: Path) -> None:

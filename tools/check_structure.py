@@ -1,4 +1,4 @@
-"""Report modules over 400 lines and functions over 60 lines in the package, tools and examples (exit 1 if any).
+"""Report modules over 400 lines and functions over 60 lines in the package, tests, tools and examples (exit 1 if any).
 
 python tools/check_structure.py
 """
@@ -31,7 +31,7 @@ def problems(paths: list[Path]) -> list[str]:
 
 
 if __name__ == "__main__":
-    files = sorted(p for folder in ("lora_export", "tools", "examples") for p in (ROOT / folder).rglob("*.py"))
+    files = sorted(p for folder in ("lora_export", "tests", "tools", "examples") for p in (ROOT / folder).rglob("*.py"))
     found = problems(files)
     print("\n".join(found) or f"{len(files)} files: no module over {MAX_MODULE} lines, no function over {MAX_FUNCTION}")
     sys.exit(1 if found else 0)
