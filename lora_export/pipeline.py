@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
+from .exporters.genai_builder import build_with_genai, genai_logits_check, genai_special_ids, unsupported_reason
 from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
 from .exporters.runtime_files import GENAI_CONFIG, GENAI_MISSING, genai_check, genai_installed, write_runtime_files
-from .lora_runtime import load_model
+from .lora_runtime import load_model, model_kind
 from .merge import MergeOptions, merge
 from .outputs import atomic_output_dir, check_free_space, check_output_location
 from .records import Check, PipelineReport, files_of, versions
@@ -45,6 +48,7 @@ class ExportOptions:
     onnx: OnnxOptions = OnnxOptions()
     seed: int = 0
     overwrite: bool = False
+    exporter: str = "dynamo"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,12 @@ def export_artifact(
         )
     model = load_model(merged_dir, DTYPES[dtype])
     section: dict[str, Any] = {"format": options.format, "dtype": dtype}
-    if options.format == "onnx":
+    exporter, why = choose_exporter(options, merged_dir, model_kind(model))
+    if options.format == "onnx" and exporter == "genai":
+        section["exporter_choice"] = why
+        checks = _export_genai(model, merged_dir, out, options, section, log)
+    elif options.format == "onnx":
+        section["exporter_choice"] = why
         checks = _export_onnx(model, merged_dir, out, options, section, log)
     else:
         from .exporters.torchscript import export_torch
@@ -109,6 +118,45 @@ def export_artifact(
         section.update(info)
         _copy_side_files(merged_dir, out)
     return section, checks
+
+
+EXPORTERS = ("dynamo", "genai", "auto")
+
+
+def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str) -> tuple[str, str]:
+    """(exporter, why): auto takes the GenAI model builder where it can build the model, dynamo otherwise."""
+    if options.exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {options.exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if options.format != "onnx" or options.exporter == "dynamo":
+        return "dynamo", "asked for" if options.exporter == "dynamo" else f"{options.format} is not ONNX"
+    reason = unsupported_reason(merged_dir) if kind == "causal-lm" else "the GenAI model builder builds decoders only"
+    if reason is None and not options.onnx.with_past:
+        reason = "--no-past: the GenAI graph always has past key/values"
+    if reason is None and options.onnx.optimize:
+        reason = "--optimize applies to the dynamo graph (the builder's graph is already fused)"
+    if options.exporter == "genai":
+        if reason:
+            raise UnsupportedError(f"--exporter genai: {reason}; use --exporter dynamo")
+        return "genai", "asked for"
+    return ("dynamo", f"auto: {reason}") if reason else ("genai", "auto: the GenAI model builder builds this model")
+
+
+def _export_genai(
+    model: Any, merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
+) -> list[Check]:
+    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch."""
+    section.update(build_with_genai(merged_dir, out, section["dtype"], log))
+    _copy_side_files(merged_dir, out)
+    prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
+    vocab = int(model.config.get_text_config().vocab_size)
+    # GenAI treats the pad id in a prompt as padding (masked): random prompts leave out pad and eos ids
+    special = set(genai_special_ids(out / GENAI_CONFIG))
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    generator = torch.Generator().manual_seed(options.seed)
+    random_prompt = allowed[torch.randint(0, len(allowed), (8,), generator=generator)].tolist()
+    prompts = [p for p in (prompt, random_prompt) if p]
+    log("checking in ONNX Runtime GenAI …")
+    return [genai_logits_check(out, model, prompts, options.onnx.max_new_tokens, section["dtype"])]
 
 
 def _copy_side_files(merged_dir: Path, out: Path) -> None:

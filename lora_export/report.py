@@ -132,7 +132,12 @@ def pipeline_text(report: PipelineReport) -> str:
     """merge-and-onnx / export: what was written, a PASS/FAIL line per check, the generated text when there is one."""
     export = report.export
     lines = [f"{report.command}: {'PASS' if report.passed else 'FAIL'}"]
-    if export.get("format") == "onnx":
+    if export.get("format") == "onnx" and "opset" not in export:  # the GenAI model builder's graph
+        lines.append(
+            f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, {export.get('precision')}, "
+            f"{export['seconds']:.1f} s; {export.get('exporter_choice', '')})"
+        )
+    elif export.get("format") == "onnx":
         flags = f"{', optimized' if export.get('optimized') else ''}{', with past' if export.get('with_past') else ''}"
         lines.append(
             f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, opset {export['opset']}, "

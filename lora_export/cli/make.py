@@ -206,6 +206,14 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).",
 )
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "genai", "auto"]),
+    default="dynamo",
+    show_default=True,
+    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
+    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
+)
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option(
     "--optimize",
@@ -239,6 +247,7 @@ def merge_and_onnx(
     out_dir: Path,
     weights: tuple[float, ...],
     dtype: str,
+    exporter: str,
     opset: int,
     optimize: bool,
     no_past: bool,
@@ -271,9 +280,8 @@ def merge_and_onnx(
     merge_options = MergeOptions(dtype=dtype, weights=weights, allow_pickle=allow_pickle, overwrite=overwrite)
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
     verify_options = VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle)
-    result = run(
-        base_dir, adapter_dirs, out_dir, merge_options, ExportOptions(onnx=onnx), verify_options, log=_echo_err
-    )
+    export_options = ExportOptions(onnx=onnx, exporter=exporter)
+    result = run(base_dir, adapter_dirs, out_dir, merge_options, export_options, verify_options, log=_echo_err)
     conclude(result.report, pipeline_text(result.report), "lora-export merge-and-onnx", json_file, junit_file)
 
 
@@ -297,6 +305,14 @@ def merge_and_onnx(
     "cannot compile transformers models); pt2: torch.export.export. Decoders in torchscript/pt2 need transformers 5 "
     "(4.x builds masks with torch.vmap, which neither can record).",
 )
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "genai", "auto"]),
+    default="dynamo",
+    show_default=True,
+    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
+    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
+)
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
 @click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
@@ -318,6 +334,7 @@ def export(
     merged_dir: Path,
     out_dir: Path,
     fmt: str,
+    exporter: str,
     opset: int,
     optimize: bool,
     no_past: bool,
@@ -343,5 +360,6 @@ def export(
     from ..report import pipeline_text
 
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
-    result = run(merged_dir, out_dir, ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite), log=_echo_err)
+    options = ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite, exporter=exporter)
+    result = run(merged_dir, out_dir, options, log=_echo_err)
     conclude(result.report, pipeline_text(result.report), "lora-export export", json_file, junit_file)

@@ -1,0 +1,131 @@
+"""The second ONNX exporter: ONNX Runtime GenAI's model builder, run on the merged folder.
+
+It writes the graph GenAI runs fastest (fused GroupQueryAttention, a preallocated KV buffer), genai_config.json and
+the tokenizer files, in seconds. Its graph has another contract than the dynamo export (no position_ids, past and
+present sharing one buffer), so it is checked where it will run: in ONNX Runtime GenAI, against PyTorch, logits after
+each prompt and after every generated token, and the greedy tokens. The builder runs in its own process: it holds
+its own copy of the weights, and a crash there is an error here, not a dead run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..compare import Case, compare, metrics_check
+from ..errors import ExportError
+from ..records import Check
+
+# Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
+SUPPORTED = {
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
+    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
+    "NemotronForCausalLM", "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM",
+}  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def unsupported_reason(folder: Path) -> str | None:
+    """Why the builder cannot export this folder here, or None when it can."""
+    missing = [m for m in ("onnxruntime_genai", "onnx_ir") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'lora-export[genai]')"
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or ["?"]
+    if architectures[0] not in SUPPORTED:
+        return f"the GenAI model builder does not build {architectures[0]}"
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = text.get("num_attention_heads") or 1
+    head_size = text.get("head_dim") or (text.get("hidden_size") or 0) // heads
+    if head_size % 16:  # seen: "head_size shall be a multiple of 16" from ONNX Runtime at the first run
+        return f"its GroupQueryAttention needs a head size that is a multiple of 16 (this model: {head_size})"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "the GenAI model builder needs the model's tokenizer (tokenizer.json) in the folder"
+    return None
+
+
+def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[str, Any]:
+    """Run the builder (fp32 or fp16, CPU) from the merged folder into `out`; returns the report's export section."""
+    precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
+    if precision is None:
+        raise ExportError(f"the GenAI model builder exports float32 or float16 here, not {dtype}")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", cache]  # fmt: skip
+        log(f"building the GenAI graph ({precision}, cpu) with onnxruntime_genai.models.builder …")
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not (out / "model.onnx").is_file():
+        last = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+        raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {done.returncode}): {last[0]}")
+    config = json.loads((out / "genai_config.json").read_text())
+    return {
+        "exporter": "onnxruntime_genai.models.builder",
+        "seconds": time.perf_counter() - started,
+        "precision": precision,
+        "files": sorted(p.name for p in out.glob("model.onnx*")),
+        "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
+        "with_past": True,
+    }
+
+
+def genai_special_ids(config_path: Path) -> list[int]:
+    """pad, bos and eos ids of a genai_config.json (eos may be a list)."""
+    model = json.loads(config_path.read_text())["model"]
+    ids = []
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = model.get(key)
+        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    return ids
+
+
+def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[int]], n: int, dtype: str) -> Check:
+    """The folder run by ONNX Runtime GenAI vs PyTorch: logits after each prompt and after every generated token
+    (the runtime tolerance), and the greedy tokens, identical."""
+    import onnxruntime_genai as og
+
+    metrics, failures = [], []
+    try:
+        runtime = og.Model(str(folder))
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)  # fmt: skip
+            tokens = ref.sequences[0, len(prompt) :].tolist()
+            params = og.GeneratorParams(runtime)
+            params.set_search_options(do_sample=False, max_length=len(prompt) + len(tokens))
+            generator = og.Generator(runtime, params)
+            generator.append_tokens(prompt)
+            got = []
+            for step, step_logits in enumerate(ref.logits):
+                if step:
+                    generator.generate_next_token()
+                    got.append(int(generator.get_next_tokens()[0]))
+                logits = torch.from_numpy(generator.get_logits().reshape(1, -1).astype("float64"))
+                case = Case(f"prompt {i} ({len(prompt)} tokens) step {step}", {})
+                metrics.append(compare(case, "logits", step_logits.reshape(1, -1).double().cpu(), logits))
+            if not generator.is_done():
+                generator.generate_next_token()
+                got.append(int(generator.get_next_tokens()[0]))
+            if got != tokens:
+                failures.append(f"prompt {i}: GenAI's greedy tokens {got} differ from PyTorch's {tokens}")
+    except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: the check fails
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Check("genai vs pytorch", "ONNX Runtime GenAI vs PyTorch", dtype, False, "could not run", (first,))
+    check = metrics_check(
+        "genai vs pytorch", f"ONNX Runtime GenAI vs PyTorch eager, {dtype}", "runtime", dtype, metrics
+    )
+    if failures:
+        return Check(
+            check.name, check.compares, dtype, False, check.summary, (*check.failures, *failures), check.metrics
+        )
+    return check
