@@ -25,6 +25,39 @@ if TYPE_CHECKING:
 EXISTING_DIR = click.Path(exists=False, file_okay=False, path_type=Path)
 REPORT_FILE = click.Path(dir_okay=False, path_type=Path)
 
+# Options several commands share, defined once.
+output_option = click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=EXISTING_DIR,
+    help="Folder to write (must not exist, unless --overwrite).",
+)
+weights_option = click.option(
+    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
+)
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True)."
+)
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
+)
+junit_option = click.option(
+    "--junit",
+    "junit_file",
+    type=REPORT_FILE,
+    help="Also write the checks as JUnit XML (written even when a check fails).",
+)
+exporter_option = click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "genai", "auto"]),
+    default="dynamo",
+    show_default=True,
+    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
+    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
+)
+
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     """ "1x128,16x256" → ((1, 128), (16, 256))."""

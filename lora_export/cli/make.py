@@ -7,23 +7,27 @@ from typing import Any
 
 import click
 
-from .main import EXISTING_DIR, REPORT_FILE, _echo_err, conclude, handle_errors, main
+from .main import (
+    EXISTING_DIR,
+    REPORT_FILE,
+    _echo_err,
+    allow_pickle_option,
+    conclude,
+    exporter_option,
+    handle_errors,
+    junit_option,
+    main,
+    output_option,
+    overwrite_option,
+    weights_option,
+)
 
 
 @main.command()
 @click.argument("base_dir", type=EXISTING_DIR)
 @click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=EXISTING_DIR,
-    help="Folder to write (must not exist, unless --overwrite).",
-)
-@click.option(
-    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
-)
+@output_option
+@weights_option
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -33,7 +37,7 @@ from .main import EXISTING_DIR, REPORT_FILE, _echo_err, conclude, handle_errors,
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
-@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@allow_pickle_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (lora_export.json) on stdout instead of a summary."
 )
@@ -100,7 +104,7 @@ def merge(
     "--max-new-tokens", default=32, show_default=True, help="Greedy tokens to generate and compare (causal LMs)."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
-@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@allow_pickle_option
 @click.option("--device", default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …")
 @click.option(
     "--device-map",
@@ -188,17 +192,8 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 @main.command("merge-and-onnx")
 @click.argument("base_dir", type=EXISTING_DIR)
 @click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=EXISTING_DIR,
-    help="Folder to write (must not exist, unless --overwrite).",
-)
-@click.option(
-    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
-)
+@output_option
+@weights_option
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16"]),
@@ -206,14 +201,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).",
 )
-@click.option(
-    "--exporter",
-    type=click.Choice(["dynamo", "genai", "auto"]),
-    default="dynamo",
-    show_default=True,
-    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
-    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
-)
+@exporter_option
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option(
     "--optimize",
@@ -227,19 +215,12 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
-)
-@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@overwrite_option
+@allow_pickle_option
 @click.option(
     "--json", "json_file", type=REPORT_FILE, help="Also write the report here (it is written even when a check fails)."
 )
-@click.option(
-    "--junit",
-    "junit_file",
-    type=REPORT_FILE,
-    help="Also write the checks as JUnit XML (written even when a check fails).",
-)
+@junit_option
 @handle_errors
 def merge_and_onnx(
     base_dir: Path,
@@ -287,14 +268,7 @@ def merge_and_onnx(
 
 @main.command()
 @click.argument("merged_dir", type=EXISTING_DIR)
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=EXISTING_DIR,
-    help="Folder to write (must not exist, unless --overwrite).",
-)
+@output_option
 @click.option(
     "--format",
     "fmt",
@@ -305,30 +279,16 @@ def merge_and_onnx(
     "cannot compile transformers models); pt2: torch.export.export. Decoders in torchscript/pt2 need transformers 5 "
     "(4.x builds masks with torch.vmap, which neither can record).",
 )
-@click.option(
-    "--exporter",
-    type=click.Choice(["dynamo", "genai", "auto"]),
-    default="dynamo",
-    show_default=True,
-    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
-    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
-)
+@exporter_option
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
 @click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
 @click.option(
     "--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch."
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
-)
+@overwrite_option
 @click.option("--json", "json_file", type=REPORT_FILE, help="Also write the report here.")
-@click.option(
-    "--junit",
-    "junit_file",
-    type=REPORT_FILE,
-    help="Also write the checks as JUnit XML (written even when a check fails).",
-)
+@junit_option
 @handle_errors
 def export(
     merged_dir: Path,

@@ -8,7 +8,18 @@ from typing import Any
 import click
 
 from ..errors import VerifyError
-from .main import EXISTING_DIR, REPORT_FILE, Shapes, _echo_err, conclude, handle_errors, main
+from .main import (
+    EXISTING_DIR,
+    REPORT_FILE,
+    Shapes,
+    _echo_err,
+    allow_pickle_option,
+    conclude,
+    handle_errors,
+    main,
+    output_option,
+    overwrite_option,
+)
 
 
 @main.command()
@@ -156,9 +167,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
     is_flag=True,
     help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
-)
+@overwrite_option
 @click.option("--junit", "junit_file", type=REPORT_FILE, help="With --check: write the checks as JUnit XML.")
 @handle_errors
 def package(
@@ -222,14 +231,7 @@ def package(
     help="The adapter merged into MERGED_DIR (checked by hash against its manifest).",
 )
 @click.option("--add", "add", required=True, type=EXISTING_DIR, help="The adapter to merge in instead.")
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=EXISTING_DIR,
-    help="Folder to write (must not exist, unless --overwrite).",
-)
+@output_option
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
 )
@@ -263,7 +265,7 @@ def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, o
     type=EXISTING_DIR,
     help="Check the adapter against this base and compute the amplification factor.",
 )
-@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True).")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @handle_errors
 def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_json: bool) -> None:
