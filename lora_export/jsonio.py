@@ -20,10 +20,7 @@ def read_json_object(
     """A JSON object from `path`, or one error naming the file, what is wrong and the fix."""
     if not path.is_file():
         raise InputError(f"{path} is missing: {missing_hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{path}: not valid JSON ({e}){fix}") from None
+    data = _parse(path, error, fix)
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, found {type(data).__name__}{fix}")
     return data
@@ -95,7 +92,7 @@ class Fields:
         return tuple(values)
 
 
-def relative_name(name: str, where: Fields, key: str = "name") -> str:
+def relative_name(name: str, where: Fields) -> str:
     """A file name inside a package or model folder: relative, no `..`, no backslashes."""
     if not name or name.startswith("/") or "\\" in name or ".." in PurePosixPath(name).parts:
         raise UnsafeInputError(
@@ -107,9 +104,13 @@ def relative_name(name: str, where: Fields, key: str = "name") -> str:
 def read_json(path: Path, fix: str) -> Any:
     if not path.is_file():
         raise InputError(f"{path} is missing; {fix}")
+    return _parse(path, InputError, f"; {fix}")
+
+
+def _parse(path: Path, error: type[Exception], fix: str) -> Any:
+    """The JSON in `path`, or `error` naming the file and the parser's first line ("not valid JSON (…){fix}")."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(
-            f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}"
-        ) from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"{path}: not valid JSON ({first}){fix}") from None

@@ -9,7 +9,6 @@ the checks with their tolerances, and the storage each layout takes. Each layout
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from .errors import InputError, VerifyError
 from .exporters.graphs import build_graph, position_ids_for
 from .exporters.onnx import OnnxOptions
 from .exporters.onnx_check import session
+from .exporters.runtime_files import genai_adapters_check
+from .external_data import write_external_data
 from .lora_runtime import load_model, load_unmerged
 from .merge import MergeOptions
 from .outputs import atomic_output_dir, check_output_location
@@ -34,8 +35,9 @@ from .records import Check, MergedVariant, PackageCheck, PackageManifest, Shared
 from .records.package import PACKAGE_FIX
 from .shared_graph import (
     build_shared_graph,
+    genai_runtime_files,
+    greedy_reference,
     run_with_adapter,
-    shared_in_genai,
     union_modules,
     variant_factors,
     write_adapter_file,
@@ -88,6 +90,8 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
     names, feeds, mask = _reference_inputs(base)
     sess = session(graph.path)
     references = {"__base__": _logits(base, feeds)}
+    prompt, runtime_notes = genai_runtime_files(shared, base_dir, base, graph.export)
+    greedy = {"__base__": greedy_reference(base, prompt, 8)} if prompt else {}
     checks = [
         _compare(
             "shared graph, no adapter vs base (PyTorch)",
@@ -103,12 +107,15 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
         files[v.name] = f"shared/{path.name}"
         unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
         references[v.name] = _logits(unmerged, feeds)
+        if prompt:  # the same model, for the GenAI check below
+            greedy[v.name] = greedy_reference(unmerged, prompt, 8)
         got = run_with_adapter(sess, feeds, path, ["logits"])[0]
         checks.append(
             _compare(f"shared graph + {path.name} vs {v.name} in PyTorch", references[v.name], got, mask.numpy())
         )
-    genai_checks, runtime_notes = shared_in_genai(shared, base_dir, variants, files, out, graph.export)
-    checks += genai_checks
+    if prompt:
+        adapters = {name: out / file for name, file in files.items()}
+        checks.append(genai_adapters_check(shared, adapters, prompt, greedy))
     np.savez(
         shared / "reference.npz",
         **{f"input:{k}": v for k, v in feeds.items()},
@@ -171,7 +178,7 @@ def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str
     for folder in folders.values():
         for f in folder.glob("model.onnx*"):
             f.unlink()
-    common, saved, linked = _write_external_data(models, folders, out / "merged" / ".common.data")
+    common, saved, linked = write_external_data(models, folders, out / "merged" / ".common.data")
     updated = {}
     for n in names:
         ref = np.load(folders[n] / "reference.npz")
@@ -193,70 +200,6 @@ def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str
         "per_variant_bytes": {n: (folders[n] / "model.onnx.data").stat().st_size for n in names},
     }
     return updated, sharing
-
-
-def _write_external_data(models: dict[str, Any], folders: dict[str, Path], staging: Path) -> tuple[int, int, bool]:
-    """Write each model as FOLDER/model.onnx with its tensors in common.data (those found, by content, in more
-    than one model; written once, then hard-linked into every folder) or model.onnx.data. Returns the number of
-    common tensors, the bytes not written twice, and whether hard links worked (else common.data is copied)."""
-    import onnx
-    from onnx import numpy_helper
-
-    seen: dict[str, set[str]] = {}  # by content, not name: the exporter names folded constants differently
-    for n, m in models.items():
-        for t in m.graph.initializer:
-            seen.setdefault(sha256_bytes(numpy_helper.to_array(t).tobytes()), set()).add(n)
-
-    common: dict[str, list[tuple[str, str]]] = {}
-    saved = 0
-    with staging.open("wb") as common_data:
-        for n, model in models.items():
-            with (folders[n] / "model.onnx.data").open("wb") as own:
-                for t in model.graph.initializer:
-                    raw = numpy_helper.to_array(t).tobytes()
-                    digest = sha256_bytes(raw)
-                    if len(seen[digest]) == 1:
-                        _point(t, _place(own, "model.onnx.data", raw))
-                        continue
-                    if digest in common:
-                        saved += len(raw)
-                    else:
-                        common[digest] = _place(common_data, "common.data", raw)
-                    _point(t, common[digest])
-            onnx.save(model, str(folders[n] / "model.onnx"))
-    linked = True
-    for folder in folders.values():
-        try:
-            os.link(staging, folder / "common.data")
-        except OSError:  # a file system without hard links: each folder gets its own copy
-            linked = False
-            shutil.copyfile(staging, folder / "common.data")
-    staging.unlink()
-    return len(common), saved, linked
-
-
-def _place(data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
-    data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
-    offset = data.tell()
-    data.write(raw)
-    return [("location", location), ("offset", str(offset)), ("length", str(len(raw)))]
-
-
-def _point(tensor: Any, entries: list[tuple[str, str]]) -> None:
-    import onnx
-
-    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        tensor.ClearField(f)
-    del tensor.external_data[:]
-    for key, value in entries:
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-
-
-def sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 class _Discard(Exception):

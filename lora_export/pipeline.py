@@ -10,15 +10,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
-from .exporters.genai_builder import build_with_genai, genai_logits_check, genai_special_ids, unsupported_reason
+from .exporters.genai_builder import build_with_genai, genai_logits_check, unsupported_reason
 from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
-from .exporters.runtime_files import GENAI_CONFIG, GENAI_MISSING, genai_check, genai_installed, write_runtime_files
+from .exporters.runtime_files import (
+    GENAI_CONFIG,
+    GENAI_MISSING,
+    genai_check,
+    genai_installed,
+    genai_prompt,
+    write_runtime_files,
+)
 from .lora_runtime import load_model, model_kind
 from .merge import MergeOptions, merge
 from .outputs import atomic_output_dir, check_free_space, check_output_location
@@ -149,12 +154,7 @@ def _export_genai(
     _copy_side_files(merged_dir, out)
     prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
     vocab = int(model.config.get_text_config().vocab_size)
-    # GenAI treats the pad id in a prompt as padding (masked): random prompts leave out pad and eos ids
-    special = set(genai_special_ids(out / GENAI_CONFIG))
-    allowed = torch.tensor([i for i in range(vocab) if i not in special])
-    generator = torch.Generator().manual_seed(options.seed)
-    random_prompt = allowed[torch.randint(0, len(allowed), (8,), generator=generator)].tolist()
-    prompts = [p for p in (prompt, random_prompt) if p]
+    prompts = [p for p in (prompt, genai_prompt(out / GENAI_CONFIG, vocab, 8, options.seed)) if p]
     log("checking in ONNX Runtime GenAI …")
     return [genai_logits_check(out, model, prompts, options.onnx.max_new_tokens, section["dtype"])]
 

@@ -25,13 +25,11 @@ from .exporters.onnx_check import greedy_loop
 from .exporters.runtime_files import (
     GENAI_CONFIG,
     GENAI_MISSING,
-    genai_adapters_check,
     genai_installed,
+    genai_prompt,
     write_runtime_files,
 )
-from .lora_runtime import apply_lora, load_model, load_unmerged
-from .records.checks import Check
-from .variants import Variant
+from .lora_runtime import apply_lora, load_model
 
 WRAPPER_PREFIX = "model."  # the export wrapper holds the transformers model as `model`
 
@@ -177,7 +175,7 @@ def union_modules(
     return modules, loaded
 
 
-def _greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+def greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """PyTorch's greedy tokens after `prompt` through the exported graph's contract, and the logits after it."""
     graph = build_graph(model, with_past=True)
     logits: list[np.ndarray] = []
@@ -192,22 +190,14 @@ def _greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> tupl
     return tokens, logits[0]
 
 
-def shared_in_genai(
-    shared: Path, base_dir: Path, variants: list[Variant], files: dict[str, str], out: Path, export: Any
-) -> tuple[list[Check], list[str]]:
-    """genai_config.json and tokenizer files for the shared graph, and the graph with each adapter run in GenAI."""
-    base = load_model(base_dir)
+def genai_runtime_files(
+    shared: Path, base_dir: Path, base: torch.nn.Module, export: Any
+) -> tuple[list[int] | None, list[str]]:
+    """genai_config.json and tokenizer files for the shared graph; the prompt its GenAI check runs (None when GenAI
+    cannot run it here, and the notes say why)."""
     notes = write_runtime_files(shared, base_dir, cache_shape(base.config), export.input_names, export.output_names)
     if not (shared / GENAI_CONFIG).is_file():
-        return [], notes
+        return None, notes
     if not genai_installed():
-        return [], [*notes, GENAI_MISSING]
-    prompt = [
-        int(t) for t in torch.randint(0, int(base.config.vocab_size), (6,), generator=torch.Generator().manual_seed(3))
-    ]
-    references = {"__base__": _greedy_reference(base, prompt, 8)}
-    for v in variants:
-        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
-        references[v.name] = _greedy_reference(unmerged, prompt, 8)
-    adapters = {name: out / file for name, file in files.items()}
-    return [genai_adapters_check(shared, adapters, prompt, references)], notes
+        return None, [*notes, GENAI_MISSING]
+    return genai_prompt(shared / GENAI_CONFIG, int(base.config.vocab_size), 6, 3), notes

@@ -23,6 +23,7 @@ import torch
 from ..compare import Case, compare, metrics_check
 from ..errors import ExportError
 from ..records import Check
+from .runtime_files import new_generator, next_tokens
 
 # Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
 SUPPORTED = {
@@ -77,16 +78,6 @@ def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[
     }
 
 
-def genai_special_ids(config_path: Path) -> list[int]:
-    """pad, bos and eos ids of a genai_config.json (eos may be a list)."""
-    model = json.loads(config_path.read_text())["model"]
-    ids = []
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = model.get(key)
-        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
-    return ids
-
-
 def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[int]], n: int, dtype: str) -> Check:
     """The folder run by ONNX Runtime GenAI vs PyTorch: logits after each prompt and after every generated token
     (the runtime tolerance), and the greedy tokens, identical."""
@@ -101,9 +92,7 @@ def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[
                 ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)  # fmt: skip
             tokens = ref.sequences[0, len(prompt) :].tolist()
-            params = og.GeneratorParams(runtime)
-            params.set_search_options(do_sample=False, max_length=len(prompt) + len(tokens))
-            generator = og.Generator(runtime, params)
+            generator = new_generator(og, runtime, prompt, len(tokens))
             generator.append_tokens(prompt)
             got = []
             for step, step_logits in enumerate(ref.logits):
@@ -113,9 +102,7 @@ def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[
                 logits = torch.from_numpy(generator.get_logits().reshape(1, -1).astype("float64"))
                 case = Case(f"prompt {i} ({len(prompt)} tokens) step {step}", {})
                 metrics.append(compare(case, "logits", step_logits.reshape(1, -1).double().cpu(), logits))
-            if not generator.is_done():
-                generator.generate_next_token()
-                got.append(int(generator.get_next_tokens()[0]))
+            got += next_tokens(generator, 1)  # the last token: its logits were compared above
             if got != tokens:
                 failures.append(f"prompt {i}: GenAI's greedy tokens {got} differ from PyTorch's {tokens}")
     except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: the check fails

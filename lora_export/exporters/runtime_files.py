@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..compare import compare_tokens
 from ..jsonio import read_json_object, write_json
 from ..records import Check
 from ..tolerances import tolerance
@@ -124,34 +126,72 @@ def genai_installed() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
+def genai_special_ids(config_path: Path) -> set[int]:
+    """pad, bos and eos ids of a genai_config.json (eos may be a list)."""
+    model = read_json_object(config_path, "genai_config.json was not written")["model"]
+    ids: set[int] = set()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = model.get(key)
+        ids |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
+    return ids
+
+
+def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
+    """Random token ids for a GenAI check, without pad, bos and eos: GenAI masks pad ids inside a prompt (seen: a
+    prompt of pad ids gave logits of 1e32), which PyTorch does not."""
+    allowed = torch.tensor(sorted(set(range(vocab)) - genai_special_ids(config_path)))
+    return allowed[torch.randint(0, len(allowed), (n,), generator=torch.Generator().manual_seed(seed))].tolist()
+
+
+def new_generator(og: Any, model: Any, prompt: list[int], new_tokens: int) -> Any:
+    """A greedy og.Generator for `prompt` that may add `new_tokens`; the prompt is not yet appended."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    return og.Generator(model, params)
+
+
+def next_tokens(generator: Any, n: int) -> list[int]:
+    """Up to n greedy tokens (fewer when GenAI stops at eos)."""
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < n:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
 def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: str) -> Check:
     """Greedy tokens of the folder run by ONNX Runtime GenAI (og.Model, og.Generator) vs PyTorch's."""
     import onnxruntime_genai as og
 
     name, compares = "genai generation", f"{len(reference)} greedy tokens, ONNX Runtime GenAI vs PyTorch"
 
-    tokens: list[int] = []
     try:
-        model = og.Model(str(folder))
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + len(reference))
-        generator = og.Generator(model, params)
+        generator = new_generator(og, og.Model(str(folder)), prompt, len(reference))
         generator.append_tokens(prompt)
-        while not generator.is_done() and len(tokens) < len(reference):
-            generator.generate_next_token()
-            tokens.append(int(generator.get_next_tokens()[0]))
+        tokens = next_tokens(generator, len(reference))
     except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: that is the check failing
-        failure = (
-            f"ONNX Runtime GenAI could not run {folder.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Check(
+            name,
+            compares,
+            dtype,
+            False,
+            "could not run",
+            (f"ONNX Runtime GenAI could not run {folder.name}: {first_line}",),
         )
-        return Check(name, compares, dtype, False, "could not run", (failure,))
-    first = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), None)
-    if first is None and len(tokens) != len(reference):
-        first = min(len(tokens), len(reference))
-    ok = first is None
-    summary = "identical" if ok else f"first difference at token {first}"
-    failures = () if ok else (f"GenAI's greedy tokens differ from PyTorch's from token {first}",)
-    return Check(name, compares, dtype, ok, summary, failures, details={"tokens": tokens, "reference": reference})
+    result = compare_tokens(reference, tokens)
+    first = result["first_difference"]
+    summary = "identical" if result["identical"] else f"first difference at token {first}"
+    failures = () if result["identical"] else (f"GenAI's greedy tokens differ from PyTorch's from token {first}",)
+    return Check(
+        name,
+        compares,
+        dtype,
+        result["identical"],
+        summary,
+        failures,
+        details={"tokens": tokens, "reference": reference},
+    )
 
 
 def genai_adapters_check(
@@ -172,9 +212,7 @@ def genai_adapters_check(
         for variant, path in adapters.items():
             loaded.load(str(path), variant)
         for variant, (reference, ref_logits) in references.items():
-            params = og.GeneratorParams(model)
-            params.set_search_options(do_sample=False, max_length=len(prompt) + len(reference))
-            generator = og.Generator(model, params)
+            generator = new_generator(og, model, prompt, len(reference))
             if variant in adapters:
                 generator.set_active_adapter(loaded, variant)
             generator.append_tokens(prompt)
@@ -183,10 +221,7 @@ def genai_adapters_check(
             worst = max(worst, rel) if rel == rel else float("inf")
             if not rel <= tol:
                 failures.append(f"{variant}: logits after the prompt differ from PyTorch's by {rel:.3g} > {tol:g}")
-            tokens: list[int] = []
-            while not generator.is_done() and len(tokens) < len(reference):
-                generator.generate_next_token()
-                tokens.append(int(generator.get_next_tokens()[0]))
+            tokens = next_tokens(generator, len(reference))
             got[variant] = tokens
             if tokens != reference:
                 failures.append(f"{variant}: GenAI's greedy tokens {tokens} differ from PyTorch's {reference}")

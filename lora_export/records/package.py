@@ -56,15 +56,6 @@ class PackageManifest(CheckedReport):
     def checks(self) -> tuple[Check, ...]:  # type: ignore[override]
         return (*(self.shared.checks if self.shared else ()), *(c for v in self.merged.values() for c in v.checks))
 
-    def references(self) -> list[str]:
-        """The files the checks open: each must be among the hashed files."""
-        used = []
-        if self.shared is not None:
-            used += [self.shared.graph, "shared/reference.npz", *self.shared.adapters.values()]
-        for v in self.merged.values():
-            used += [f"{v.folder}/reference.npz", v.graph]
-        return used
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "tool": "lora-export package",
