@@ -89,6 +89,7 @@ def run_demo(
     earlier run with the same inputs (file hashes), tool version and options is reused, and the demo says so."""
     from .exporters.onnx import OnnxOptions
     from .exporters.onnx_check import onnx_generate
+    from .exporters.runtime_files import genai_generate
     from .pipeline import ExportOptions, merge_and_onnx
     from .records import PipelineReport
     from .report import pipeline_text
@@ -121,10 +122,12 @@ def run_demo(
     answers = {
         "base": greedy_answer(base, prompt, max_new_tokens),
         "merged": greedy_answer(out / "merged", prompt, max_new_tokens),
-        "onnx": onnx_generate(out, prompt, max_new_tokens),
     }
+    builder = report.export.get("exporter") == "onnxruntime_genai.models.builder"
+    answers["onnx"] = (genai_generate if builder else onnx_generate)(out, prompt, max_new_tokens)
     echo(f"\nprompt: {prompt}\n")
     echo(f"base model, PyTorch            > {answers['base']}")
     echo(f"merged model, PyTorch          > {answers['merged']}")
-    echo(f"merged model, ONNX Runtime     > {answers['onnx']}")
+    runtime = "merged model, " + ("ONNX RT GenAI" if builder else "ONNX Runtime")
+    echo(f"{runtime:<31}> {answers['onnx']}")
     return answers

@@ -71,6 +71,12 @@ class Fields:
             self.fail(key, f"must be a finite number, found {value}")
         return value
 
+    def choice(self, key: str, allowed: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if value not in allowed:
+            self.fail(key, f"must be one of {', '.join(allowed)}, found {value!r}")
+        return str(value)
+
     def sub(self, key: str, default: Any = ...) -> Fields | None:
         value = self.get(key, dict, default)
         return None if value is None else self.child(value, f"{self.where}.{key}" if self.where else key)

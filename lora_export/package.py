@@ -21,7 +21,8 @@ import torch
 
 from .adapters import load_adapter
 from .compare import Case, compare, metrics_check
-from .errors import InputError, VerifyError
+from .errors import InputError, UnsupportedError, VerifyError
+from .exporters.genai_builder import BUILDER
 from .exporters.graphs import build_graph, position_ids_for
 from .exporters.onnx import OnnxOptions
 from .exporters.onnx_check import session
@@ -30,7 +31,8 @@ from .external_data import write_external_data
 from .lora_runtime import load_model, load_unmerged
 from .merge import MergeOptions
 from .outputs import atomic_output_dir, check_output_location
-from .pipeline import SIDE_FILES, ExportOptions, merge_and_onnx
+from .package_genai import dtype_notes, merged_references, rerun_references, shared_genai
+from .pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
 from .records import Check, MergedVariant, PackageCheck, PackageManifest, SharedLayout, files_of, versions
 from .records.package import PACKAGE_FIX
 from .shared_graph import (
@@ -77,11 +79,38 @@ def _compare(name: str, ref: np.ndarray, got: np.ndarray, mask: np.ndarray, dtyp
     return metrics_check(name, "ONNX Runtime vs the stored reference logits (PyTorch)", "runtime", dtype, [m])
 
 
-def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None]) -> SharedLayout:
-    log("shared layout: exporting the base graph with swappable LoRA inputs …")
+def _shared(
+    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], exporter: str = "auto"
+) -> SharedLayout:
     modules, loaded = union_modules(base_dir, {v.name: v.adapters for v in variants})
     shared = out / "shared"
     shared.mkdir()
+    use, why = choose_exporter(ExportOptions(exporter=exporter), base_dir, "causal-lm")
+    if use == "genai":
+        log(f"shared layout: the GenAI model builder's graph of the base ({why}) …")
+        try:
+            layout = shared_genai(base_dir, variants, out, modules, loaded, log)
+            return replace(layout, notes=(*layout.notes, f"exporter: genai ({why})"))
+        except UnsupportedError as e:
+            if exporter == "genai":
+                raise
+            why = f"auto: {e}"
+            shutil.rmtree(shared)
+            shared.mkdir()
+    layout = _shared_dynamo(base_dir, variants, out, modules, loaded, log)
+    return replace(layout, notes=(*layout.notes, f"exporter: dynamo ({why})"))
+
+
+def _shared_dynamo(
+    base_dir: Path,
+    variants: list[Variant],
+    out: Path,
+    modules: dict[str, tuple[int, int]],
+    loaded: dict[str, Any],
+    log: Callable[[str], None],
+) -> SharedLayout:
+    log("shared layout: exporting the base graph with swappable LoRA inputs …")
+    shared = out / "shared"
     graph = build_shared_graph(base_dir, modules, shared / "model.onnx", OnnxOptions(with_past=True))
     for f in SIDE_FILES:
         if (base_dir / f).is_file():
@@ -92,14 +121,8 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
     references = {"__base__": _logits(base, feeds)}
     prompt, runtime_notes = genai_runtime_files(shared, base_dir, base, graph.export)
     greedy = {"__base__": greedy_reference(base, prompt, 8)} if prompt else {}
-    checks = [
-        _compare(
-            "shared graph, no adapter vs base (PyTorch)",
-            references["__base__"],
-            run_with_adapter(sess, feeds, None, ["logits"])[0],
-            mask.numpy(),
-        )
-    ]
+    got = run_with_adapter(sess, feeds, None, ["logits"])[0]
+    checks = [_compare("shared graph, no adapter vs base (PyTorch)", references["__base__"], got, mask.numpy())]
     files, parameters = {}, {}
     for v in variants:
         path = shared / f"{v.name}.onnx_adapter"
@@ -121,11 +144,7 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
         **{f"input:{k}": v for k, v in feeds.items()},
         **{f"logits:{k}": v for k, v in references.items()},
     )
-    notes = [
-        f"variant {v.name}: dtype {v.dtype} applies to its merged layout; the shared graph and its adapters are float32"
-        for v in variants
-        if v.dtype not in ("auto", "float32")
-    ] + runtime_notes
+    notes = dtype_notes(variants) + runtime_notes
     return SharedLayout(
         "shared/model.onnx",
         "float32",
@@ -139,7 +158,9 @@ def _shared(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
     )
 
 
-def _merged(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None]) -> dict[str, MergedVariant]:
+def _merged(
+    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], exporter: str = "auto"
+) -> dict[str, MergedVariant]:
     results = {}
     for v in variants:
         log(f"merged layout: {v.name} …")
@@ -151,13 +172,18 @@ def _merged(base_dir: Path, variants: list[Variant], out: Path, log: Callable[[s
             [p for p, _ in v.adapters],
             folder,
             options,
-            ExportOptions(onnx=OnnxOptions(max_new_tokens=8)),
+            ExportOptions(onnx=OnnxOptions(max_new_tokens=8), exporter=exporter),
             log=log,
         )
         dtype = result.report.export.get("dtype", v.dtype)
-        results[v.name] = MergedVariant(f"merged/{v.name}", dtype, f"merged/{v.name}/model.onnx", result.checks)
+        used = "genai" if result.report.export.get("exporter") == BUILDER else "dynamo"
+        graph = f"merged/{v.name}/model.onnx"
+        results[v.name] = MergedVariant(f"merged/{v.name}", dtype, graph, result.checks, used)
         if not result.passed:
             continue  # the package fails; its report names this variant's failed checks
+        if used == "genai":
+            merged_references(folder, v.name, dtype)
+            continue
         model = load_model(folder / "merged", torch.float16 if dtype == "float16" else torch.float32)
         _, feeds, _ = _reference_inputs(model)
         logits = {f"logits:{v.name}": _logits(model, feeds)}
@@ -181,11 +207,8 @@ def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str
     common, saved, linked = write_external_data(models, folders, out / "merged" / ".common.data")
     updated = {}
     for n in names:
-        ref = np.load(folders[n] / "reference.npz")
-        feeds = {k.split(":", 1)[1]: ref[k] for k in ref.files if k.startswith("input:")}
-        got = session(folders[n] / "model.onnx").run(["logits"], feeds)[0]
         name = f"{merged[n].folder}/model.onnx (shared tensors) vs reference"
-        check = _compare(name, ref[f"logits:{n}"], got, feeds["attention_mask"], merged[n].dtype)
+        check = replace(_rerun_merged(out, n, merged[n]), name=name)
         if not check.passed:
             raise VerifyError(
                 f"{folders[n]}: differs from the variant's reference after sharing tensors: "
@@ -215,6 +238,7 @@ def package(
     mode: str = "both",
     overwrite: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    exporter: str = "auto",
 ) -> PackageManifest:
     """Build the package; returns its manifest, passed or not. When a check failed, OUT_DIR is not written."""
     base_dir, variants_file, out_dir = Path(base_dir), Path(variants_file), Path(out_dir)
@@ -224,17 +248,20 @@ def package(
     check_output_location(out_dir, [base_dir, *{p for v in variants for p, _ in v.adapters}], overwrite)
     try:
         with atomic_output_dir(out_dir, overwrite) as tmp:
-            return _package(base_dir, variants, tmp, mode, log)
+            return _package(base_dir, variants, tmp, mode, log, exporter)
     except _Discard as failed:
         return failed.manifest
 
 
 def _package(
-    base_dir: Path, variants: list[Variant], tmp: Path, mode: str, log: Callable[[str], None]
+    base_dir: Path, variants: list[Variant], tmp: Path, mode: str, log: Callable[[str], None], exporter: str
 ) -> PackageManifest:
     started = time.perf_counter()
-    shared = _shared(base_dir, variants, tmp, log) if mode in ("shared", "both") else None
-    merged, sharing = (_merged(base_dir, variants, tmp, log), None) if mode in ("merged", "both") else ({}, None)
+    shared = _shared(base_dir, variants, tmp, log, exporter) if mode in ("shared", "both") else None
+    merged: dict[str, MergedVariant] = {}
+    if mode in ("merged", "both"):
+        merged = _merged(base_dir, variants, tmp, log, exporter)
+    sharing = None
     if len(merged) > 1 and all(all(c.passed for c in v.checks) for v in merged.values()):
         log("merged layout: storing tensors identical across variants once …")
         merged, sharing = dedupe_merged(tmp, merged)
@@ -319,16 +346,13 @@ def check_package(out_dir: Path | str) -> PackageCheck:
 
 
 def _rerun_references(out_dir: Path, manifest: PackageManifest) -> list[Check]:
-    def reference(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
-        try:
-            ref = np.load(path)
-            return ref, {k.split(":", 1)[1]: ref[k] for k in ref.files if k.startswith("input:")}
-        except Exception as e:  # a damaged archive under a manifest that hashes it: the package was built so
-            raise InputError(f"{path}: cannot read the reference outputs ({e}); {PACKAGE_FIX}") from None
-
     checks = []
-    if manifest.shared is not None:
-        ref, feeds = reference(out_dir / "shared" / "reference.npz")
+    if manifest.shared is not None and manifest.shared.exporter == "genai":
+        adapters = {n: out_dir / f for n, f in manifest.shared.adapters.items()}
+        check = rerun_references(out_dir / "shared", out_dir / "shared" / "reference.npz", adapters)
+        checks.append(replace(check, name="shared + every adapter, in GenAI"))
+    elif manifest.shared is not None:
+        ref, feeds = _read_reference(out_dir / "shared" / "reference.npz")
         sess = session(out_dir / manifest.shared.graph)
         got = run_with_adapter(sess, feeds, None, ["logits"])[0]
         checks.append(_compare("shared, no adapter", ref["logits:__base__"], got, feeds["attention_mask"]))
@@ -336,7 +360,28 @@ def _rerun_references(out_dir: Path, manifest: PackageManifest) -> list[Check]:
             got = run_with_adapter(sess, feeds, out_dir / file, ["logits"])[0]
             checks.append(_compare(f"shared + {Path(file).name}", ref[f"logits:{name}"], got, feeds["attention_mask"]))
     for name, info in manifest.merged.items():
-        ref, feeds = reference(out_dir / info.folder / "reference.npz")
-        got = session(out_dir / info.graph).run(["logits"], feeds)[0]
-        checks.append(_compare(f"merged {name}", ref[f"logits:{name}"], got, feeds["attention_mask"], info.dtype))
+        checks.append(replace(_rerun_merged(out_dir, name, info), name=f"merged {name}"))
     return checks
+
+
+def _rerun_merged(out_dir: Path, name: str, info: MergedVariant) -> Check:
+    """A merged variant's stored reference, re-run where its graph runs (ONNX Runtime, or GenAI for the builder's)."""
+    path = out_dir / info.folder / "reference.npz"
+    if info.exporter == "genai":
+        return rerun_references(out_dir / info.folder, path, {}, info.dtype)
+    ref, feeds = _read_reference(path)
+    got = session(out_dir / info.graph).run(["logits"], feeds)[0]
+    return _compare(name, ref[f"logits:{name}"], got, feeds["attention_mask"], info.dtype)
+
+
+def _read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A dynamo layout's reference.npz: every array, and the inputs among them."""
+    try:
+        with np.load(path) as archive:
+            ref = {k: archive[k] for k in archive.files}
+    except Exception as e:  # a damaged archive under a manifest that hashes it: the package was built so
+        raise InputError(f"{path}: cannot read the reference outputs ({e}); {PACKAGE_FIX}") from None
+    missing = [k for k in ("input:attention_mask",) if k not in ref]
+    if missing:
+        raise InputError(f"{path}: the reference outputs lack {missing[0]}; {PACKAGE_FIX}")
+    return ref, {k.split(":", 1)[1]: v for k, v in ref.items() if k.startswith("input:")}

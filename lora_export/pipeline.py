@@ -53,7 +53,7 @@ class ExportOptions:
     onnx: OnnxOptions = OnnxOptions()
     seed: int = 0
     overwrite: bool = False
-    exporter: str = "dynamo"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
+    exporter: str = "auto"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def export_artifact(
         )
     model = load_model(merged_dir, DTYPES[dtype])
     section: dict[str, Any] = {"format": options.format, "dtype": dtype}
-    exporter, why = choose_exporter(options, merged_dir, model_kind(model))
+    exporter, why = choose_exporter(options, merged_dir, model_kind(model), dtype)
     if options.format == "onnx" and exporter == "genai":
         section["exporter_choice"] = why
         checks = _export_genai(model, merged_dir, out, options, section, log)
@@ -128,8 +128,9 @@ def export_artifact(
 EXPORTERS = ("dynamo", "genai", "auto")
 
 
-def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str) -> tuple[str, str]:
-    """(exporter, why): auto takes the GenAI model builder where it can build the model, dynamo otherwise."""
+def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: str = "float32") -> tuple[str, str]:
+    """(exporter, why): auto takes the GenAI model builder where it can build and check the model, dynamo
+    otherwise."""
     if options.exporter not in EXPORTERS:
         raise InputError(f"unknown exporter {options.exporter!r}: choose one of {', '.join(EXPORTERS)}")
     if options.format != "onnx" or options.exporter == "dynamo":
@@ -139,6 +140,10 @@ def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str) -> tupl
         reason = "--no-past: the GenAI graph always has past key/values"
     if reason is None and options.onnx.optimize:
         reason = "--optimize applies to the dynamo graph (the builder's graph is already fused)"
+    if reason is None and dtype != "float32" and options.exporter == "auto":
+        reason = (
+            f"the builder's {dtype} CPU graph does not run in ONNX Runtime's CPU provider, so it could not be checked"
+        )
     if options.exporter == "genai":
         if reason:
             raise UnsupportedError(f"--exporter genai: {reason}; use --exporter dynamo")

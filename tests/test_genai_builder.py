@@ -87,3 +87,64 @@ def test_auto_and_refusals(models_dir: Path, tmp_path: Path) -> None:
         main, ["export", str(models_dir / "llama"), "-o", str(tmp_path / "n"), "--exporter", "genai"]
     )
     assert r.exit_code == 2 and "multiple of 16 (this model: 8)" in r.output and not (tmp_path / "n").exists()
+
+
+def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_path: Path) -> None:
+    """package's default exporter (auto) on a model the builder builds: the shared layout is the builder's graph
+    with LoRA inputs, every variant checked in GenAI (og.Adapters) against PEFT's unmerged model; merged variants
+    are builder graphs too; package --check re-runs all of it in GenAI; swapped references fail."""
+    import numpy as np
+
+    from lora_export.exporters.runtime_files import genai_adapters_check
+    from lora_export.records import PackageManifest
+
+    one = make_adapter(base, tmp_path / "one", target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])
+    two = make_adapter(base, tmp_path / "two", seed=1, target_modules=["k_proj", "down_proj"])
+    (tmp_path / "variants.yaml").write_text(
+        f"variants:\n  one:\n    adapters: [{one}]\n  two:\n    adapters:\n"
+        f"      - {{path: {two}, weight: 0.5}}\n      - {{path: {one}, weight: 0.5}}\n"
+    )
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, ["package", str(base), "--variants", str(tmp_path / "variants.yaml"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = PackageManifest.load(out)
+    assert manifest.shared is not None and manifest.shared.exporter == "genai"
+    assert {v.exporter for v in manifest.merged.values()} == {"genai"}
+    adapters_check = next(c for c in manifest.shared.checks if c.name == "genai adapters")
+    assert adapters_check.passed and min(adapters_check.details["adapter_effect"].values()) > 0.01
+    # q, k and v of the packed MatMul all have inputs; the base's own inputs are GenAI's contract
+    assert "model.layers.0.self_attn.k_proj" in manifest.shared.lora_inputs
+    assert "position_ids" not in manifest.shared.inputs
+    r = CliRunner().invoke(main, ["package", "--check", str(out)])
+    assert r.exit_code == 0, r.output
+    ref = np.load(out / "shared" / "reference.npz")
+    prompt = ref["genai:prompt"].tolist()
+    swapped = {
+        "one": (ref["tokens:two"].tolist(), ref["logits:two"]),
+        "two": (ref["tokens:one"].tolist(), ref["logits:one"]),
+    }
+    files = {n: out / "shared" / f"{n}.onnx_adapter" for n in ("one", "two")}
+    check = genai_adapters_check(out / "shared", files, prompt, swapped)
+    assert not check.passed and any("one: logits" in f for f in check.failures)
+
+
+def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from lora_export.errors import UnsupportedError
+    from lora_export.exporters.genai_lora import node_path, plan_branches
+
+    assert node_path("model.layers.12.self_attn.q_proj") == "/model/layers.12/attn/q_proj"
+    assert node_path("model.layers.3.mlp.down_proj") == "/model/layers.3/mlp/down_proj"
+    r = CliRunner().invoke(main, ["export", str(base), "-o", str(tmp_path / "b"), "--exporter", "genai"])
+    assert r.exit_code == 0, r.output
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
+    config = json.loads((base / "config.json").read_text())
+    plan = plan_branches(graph, {"model.layers.1.self_attn.v_proj": (32, 64)}, config)
+    assert [m for m, _, _ in plan["/model/layers.1/attn/qkv_proj/MatMul"]] == [
+        f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")
+    ]
+    with pytest.raises(UnsupportedError, match="no MatMul"):
+        plan_branches(graph, {"model.layers.1.mlp.fc9": (64, 64)}, config)
+    with pytest.raises(UnsupportedError, match="weight shape"):
+        plan_branches(graph, {"model.layers.1.self_attn.o_proj": (64, 32)}, config)

@@ -1,26 +1,28 @@
-"""Export benchmark: lora-export vs Optimum on SmolLM2-135M-Instruct, side by side in one run.
+"""Export benchmark on SmolLM2-135M-Instruct + the demo adapter, float32, side by side in one run.
 
-1. Wall time, interleaved per round: `lora-export merge-and-onnx` (merge + verify + export + ONNX Runtime checks),
-   `lora-export export MERGED --format onnx` (export + checks only), and `optimum-cli export onnx --task
-   text-generation-with-past` on the same merged folder (Optimum validates against PyTorch too, atol 1e-5).
-   optimum-onnx needs transformers < 4.58, so it runs from its own virtual environment (.cache/optimum-venv,
-   created on first use).
-2. Both ONNX models checked against PyTorch with lora-export's ONNX Runtime comparison (several shapes, decode step,
-   greedy generation with the KV cache).
-3. ONNX Runtime latency of both models, interleaved with the order rotating per round, 2 intra-op threads: prefill batch 1 ×
-   128 tokens (empty cache) and one decode step with a 128-token cache. Median, p10–p90 and the ratio.
+1. Wall time and peak RSS, interleaved per round with the order rotating: `lora-export merge-and-onnx` with its
+   default exporter (auto: the GenAI model builder here) and with `--exporter dynamo` (each: merge + verify + export
+   + every check), the GenAI model builder alone on the merged folder (no checks), and with --optimum
+   `optimum-cli export onnx --task text-generation-with-past` (its own venv: optimum-onnx needs transformers < 4.58).
+   Peak RSS: the largest of the command and the children it waited for (the builder runs in a child of ours).
+2. The graphs with the dynamo/Optimum contract checked against PyTorch with lora-export's ONNX Runtime checks.
+3. Latency: plain ONNX Runtime (prefill 1×128, one decode step with a 128-token cache) for those graphs, and in
+   ONNX Runtime GenAI for the builder's graph, our default output and our dynamo output: prefill of a 128-token
+   prompt and ms per generated token over 31 tokens, rounds rotating, the first discarded.
 
-    python tools/bench_export.py [--rounds 1] [--runs 30] [--workdir /tmp/bench-export]
+    python tools/bench_export.py [--rounds 2] [--genai-rounds 5] [--optimum] [--workdir /tmp/bench-export]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,13 +51,18 @@ def optimum_cli() -> Path:
     return exe
 
 
-def timed(cmd: list[str], cwd: Path | None = None) -> float:
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of one command (the largest of it and the children it waited for)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return seconds
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read()[-4000:]}")
+    return seconds, usage.ru_maxrss * 1024
 
 
 def latency(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict[str, list[float]]]:
@@ -105,66 +112,114 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
-def time_exports(args: argparse.Namespace, base: Path, adapter: Path) -> tuple[dict[str, list[float]], Path, Path]:
-    """Interleaved rounds: lora-export merge-and-onnx, lora-export export, Optimum's export; wall seconds each."""
+def time_exports(args: argparse.Namespace, base: Path, adapter: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Interleaved rounds, the order rotating: each contender's wall seconds and peak RSS."""
     cli = str(Path(sys.executable).with_name("lora-export"))
-    optimum = str(optimum_cli())
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    ours, ours_export, theirs = args.workdir / "ours", args.workdir / "ours-export", args.workdir / "optimum"
-    walls: dict[str, list[float]] = {
-        "lora-export merge-and-onnx (merge + verify + export + checks)": [],
-        "lora-export export --format onnx (export + checks)": [],
-        "optimum-cli export onnx --task text-generation-with-past (export + its validation)": [],
-    }
-    keys = list(walls)
-    optimum_args = ["export", "onnx", "--model", str(ours / "merged"), "--task", "text-generation-with-past"]
+    merged = args.workdir / "merged"  # the builder and Optimum start from the merged folder, as a user would
+    timed([cli, "merge", str(base), str(adapter), "-o", str(merged)])
+    dirs = {name: args.workdir / name for name in ("default", "dynamo", "builder", "optimum")}
+    commands = {
+        "default": ("lora-export merge-and-onnx (default exporter; merge + verify + export + checks)",
+                    [cli, "merge-and-onnx", str(base), str(adapter), "-o", str(dirs["default"])]),
+        "dynamo": ("lora-export merge-and-onnx --exporter dynamo (merge + verify + export + checks)",
+                   [cli, "merge-and-onnx", str(base), str(adapter), "-o", str(dirs["dynamo"]), "--exporter", "dynamo"]),
+        "builder": ("GenAI model builder alone on the merged folder (fp32, cpu; no checks)",
+                    [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o",
+                     str(dirs["builder"]), "-p", "fp32", "-e", "cpu", "-c", str(args.workdir / "builder-cache")]),
+    }  # fmt: skip
+    if args.optimum:
+        commands["optimum"] = (
+            "optimum-cli export onnx --task text-generation-with-past (export + its validation)",
+            [str(optimum_cli()), "export", "onnx", "--model", str(merged), "--task", "text-generation-with-past",
+             str(dirs["optimum"])],
+        )  # fmt: skip
+    results: dict[str, Any] = {name: {"label": label, "wall": [], "rss": []} for name, (label, _) in commands.items()}
+    names = list(commands)
     for r in range(args.rounds):
-        for path in (ours, ours_export, theirs):
-            shutil.rmtree(path, ignore_errors=True)
-        walls[keys[0]].append(timed([cli, "merge-and-onnx", str(base), str(adapter), "-o", str(ours)]))
-        walls[keys[1]].append(timed([cli, "export", str(ours / "merged"), "-o", str(ours_export)]))
-        walls[keys[2]].append(timed([optimum, *optimum_args, str(theirs)], cwd=args.workdir))
-        print(f"round {r + 1}: " + ", ".join(f"{walls[k][-1]:.1f} s" for k in keys), flush=True)
-    return walls, ours, theirs
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            shutil.rmtree(dirs[name], ignore_errors=True)
+            wall, rss = timed(commands[name][1], cwd=args.workdir)
+            results[name]["wall"].append(wall)
+            results[name]["rss"].append(rss)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {results[n]['wall'][-1]:.1f} s" for n in names), flush=True)
+    return results, {n: d for n, d in dirs.items() if n in commands}
 
 
-def print_tables(
-    walls: dict[str, list[float]], checks: dict[str, Any], lat: dict[str, Any], dirs: dict[str, Path], threads: int
-) -> None:
+def genai_latency(
+    dirs: dict[str, Path], prompt_len: int, tokens: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """ONNX Runtime GenAI, greedy, batch 1: prefill ms (prompt_len tokens) and ms per generated token, each model in
+    every round, the order rotating; the first round is a warm-up and discarded."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    models = {name: og.Model(str(path)) for name, path in dirs.items()}
+    prompt = np.random.default_rng(0).integers(100, 40000, prompt_len).tolist()
+    out: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+    names = list(models)
+    for r in range(rounds + 1):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            params = og.GeneratorParams(models[name])
+            params.set_search_options(do_sample=False, max_length=prompt_len + tokens, min_length=prompt_len + tokens)
+            generator = og.Generator(models[name], params)
+            t = time.perf_counter()
+            generator.append_tokens(prompt)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(tokens - 1):
+                generator.generate_next_token()
+            if r:
+                out[name]["prefill"].append(prefill * 1e3)
+                out[name]["decode"].append((time.perf_counter() - t) * 1e3 / (tokens - 1))
+    return out
+
+
+def print_tables(results: dict[str, Any], checks: dict[str, Any], lat: dict[str, Any], gen: dict[str, Any],
+                 dirs: dict[str, Path], threads: int) -> None:  # fmt: skip
     import onnxruntime
+    import onnxruntime_genai
     import torch
 
     print(
         f"\nSmolLM2-135M-Instruct + demo adapter, float32; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {threads} ORT threads\n"
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnxruntime-genai "
+        f"{onnxruntime_genai.__version__}, {threads} ORT threads\n"
     )
-    print("| step | wall s (median) | runs |\n|---|---|---|")
-    for k, v in walls.items():
-        print(f"| {k} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    print("| contender | wall s (median) | runs | peak RSS GB (max) |\n|---|---|---|---|")
+    for r in results.values():
+        runs = ", ".join(f"{x:.1f}" for x in r["wall"])
+        print(f"| {r['label']} | {statistics.median(r['wall']):.1f} | {runs} | {max(r['rss']) / 1e9:.2f} |")
+    builder = statistics.median(results["builder"]["wall"])
+    for name in ("default", "dynamo", "optimum"):
+        if name in results:
+            print(f"- {name} / builder wall: {statistics.median(results[name]['wall']) / builder:.2f}×")
     print("\n| model | checks vs PyTorch | size |\n|---|---|---|")
     for name, result in checks.items():
         size = sum(p.stat().st_size for p in dirs[name].glob("model.onnx*"))
         verdicts = "; ".join(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.summary}" for c in result)
         print(f"| {name} | {verdicts} | {size / 1e6:.0f} MB |")
-    print("\n| shape | lora-export ms (p10–p90) | optimum ms (p10–p90) | ratio |\n|---|---|---|---|")
-    for label, times in lat.items():
-        a, b = times["lora-export"], times["optimum"]
-        ma, mb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
-        spread_a = f"{pct(a, 0.1) * 1e3:.1f}–{pct(a, 0.9) * 1e3:.1f}"
-        spread_b = f"{pct(b, 0.1) * 1e3:.1f}–{pct(b, 0.9) * 1e3:.1f}"
-        print(f"| {label} | {ma:.2f} ({spread_a}) | {mb:.2f} ({spread_b}) | {ma / mb:.3f} |")
-    keys = list(walls)
-    step = statistics.median(walls[keys[1]]) / statistics.median(walls[keys[2]])
-    print(f"\nexport wall time, lora-export export / optimum: {step:.2f}× (target ≤ 1.00×)")
+    for title, table in (("ONNX Runtime (plain), 1×128 prefill and one decode step", lat), ("ONNX Runtime GenAI", gen)):
+        print(f"\n{title}, ms: median (p10–p90) and ratio to the first column\n")
+        for label in {k for t in table.values() for k in t}:
+            cells = {n: t[label] for n, t in table.items() if label in t}
+            first = statistics.median(next(iter(cells.values())))
+            row = " | ".join(
+                f"{n}: {statistics.median(v):.2f} ({pct(v, 0.1):.2f}–{pct(v, 0.9):.2f}) ×{statistics.median(v) / first:.3f}"
+                for n, v in cells.items()
+            )
+            print(f"| {label} | {row} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-export"))
-    ap.add_argument("--rounds", type=int, default=1, help="export timings per variant (interleaved)")
+    ap.add_argument("--rounds", type=int, default=2, help="export timings per contender (interleaved, rotating)")
     ap.add_argument("--runs", type=int, default=60, help="timed ONNX Runtime runs per model and shape")
+    ap.add_argument("--genai-rounds", type=int, default=5, help="GenAI generations per model (rotating)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--optimum", action="store_true", help="also Optimum (creates .cache/optimum-venv on first use)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -174,14 +229,18 @@ def main() -> None:
     from lora_export.lora_runtime import load_model
     from lora_export.zoo import smollm2_dir
 
-    walls, ours, theirs = time_exports(args, smollm2_dir(REPO / ".cache"), demo_adapter_dir())
-    model = load_model(ours / "merged")
-    checks = {}
-    for name, path in (("lora-export", ours / "model.onnx"), ("optimum", theirs / "model.onnx")):
-        exported = OnnxExport(path, name, 0.0, "causal-lm", True, [], [], False, False, 20)
+    results, dirs = time_exports(args, smollm2_dir(REPO / ".cache"), demo_adapter_dir())
+    model = load_model(args.workdir / "merged")
+    checks, plain = {}, {}
+    for name in [n for n in ("dynamo", "optimum") if n in dirs]:  # the graphs with the dynamo/Optimum contract
+        exported = OnnxExport(dirs[name] / "model.onnx", name, 0.0, "causal-lm", True, [], [], False, False, 20)
         checks[name], _ = verify_onnx(model, exported, OnnxOptions(max_new_tokens=16))
-    lat = latency({"lora-export": ours / "model.onnx", "optimum": theirs / "model.onnx"}, args.runs, args.threads)
-    print_tables(walls, checks, lat, {"lora-export": ours, "optimum": theirs}, args.threads)
+        plain[name] = dirs[name] / "model.onnx"
+    lat = latency(plain, args.runs, args.threads)
+    by_model = {n: {label: [x * 1e3 for x in t[n]] for label, t in lat.items()} for n in plain}
+    genai_dirs = {n: dirs[n] for n in ("builder", "default", "dynamo")}
+    gen = genai_latency(genai_dirs, 128, 32, args.genai_rounds)
+    print_tables(results, checks, by_model, gen, dirs, args.threads)
 
 
 if __name__ == "__main__":

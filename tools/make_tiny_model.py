@@ -1,6 +1,8 @@
-"""Write a tiny random LLaMA (hidden size 32, 2 layers) and a PEFT-format LoRA adapter for it, without PEFT.
+"""Write a tiny random LLaMA (hidden size 64, head size 16, 2 layers) with a word-level tokenizer, and a PEFT-format
+LoRA adapter for it, without PEFT. Head size 16 and the tokenizer make it a model the GenAI model builder builds.
 
-For smoke tests of an installed lora-export (tools/check_wheel.sh), where only the tool's own dependencies exist.
+For smoke tests where only the tool's own dependencies exist: an installed wheel (tools/check_wheel.sh), the
+transformers 4.57 environment (tools/test_transformers4.sh).
 
     python tools/make_tiny_model.py OUT_DIR      # writes OUT_DIR/base and OUT_DIR/adapter
 """
@@ -16,11 +18,22 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def save_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ids w0…wN (bos w1, eos w2, pad w3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2", pad_token="w3")
+    fast.save_pretrained(folder)
+
+
 def main(out: Path) -> None:
     config = LlamaConfig(
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -29,12 +42,13 @@ def main(out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(out / "base")
+    save_tokenizer(out / "base", config.vocab_size)
     g = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(config.num_hidden_layers):
-        for proj, width in (("q_proj", 32), ("v_proj", 16)):  # v_proj: 2 kv heads × head dim 8
+        for proj, width in (("q_proj", 64), ("v_proj", 32)):  # v_proj: 2 kv heads × head dim 16
             prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, 32, generator=g) * 0.1
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, 64, generator=g) * 0.1
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, 4, generator=g) * 0.1  # non-zero: a visible merge
     (out / "adapter").mkdir(parents=True)
     save_file(tensors, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})

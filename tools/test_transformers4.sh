@@ -12,5 +12,18 @@ if [ ! -x "$VENV/bin/pytest" ]; then
     onnx onnxscript onnxruntime pytest hypothesis pyyaml accelerate
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
 fi
+if ! "$VENV/bin/python" -c "import optimum.onnxruntime" 2>/dev/null; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check "optimum-onnx" "transformers>=4.57,<4.58"
+fi
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lora_runtime.py tests/test_verify.py tests/test_export.py "$@"
+# A GenAI model builder output, made with the main environment (onnxruntime-genai does not live in this one), for
+# tests/test_optimum.py: Optimum must load it too.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [ -x .venv/bin/lora-export ] && .venv/bin/python -c "import onnxruntime_genai, onnx_ir" 2>/dev/null; then
+  .venv/bin/python tools/make_tiny_model.py "$work"
+  .venv/bin/lora-export merge-and-onnx "$work/base" "$work/adapter" -o "$work/genai" --exporter genai >/dev/null
+  export LORA_EXPORT_GENAI_OUTPUT="$work/genai"
+fi
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lora_runtime.py tests/test_verify.py tests/test_export.py \
+  tests/test_optimum.py "$@"

@@ -52,10 +52,11 @@ junit_option = click.option(
 exporter_option = click.option(
     "--exporter",
     type=click.Choice(["dynamo", "genai", "auto"]),
-    default="dynamo",
+    default="auto",
     show_default=True,
-    help="ONNX exporter: dynamo (torch.onnx, any model), genai (ONNX Runtime GenAI's model builder: fused attention, "
-    "checked in GenAI), auto (genai where the builder builds the model and onnxruntime-genai is installed).",
+    help="ONNX exporter: dynamo (torch.onnx, any model; also runs in Optimum), genai (ONNX Runtime GenAI's model "
+    "builder: fused attention, checked in GenAI), auto (genai for float32 decoders the builder builds when "
+    "onnxruntime-genai is installed, dynamo otherwise; the report says which and why).",
 )
 
 

@@ -15,6 +15,7 @@ from .main import (
     _echo_err,
     allow_pickle_option,
     conclude,
+    exporter_option,
     handle_errors,
     main,
     output_option,
@@ -168,6 +169,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
     help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).",
 )
 @overwrite_option
+@exporter_option
 @click.option("--junit", "junit_file", type=REPORT_FILE, help="With --check: write the checks as JUnit XML.")
 @handle_errors
 def package(
@@ -177,6 +179,7 @@ def package(
     mode: str,
     check: bool,
     overwrite: bool,
+    exporter: str,
     junit_file: Path | None,
 ) -> None:
     """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
@@ -217,7 +220,7 @@ def package(
         return
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
-    manifest = run(target, variants_file, out_dir, mode, overwrite, log=_echo_err)
+    manifest = run(target, variants_file, out_dir, mode, overwrite, log=_echo_err, exporter=exporter)
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
 
 

@@ -23,7 +23,8 @@ import torch
 from ..compare import Case, compare, metrics_check
 from ..errors import ExportError
 from ..records import Check
-from .runtime_files import new_generator, next_tokens
+from .onnx_check import computing_in_float32
+from .runtime_files import new_generator, next_tokens, portable_tokenizer_config
 
 # Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
 SUPPORTED = {
@@ -32,6 +33,7 @@ SUPPORTED = {
     "NemotronForCausalLM", "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM",
 }  # fmt: skip
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+BUILDER = "onnxruntime_genai.models.builder"  # the report's name for this exporter
 
 
 def unsupported_reason(folder: Path) -> str | None:
@@ -68,13 +70,17 @@ def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[
         last = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
         raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {done.returncode}): {last[0]}")
     config = json.loads((out / "genai_config.json").read_text())
+    tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
+    portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)
     return {
-        "exporter": "onnxruntime_genai.models.builder",
+        "exporter": BUILDER,
         "seconds": time.perf_counter() - started,
         "precision": precision,
         "files": sorted(p.name for p in out.glob("model.onnx*")),
         "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
         "with_past": True,
+        "runtime_files": ["tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x read it)"]
+        * portable,
     }
 
 
@@ -88,7 +94,7 @@ def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[
         runtime = og.Model(str(folder))
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt])
-            with torch.no_grad():
+            with torch.no_grad(), computing_in_float32(model):  # fp16: the float32 computation of its weights
                 ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)  # fmt: skip
             tokens = ref.sequences[0, len(prompt) :].tolist()

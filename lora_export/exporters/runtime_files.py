@@ -159,6 +159,21 @@ def next_tokens(generator: Any, n: int) -> list[int]:
     return tokens
 
 
+def genai_generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
+    """Answer a chat prompt with the folder run by ONNX Runtime GenAI (the tokenizer from transformers)."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    generator = new_generator(og, og.Model(str(folder)), ids, max_new_tokens)
+    generator.append_tokens(ids)
+    return tokenizer.decode(next_tokens(generator, max_new_tokens), skip_special_tokens=True).strip()
+
+
 def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: str) -> Check:
     """Greedy tokens of the folder run by ONNX Runtime GenAI (og.Model, og.Generator) vs PyTorch's."""
     import onnxruntime_genai as og
@@ -195,14 +210,18 @@ def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: st
 
 
 def genai_adapters_check(
-    folder: Path, adapters: dict[str, Path], prompt: list[int], references: dict[str, tuple[list[int], np.ndarray]]
+    folder: Path,
+    adapters: dict[str, Path],
+    prompt: list[int],
+    references: dict[str, tuple[list[int], np.ndarray]],
+    dtype: str = "float32",
 ) -> Check:
     """The shared graph in ONNX Runtime GenAI: without an adapter it computes the base; with each variant's
     .onnx_adapter active (og.Adapters, Generator.set_active_adapter), that variant. Compared per variant: the logits
     after the prompt (within the runtime tolerance, relative to their largest value) and the greedy tokens."""
     import onnxruntime_genai as og
 
-    tol = tolerance("runtime", "float32").max_rel
+    tol = tolerance("runtime", dtype).max_rel
     n = max(len(tokens) for tokens, _ in references.values())
     name, compares = "genai adapters", f"logits and {n} greedy tokens per variant, GenAI multi-LoRA vs PyTorch"
     failures, worst, got = [], 0.0, {}
@@ -227,25 +246,24 @@ def genai_adapters_check(
                 failures.append(f"{variant}: GenAI's greedy tokens {tokens} differ from PyTorch's {reference}")
     except Exception as e:  # GenAI reports a folder or adapter it cannot use as a RuntimeError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return Check(name, compares, "float32", False, "could not run", (f"ONNX Runtime GenAI: {first}",))
-    # what the check can tell apart: how far each adapter moves the logits from the base's (in PyTorch)
+        return Check(name, compares, dtype, False, "could not run", (f"ONNX Runtime GenAI: {first}",))
+    effect = _adapter_effect(references)
+    summary = (
+        f"{len(references)} variants: " * (len(references) > 1)
+        + f"worst logits rel {worst:.2g} (≤ {tol:g}), tokens "
+        + ("identical" if not any("tokens" in f for f in failures) else "differ")
+    )
+    if effect:
+        summary += f"; adapters move the logits by ≥ {min(effect.values()):.2g}"
+    details = {"tokens": got, "adapter_effect": effect}
+    return Check(name, compares, dtype, not failures, summary, tuple(failures), details=details)
+
+
+def _adapter_effect(references: dict[str, tuple[list[int], np.ndarray]]) -> dict[str, float]:
+    """What the check can tell apart: how far each adapter moves the logits from the base's (in PyTorch)."""
     base = references.get("__base__", (None, None))[1]
-    effect = {
+    return {
         v: float(np.abs(r - base).max() / max(float(np.abs(base).max()), 1e-30))
         for v, (_, r) in references.items()
         if base is not None and v != "__base__"
     }
-    summary = f"{len(references)} variants: worst logits rel {worst:.2g} (≤ {tol:g}), tokens " + (
-        "identical" if not any("tokens" in f for f in failures) else "differ"
-    )
-    if effect:
-        summary += f"; adapters move the logits by ≥ {min(effect.values()):.2g}"
-    return Check(
-        name,
-        compares,
-        "float32",
-        not failures,
-        summary,
-        tuple(failures),
-        details={"tokens": got, "adapter_effect": effect},
-    )

@@ -13,6 +13,7 @@ from .checks import Check, CheckedReport
 from .merge import FileRecord
 
 PACKAGE_FIX = "rebuild the package with lora-export package"
+EXPORTERS = ("dynamo", "genai")  # what made a layout's graph, and so which runtime re-checks it
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class SharedLayout:
     parameters: Mapping[str, Mapping[str, list[int]]]  # variant → adapter parameter → shape
     checks: tuple[Check, ...]
     notes: tuple[str, ...] = ()
+    exporter: str = "dynamo"  # dynamo: our decoder contract, runs in ONNX Runtime; genai: the builder's, in GenAI
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class MergedVariant:
     dtype: str
     graph: str  # the ONNX model to run, relative to the package
     checks: tuple[Check, ...]
+    exporter: str = "dynamo"
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class PackageManifest(CheckedReport):
         if self.shared is not None:
             s = self.shared
             out["shared"] = {
-                **{k: getattr(s, k) for k in ("graph", "dtype")},
+                **{k: getattr(s, k) for k in ("graph", "dtype", "exporter")},
                 "inputs": list(s.inputs),
                 "outputs": list(s.outputs),
                 "lora_inputs": dict(s.lora_inputs),
@@ -82,7 +85,10 @@ class PackageManifest(CheckedReport):
             }
         if self.merged:
             out["merged"] = {
-                n: {"folder": v.folder, "dtype": v.dtype, "graph": v.graph, "checks": [c.to_dict() for c in v.checks]}
+                n: {
+                    **{k: getattr(v, k) for k in ("folder", "dtype", "graph", "exporter")},
+                    "checks": [c.to_dict() for c in v.checks],
+                }
                 for n, v in self.merged.items()
             }
         if self.merged_sharing is not None:
@@ -119,6 +125,7 @@ class PackageManifest(CheckedReport):
                 parameters={n: a.get("parameters", dict, {}) for n, a in adapters.items()},
                 checks=tuple(Check.from_fields(c) for c in s.items("checks")),
                 notes=s.strings("notes", []),
+                exporter=s.choice("exporter", EXPORTERS, "dynamo"),
             )
         merged = {}
         for name, v in f.get("merged", dict, {}).items():
@@ -126,7 +133,8 @@ class PackageManifest(CheckedReport):
             folder = relative_name(m.get("folder", str), m)
             graph = relative_name(m.get("graph", str, f"{folder}/model.onnx"), m)
             checks = tuple(Check.from_fields(c) for c in m.items("checks"))
-            merged[name] = MergedVariant(folder, m.get("dtype", str), graph, checks)
+            exporter = m.choice("exporter", EXPORTERS, "dynamo")
+            merged[name] = MergedVariant(folder, m.get("dtype", str), graph, checks, exporter)
         if shared is None and not merged:
             f.fail("shared", "is missing, and so is `merged`: the package has no layout")
         listed = {x.name for x in files}
