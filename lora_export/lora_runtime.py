@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,11 +200,15 @@ def apply_lora(
 
 
 def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer (fp32, on the CPU).
+    """The state dict a correct merge of this LoRA-wrapped model has: W0 + ΔW per wrapped layer (fp32, on the CPU)."""
+    return dict(iter_effective_state(model))
+
+
+def iter_effective_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """effective_state one tensor at a time: a wrapped layer's W0 + ΔW exists only until the next is asked for.
 
     Read module by module, so weights that a device map offloaded to the CPU or disk are fetched for the read.
     """
-    state: dict[str, torch.Tensor] = {}
     inside_lora: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside_lora):
@@ -213,15 +217,14 @@ def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer):
             inside_lora.append(name)
             w, b = module.effective_weight()
-            state[prefix + "weight"] = w
+            yield prefix + "weight", w
             if b is not None:
-                state[prefix + "bias"] = b
+                yield prefix + "bias", b
             continue
         offloaded = is_offloaded(module)
         with materialized(module):  # fetched weights are copied to the CPU; the others are referenced, not copied
             for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                state[prefix + key] = t.detach().cpu() if offloaded else t.detach()
-    return state
+                yield prefix + key, (t.detach().cpu() if offloaded else t.detach())
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -279,7 +282,11 @@ def model_class(folder: Path) -> Any:
 
 def model_kind(model: nn.Module) -> str:
     """causal-lm, sequence-classification or encoder, from the model's class name."""
-    name = type(model).__name__
+    return kind_of_class(type(model).__name__)
+
+
+def kind_of_class(name: str) -> str:
+    """causal-lm, sequence-classification or encoder, from a model class name (config.json's architectures)."""
     if "CausalLM" in name or "LMHead" in name:
         return "causal-lm"
     if "SequenceClassification" in name:

@@ -19,7 +19,7 @@ import torch
 
 from .adapters import LoraAdapter
 from .errors import InputError
-from .exporters.genai_builder import build_with_genai, genai_logits_check
+from .exporters.genai_builder import build_with_genai, genai_logits_check, pytorch_references
 from .exporters.genai_lora import add_lora_inputs
 from .exporters.runtime_files import GENAI_CONFIG, genai_adapters_check, genai_installed, genai_prompt
 from .lora_runtime import load_model, load_unmerged
@@ -97,7 +97,7 @@ def shared_genai(
     lora = add_lora_inputs(shared / "model.onnx", modules, json.loads((base_dir / "config.json").read_text()))
     base = load_model(base_dir)
     prompt = genai_prompt(shared / GENAI_CONFIG, int(base.config.get_text_config().vocab_size), 6, 3)
-    checks = [genai_logits_check(shared, base, [prompt], NEW_TOKENS, "float32")]
+    checks = [genai_logits_check(shared, [prompt], pytorch_references(base, [prompt], NEW_TOKENS), "float32")]
     references = {"__base__": greedy_reference(base, prompt, NEW_TOKENS)}
     files, parameters = {}, {}
     for v in variants:

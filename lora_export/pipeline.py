@@ -3,6 +3,7 @@ merge → verify → ONNX → verify), each writing a report and nothing that lo
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
-from .exporters.genai_builder import build_with_genai, genai_logits_check, unsupported_reason
+from .exporters.genai_builder import build_with_genai, genai_logits_check, pytorch_references, unsupported_reason
 from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
@@ -21,10 +22,12 @@ from .exporters.runtime_files import (
     GENAI_MISSING,
     genai_check,
     genai_installed,
-    genai_prompt,
+    model_special_ids,
+    random_prompt,
     write_runtime_files,
 )
-from .lora_runtime import load_model, model_kind
+from .jsonio import read_json_object
+from .lora_runtime import kind_of_class, load_model
 from .merge import MergeOptions, merge
 from .outputs import atomic_output_dir, check_free_space, check_output_location
 from .records import Check, PipelineReport, files_of, versions
@@ -106,13 +109,14 @@ def export_artifact(
             f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
-    model = load_model(merged_dir, DTYPES[dtype])
     section: dict[str, Any] = {"format": options.format, "dtype": dtype}
-    exporter, why = choose_exporter(options, merged_dir, model_kind(model), dtype)
+    architectures = read_json_object(merged_dir / "config.json", "is it a model folder?").get("architectures") or [""]
+    exporter, why = choose_exporter(options, merged_dir, kind_of_class(str(architectures[0])), dtype)
     if options.format == "onnx" and exporter == "genai":
         section["exporter_choice"] = why
-        checks = _export_genai(model, merged_dir, out, options, section, log)
-    elif options.format == "onnx":
+        return section, _export_genai(merged_dir, out, options, section, log)
+    model = load_model(merged_dir, DTYPES[dtype])
+    if options.format == "onnx":
         section["exporter_choice"] = why
         checks = _export_onnx(model, merged_dir, out, options, section, log)
     else:
@@ -152,16 +156,23 @@ def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: 
 
 
 def _export_genai(
-    model: Any, merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
+    merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
 ) -> list[Check]:
-    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch."""
-    section.update(build_with_genai(merged_dir, out, section["dtype"], log))
-    _copy_side_files(merged_dir, out)
+    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. PyTorch's
+    references are computed first and its model freed, so that the builder (a child process) and then GenAI never
+    run beside a PyTorch copy of the weights."""
+    model = load_model(merged_dir, DTYPES[section["dtype"]])
     prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
     vocab = int(model.config.get_text_config().vocab_size)
-    prompts = [p for p in (prompt, genai_prompt(out / GENAI_CONFIG, vocab, 8, options.seed)) if p]
+    special = model_special_ids(merged_dir)
+    prompts = [p for p in (prompt, random_prompt(vocab, special, 8, options.seed)) if p]
+    references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
+    del model
+    gc.collect()
+    section.update(build_with_genai(merged_dir, out, section["dtype"], log))
+    _copy_side_files(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
-    return [genai_logits_check(out, model, prompts, options.onnx.max_new_tokens, section["dtype"])]
+    return [genai_logits_check(out, prompts, references, section["dtype"])]
 
 
 def _copy_side_files(merged_dir: Path, out: Path) -> None:

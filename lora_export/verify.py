@@ -8,10 +8,11 @@ dtype error is merged vs merged32; the weights check compares MERGED_DIR's tenso
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .errors import InputError
 from .jsonio import read_json_object
 from .lora_runtime import (
     Placement,
-    effective_state,
+    iter_effective_state,
     load_model,
     load_unmerged,
     model_kind,
@@ -59,17 +60,18 @@ class VerifyOptions:
 # Weights: the artifact's tensors against W0 + ΔW
 
 
-def weights_check(merged_dir: Path, expected: dict[str, torch.Tensor], dtype: str) -> Check:
+def weights_check(merged_dir: Path, expected: Iterable[tuple[str, torch.Tensor]], dtype: str) -> Check:
+    """Every stored tensor against W0 + ΔW, `expected` read one tensor at a time (no second copy of the model)."""
     tol = tolerance("weights", dtype)
     eps = torch.finfo(DTYPES[dtype]).eps
     store = TensorStore.open_safetensors(sorted(merged_dir.glob("*.safetensors")))
-    rows, failures, missing = [], [], []
+    rows, failures = [], []
     try:
-        for name in store.names():
-            exp = expected.get(name)
-            if exp is None:
-                missing.append(name)
-                continue
+        stored = set(store.names())
+        for name, exp in expected:
+            if name not in stored:
+                continue  # a buffer, or a tied weight stored once
+            stored.discard(name)
             got, exp = store.read(name).float(), exp.float().cpu()
             if tuple(got.shape) != tuple(exp.shape):
                 failures.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(exp.shape)}")
@@ -88,6 +90,7 @@ def weights_check(merged_dir: Path, expected: dict[str, torch.Tensor], dtype: st
                 )
     finally:
         store.close()
+    missing = sorted(stored)  # stored, but not a tensor of the unmerged model
     rows.sort(key=lambda r: -r[2] if math.isfinite(r[2]) else -math.inf)
     worst = [{"tensor": n, "max_rel": r, "excess_over_tolerance": e} for n, r, e in rows[:5]]
     allowed = (
@@ -155,23 +158,26 @@ def verify(
             return _verify(base_dir, adapter_paths, merged_dir, config, weights, dtype, options, place, Path(tmp))
 
 
-def generation_check(
-    unmerged: nn.Module,
-    merged32: nn.Module,
-    merged: nn.Module | None,
-    dtype: str,
-    case: Case,
-    tokenizer: Any,
-    config: dict[str, Any],
-    options: VerifyOptions,
-) -> tuple[Check, dict[str, Any]]:
-    """Greedy tokens of merged float32 vs unmerged float32 (a check); of merged in its dtype, reported."""
-    keep = case.inputs["attention_mask"][0].bool()  # row 0 without its padding
+def generation_prompt(case: Case, tokenizer: Any, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """The first case's first row without its padding, and the pad id greedy decoding uses."""
+    keep = case.inputs["attention_mask"][0].bool()
     prompt = {k: v[:1, keep] for k, v in case.inputs.items()}
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (config.get("eos_token_id") if isinstance(config.get("eos_token_id"), int) else 0)
-    n = options.max_new_tokens
-    ref_tokens = greedy(unmerged, prompt, n, pad)
+    return prompt, pad
+
+
+def generation_check(
+    ref_tokens: list[int],
+    merged32: nn.Module,
+    merged: nn.Module | None,
+    dtype: str,
+    prompt: dict[str, torch.Tensor],
+    pad: int,
+    tokenizer: Any,
+    n: int,
+) -> tuple[Check, dict[str, Any]]:
+    """Greedy tokens of merged float32 vs unmerged float32's (a check); of merged in its dtype, reported."""
     g32 = compare_tokens(ref_tokens, greedy(merged32, prompt, n, pad))
     ok = g32["identical"]
     check = Check(
@@ -203,39 +209,48 @@ def _verify(
     place: Placement,
     tmp: Path,
 ) -> VerifyReport:
+    """The unmerged model's side first (weights, outputs, greedy tokens), then it is freed and the merged model is
+    loaded: one model in memory at a time. A failure loads the unmerged model again for the per-layer diagnosis."""
     unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, place)
-    kind = model_kind(unmerged)
+    kind, model_class, placement = model_kind(unmerged), type(unmerged).__name__, placement_summary(unmerged)
     tokenizer = load_tokenizer(merged_dir) or load_tokenizer(base_dir)
     cases = make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm")
-    checks: list[Check] = []
-    expected = effective_state(unmerged)
-    checks.append(weights_check(merged_dir, expected, dtype))
-    del expected
+    checks = [weights_check(merged_dir, iter_effective_state(unmerged), dtype)]
+    ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
+    generate = kind == "causal-lm" and options.max_new_tokens > 0
+    prompt, pad = generation_prompt(cases[0], tokenizer, config)
+    ref_tokens = greedy(unmerged, prompt, options.max_new_tokens, pad) if generate else []
+    del unmerged
+    gc.collect()
 
     merged32, merged, output_checks = _output_checks(
-        base_dir, adapter_paths, merged_dir, weights, dtype, options, place, tmp, unmerged, cases
+        base_dir, adapter_paths, merged_dir, weights, dtype, options, place, tmp, ref_out, cases
     )
     checks += output_checks
-
     generation = None
-    if kind == "causal-lm" and options.max_new_tokens > 0:
-        check, generation = generation_check(unmerged, merged32, merged, dtype, cases[0], tokenizer, config, options)
+    if generate:
+        n = options.max_new_tokens
+        check, generation = generation_check(ref_tokens, merged32, merged, dtype, prompt, pad, tokenizer, n)
         checks.append(check)
-
-    models = (("unmerged", unmerged), ("merged float32", merged32), (f"merged {dtype}", merged))
+    diagnosis = None
+    if not all(c.passed for c in checks):
+        unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, place)
+        diagnosis = diagnose_failure(checks, cases, unmerged, merged32, merged, dtype)
+    models = (("merged float32", merged32), (f"merged {dtype}", merged))
+    placements = {name: p for name, m in models if m is not None and (p := placement_summary(m))}
     return VerifyReport(
         base=str(base_dir),
         adapters=[str(a) for a in adapter_paths],
         weights=list(weights),
         merged=str(merged_dir),
-        model_class=type(unmerged).__name__,
+        model_class=model_class,
         merged_dtype=dtype,
         tolerances=tolerances_for(("weights", dtype), ("merge", "float32"), *([("cast", dtype)] if merged else [])),
         cases=[c.describe() for c in cases],
         checks=tuple(checks),
         generation=generation,
-        diagnosis=diagnose_failure(checks, cases, unmerged, merged32, merged, dtype),
-        placement={name: p for name, m in models if m is not None and (p := placement_summary(m))} or None,
+        diagnosis=diagnosis,
+        placement=({"unmerged": placement} if placement else {}) | placements or None,
     )
 
 
@@ -248,7 +263,7 @@ def _output_checks(
     options: VerifyOptions,
     place: Placement,
     tmp: Path,
-    unmerged: nn.Module,
+    ref_out: list[dict[str, torch.Tensor]],
     cases: list[Case],
 ) -> tuple[nn.Module, nn.Module | None, list[Check]]:
     """merge (float32): merged in float32 vs unmerged; cast: merged in its half dtype vs merged in float32."""
@@ -259,7 +274,6 @@ def _output_checks(
         options32 = MergeOptions(dtype="float32", weights=weights, allow_pickle=options.allow_pickle, progress=False)
         merge(base_dir, adapter_paths, merged32_dir, options32)
     merged32 = load_model(merged32_dir, torch.float32, place)
-    ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
     m32_out = [outputs_of(merged32, c.inputs) for c in cases]
     name, compares = "merge (float32)", "merged in float32 vs unmerged in float32"
     checks = [output_check(name, compares, "merge", "float32", cases, ref_out, m32_out)]

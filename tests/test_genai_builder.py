@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import make_adapter
 
 from lora_export.cli import main
-from lora_export.exporters.genai_builder import genai_logits_check
+from lora_export.exporters.genai_builder import genai_logits_check, pytorch_references
 from lora_export.lora_runtime import load_model
 
 pytest.importorskip("onnxruntime_genai")
@@ -71,9 +71,11 @@ def test_genai_check_fails_against_another_model(base: Path, tmp_path: Path, mod
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     from lora_export.lora_runtime import load_unmerged
 
-    check = genai_logits_check(tmp_path / "b", load_unmerged(base, [adapter]), [[5, 6, 7, 8]], 4, "float32")
+    prompts = [[5, 6, 7, 8]]
+    other = pytorch_references(load_unmerged(base, [adapter]), prompts, 4)
+    check = genai_logits_check(tmp_path / "b", prompts, other, "float32")
     assert not check.passed and any("rel error" in f for f in check.failures)
-    same = genai_logits_check(tmp_path / "b", load_model(base), [[5, 6, 7, 8]], 4, "float32")
+    same = genai_logits_check(tmp_path / "b", prompts, pytorch_references(load_model(base), prompts, 4), "float32")
     assert same.passed, same.failures
 
 

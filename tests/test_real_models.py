@@ -186,3 +186,22 @@ def test_smollm2_float16_onnx_passes_its_own_checks(smollm2: Path, tmp_path: Pat
     (check,) = result.checks
     assert check.name == "onnx vs pytorch" and "float32 on the same float16 weights" in check.compares
     assert max(m.max_rel for m in check.metrics) < 0.01
+
+
+def test_smollm2_shared_layout_on_the_genai_graph(smollm2: Path, tmp_path: Path) -> None:
+    """SmolLM2 with two variants (the demo adapter; a random all-linear one), shared layout, default exporter: the
+    GenAI model builder's graph with LoRA inputs; GenAI's tokens and logits per variant match PyTorch's unmerged
+    model, and each adapter moves the logits (so one GenAI ignored would fail)."""
+    pytest.importorskip("onnxruntime_genai")
+    from lora_export.demo import demo_adapter_dir
+    from lora_export.package import package
+
+    other = make_adapter(smollm2, tmp_path / "other", target_modules=["q_proj", "k_proj", "o_proj", "up_proj"])
+    (tmp_path / "variants.yaml").write_text(
+        f"variants:\n  caps:\n    adapters: [{demo_adapter_dir()}]\n  other:\n    adapters: [{other}]\n"
+    )
+    manifest = package(smollm2, tmp_path / "variants.yaml", tmp_path / "pkg", mode="shared")
+    assert manifest.passed, manifest.failed
+    assert manifest.shared is not None and manifest.shared.exporter == "genai"
+    check = next(c for c in manifest.shared.checks if c.name == "genai adapters")
+    assert min(check.details["adapter_effect"].values()) > 0.01

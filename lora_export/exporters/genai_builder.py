@@ -84,30 +84,42 @@ def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[
     }
 
 
-def genai_logits_check(folder: Path, model: torch.nn.Module, prompts: list[list[int]], n: int, dtype: str) -> Check:
-    """The folder run by ONNX Runtime GenAI vs PyTorch: logits after each prompt and after every generated token
-    (the runtime tolerance), and the greedy tokens, identical."""
+References = list[tuple[list[int], list[torch.Tensor]]]  # per prompt: PyTorch's greedy tokens, logits per step
+
+
+def pytorch_references(model: torch.nn.Module, prompts: list[list[int]], n: int) -> References:
+    """PyTorch's greedy tokens after each prompt and its logits at every step (float16 models: the float32
+    computation of their weights), computed before GenAI loads its own copy of the weights."""
+    references = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad(), computing_in_float32(model):
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        steps = [step.reshape(1, -1).double().cpu() for step in ref.logits]
+        references.append((ref.sequences[0, len(prompt) :].tolist(), steps))
+    return references
+
+
+def genai_logits_check(folder: Path, prompts: list[list[int]], references: References, dtype: str) -> Check:
+    """The folder run by ONNX Runtime GenAI vs PyTorch's references: logits after each prompt and after every
+    generated token (the runtime tolerance), and the greedy tokens, identical."""
     import onnxruntime_genai as og
 
     metrics, failures = [], []
     try:
         runtime = og.Model(str(folder))
-        for i, prompt in enumerate(prompts):
-            ids = torch.tensor([prompt])
-            with torch.no_grad(), computing_in_float32(model):  # fp16: the float32 computation of its weights
-                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                     output_logits=True, return_dict_in_generate=True)  # fmt: skip
-            tokens = ref.sequences[0, len(prompt) :].tolist()
+        for i, (prompt, (tokens, steps)) in enumerate(zip(prompts, references, strict=True)):
             generator = new_generator(og, runtime, prompt, len(tokens))
             generator.append_tokens(prompt)
             got = []
-            for step, step_logits in enumerate(ref.logits):
+            for step, step_logits in enumerate(steps):
                 if step:
                     generator.generate_next_token()
                     got.append(int(generator.get_next_tokens()[0]))
                 logits = torch.from_numpy(generator.get_logits().reshape(1, -1).astype("float64"))
                 case = Case(f"prompt {i} ({len(prompt)} tokens) step {step}", {})
-                metrics.append(compare(case, "logits", step_logits.reshape(1, -1).double().cpu(), logits))
+                metrics.append(compare(case, "logits", step_logits, logits))
             got += next_tokens(generator, 1)  # the last token: its logits were compared above
             if got != tokens:
                 failures.append(f"prompt {i}: GenAI's greedy tokens {got} differ from PyTorch's {tokens}")

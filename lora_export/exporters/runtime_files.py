@@ -136,11 +136,27 @@ def genai_special_ids(config_path: Path) -> set[int]:
     return ids
 
 
-def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
+def model_special_ids(folder: Path) -> set[int]:
+    """pad, bos and eos ids of a model folder's config.json and generation_config.json (what GenAI's config takes)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).is_file():
+            config = read_json_object(folder / name, "the model folder changed while it was read")
+            for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                value = config.get(key)
+                ids |= {v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)}
+    return ids
+
+
+def random_prompt(vocab: int, excluded: set[int], n: int, seed: int) -> list[int]:
     """Random token ids for a GenAI check, without pad, bos and eos: GenAI masks pad ids inside a prompt (seen: a
     prompt of pad ids gave logits of 1e32), which PyTorch does not."""
-    allowed = torch.tensor(sorted(set(range(vocab)) - genai_special_ids(config_path)))
+    allowed = torch.tensor(sorted(set(range(vocab)) - excluded))
     return allowed[torch.randint(0, len(allowed), (n,), generator=torch.Generator().manual_seed(seed))].tolist()
+
+
+def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
+    return random_prompt(vocab, genai_special_ids(config_path), n, seed)
 
 
 def new_generator(og: Any, model: Any, prompt: list[int], new_tokens: int) -> Any:
