@@ -13,7 +13,7 @@ from typing import Any
 
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
-from .exporters.genai_builder import build_with_genai, genai_logits_check, pytorch_references, unsupported_reason
+from .exporters.genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
 from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
@@ -158,18 +158,18 @@ def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: 
 def _export_genai(
     merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
 ) -> list[Check]:
-    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. PyTorch's
-    references are computed first and its model freed, so that the builder (a child process) and then GenAI never
-    run beside a PyTorch copy of the weights."""
-    model = load_model(merged_dir, DTYPES[section["dtype"]])
-    prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
-    vocab = int(model.config.get_text_config().vocab_size)
-    special = model_special_ids(merged_dir)
-    prompts = [p for p in (prompt, random_prompt(vocab, special, 8, options.seed)) if p]
-    references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
-    del model
-    gc.collect()
-    section.update(build_with_genai(merged_dir, out, section["dtype"], log))
+    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. While the
+    builder runs (a child process), PyTorch computes its references; its model is freed before GenAI loads the
+    graph, so that GenAI never runs beside a PyTorch copy of the weights."""
+    with genai_build(merged_dir, out, section["dtype"], log) as finish:
+        model = load_model(merged_dir, DTYPES[section["dtype"]])
+        prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
+        vocab = int(model.config.get_text_config().vocab_size)
+        prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
+        references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
+        del model
+        gc.collect()
+        section.update(finish())
     _copy_side_files(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
     return [genai_logits_check(out, prompts, references, section["dtype"])]

@@ -150,3 +150,23 @@ def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: P
         plan_branches(graph, {"model.layers.1.mlp.fc9": (64, 64)}, config)
     with pytest.raises(UnsupportedError, match="weight shape"):
         plan_branches(graph, {"model.layers.1.self_attn.o_proj": (64, 32)}, config)
+
+
+def test_leaving_early_kills_the_builder(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or any error) while the builder's child process runs beside our own work: the child is killed, not
+    left writing into a folder that is being removed."""
+    import subprocess
+
+    from lora_export.exporters import genai_builder
+
+    children = []
+    real = subprocess.Popen
+
+    def recording(*args: object, **kwargs: object) -> subprocess.Popen:
+        children.append(real(*args, **kwargs))  # type: ignore[call-overload]
+        return children[-1]
+
+    monkeypatch.setattr(genai_builder.subprocess, "Popen", recording)
+    with pytest.raises(KeyboardInterrupt), genai_builder.genai_build(base, tmp_path / "o", "float32", print):
+        raise KeyboardInterrupt
+    assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0

@@ -9,12 +9,14 @@ its own copy of the weights, and a crash there is an error here, not a dead run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +59,47 @@ def unsupported_reason(folder: Path) -> str | None:
 
 def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[str, Any]:
     """Run the builder (fp32 or fp16, CPU) from the merged folder into `out`; returns the report's export section."""
+    with genai_build(merged_dir, out, dtype, log) as finish:
+        return finish()
+
+
+@contextlib.contextmanager
+def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Start the builder in a child process; the block may work meanwhile and calls the yielded function to wait for
+    it (the export section, or an ExportError). Leaving the block early (an error, Ctrl-C) kills the child."""
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
     if precision is None:
         raise ExportError(f"the GenAI model builder exports float32 or float16 here, not {dtype}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache:
+    with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache, tempfile.TemporaryFile("w+") as output:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out),
                    "-p", precision, "-e", "cpu", "-c", cache]  # fmt: skip
         log(f"building the GenAI graph ({precision}, cpu) with onnxruntime_genai.models.builder …")
-        done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0 or not (out / "model.onnx").is_file():
-        last = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-        raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {done.returncode}): {last[0]}")
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+        def finish() -> dict[str, Any]:
+            code = child.wait()
+            if code != 0 or not (out / "model.onnx").is_file():
+                output.seek(0)
+                last = [line for line in output.read().splitlines() if line.strip()][-1:] or ["no output"]
+                raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {code}): {last[0]}")
+            return _section(out, precision, time.perf_counter() - started)
+
+        try:
+            yield finish
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _section(out: Path, precision: str, seconds: float) -> dict[str, Any]:
     config = json.loads((out / "genai_config.json").read_text())
     tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
     portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)
     return {
         "exporter": BUILDER,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "precision": precision,
         "files": sorted(p.name for p in out.glob("model.onnx*")),
         "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
