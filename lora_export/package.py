@@ -23,6 +23,7 @@ from .adapters import load_adapter
 from .compare import Case, compare, metrics_check
 from .errors import InputError, UnsupportedError, VerifyError
 from .exporters.genai_builder import BUILDER
+from .exporters.genai_reuse import GraphTemplate, recipes
 from .exporters.graphs import build_graph, position_ids_for
 from .exporters.onnx import OnnxOptions
 from .exporters.onnx_check import session
@@ -161,34 +162,41 @@ def _shared_dynamo(
 def _merged(
     base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], exporter: str = "auto"
 ) -> dict[str, MergedVariant]:
-    results = {}
+    results: dict[str, MergedVariant] = {}
+    template: GraphTemplate | None = None  # the first builder graph: every later float32 variant reuses it
     for v in variants:
         log(f"merged layout: {v.name} …")
         folder = out / "merged" / v.name
         folder.parent.mkdir(exist_ok=True)
         options = MergeOptions(dtype=v.dtype, weights=tuple(w for _, w in v.adapters), progress=False)
-        result = merge_and_onnx(
-            base_dir,
-            [p for p, _ in v.adapters],
-            folder,
-            options,
-            ExportOptions(onnx=OnnxOptions(max_new_tokens=8), exporter=exporter),
-            log=log,
-        )
-        dtype = result.report.export.get("dtype", v.dtype)
-        used = "genai" if result.report.export.get("exporter") == BUILDER else "dynamo"
-        graph = f"merged/{v.name}/model.onnx"
-        results[v.name] = MergedVariant(f"merged/{v.name}", dtype, graph, result.checks, used)
+        reuse = template if v.dtype in ("auto", "float32") else None
+        export = ExportOptions(onnx=OnnxOptions(max_new_tokens=8), exporter=exporter, reuse=reuse)
+        result = merge_and_onnx(base_dir, [p for p, _ in v.adapters], folder, options, export, log=log)
+        section = result.report.export
+        dtype, used = section.get("dtype", v.dtype), "genai" if section.get("exporter") == BUILDER else "dynamo"
+        graph, reused = f"merged/{v.name}/model.onnx", str(section.get("reused_graph", ""))
+        results[v.name] = MergedVariant(f"merged/{v.name}", dtype, graph, result.checks, used, reused)
         if not result.passed:
             continue  # the package fails; its report names this variant's failed checks
         if used == "genai":
             merged_references(folder, v.name, dtype)
+            if template is None and dtype == "float32":
+                template = _template(folder, log)
             continue
         model = load_model(folder / "merged", torch.float16 if dtype == "float16" else torch.float32)
         _, feeds, _ = _reference_inputs(model)
         logits = {f"logits:{v.name}": _logits(model, feeds)}
         np.savez(folder / "reference.npz", **{f"input:{k}": a for k, a in feeds.items()}, **logits)
     return results
+
+
+def _template(folder: Path, log: Callable[[str], None]) -> GraphTemplate | None:
+    """The variant's builder graph as the others' template, when its weights can be told apart from its graph."""
+    found = recipes(folder)
+    if isinstance(found, str):
+        log(f"merged layout: the builder runs for every variant ({found})")
+        return None
+    return GraphTemplate(folder, found)
 
 
 def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str, MergedVariant], dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
 from .exporters.genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
+from .exporters.genai_reuse import reuse_graph
 from .exporters.graphs import cache_shape
 from .exporters.onnx import OnnxOptions, export_onnx, onnx_files
 from .exporters.onnx_check import verify_onnx
@@ -57,6 +58,7 @@ class ExportOptions:
     seed: int = 0
     overwrite: bool = False
     exporter: str = "auto"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
+    reuse: Any = None  # a GraphTemplate: the builder graph of another merged folder of the same base, to reuse
 
 
 @dataclass(frozen=True)
@@ -161,15 +163,15 @@ def _export_genai(
     """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. While the
     builder runs (a child process), PyTorch computes its references; its model is freed before GenAI loads the
     graph, so that GenAI never runs beside a PyTorch copy of the weights."""
-    with genai_build(merged_dir, out, section["dtype"], log) as finish:
-        model = load_model(merged_dir, DTYPES[section["dtype"]])
-        prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
-        vocab = int(model.config.get_text_config().vocab_size)
-        prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
-        references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
-        del model
-        gc.collect()
-        section.update(finish())
+    dtype = section["dtype"]
+    if options.reuse is not None:
+        log(f"reusing the builder graph of {options.reuse.folder.name} with this model's weights …")
+        prompts, references = _genai_references(merged_dir, options, dtype)
+        section.update(reuse_graph(options.reuse, merged_dir, out))
+    else:
+        with genai_build(merged_dir, out, dtype, log) as finish:
+            prompts, references = _genai_references(merged_dir, options, dtype)
+            section.update(finish())
     _copy_side_files(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
     return [genai_logits_check(out, prompts, references, section["dtype"])]
@@ -209,6 +211,18 @@ def _export_onnx(
         else:  # said in the report, not skipped silently
             section["runtime_files"].append(GENAI_MISSING)
     return checks
+
+
+def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> tuple[list[list[int]], Any]:
+    """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references; the model is freed after."""
+    model = load_model(merged_dir, DTYPES[dtype])
+    prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
+    vocab = int(model.config.get_text_config().vocab_size)
+    prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
+    references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
+    del model
+    gc.collect()
+    return prompts, references
 
 
 def _report(

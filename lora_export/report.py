@@ -199,6 +199,7 @@ def package_text(manifest: PackageManifest, out_dir: Path) -> str:
             + ", ".join(f"{c.name}{'' if c.passed else ' FAILED'}" for c in v.checks)
         )
     lines += [f"  note: {note}" for note in (manifest.shared.notes if manifest.shared else ())]
+    lines += [f"  note: merged {name}: {v.reused_graph}" for name, v in manifest.merged.items() if v.reused_graph]
     st = manifest.storage
     if "shared" in st:
         lines.append(

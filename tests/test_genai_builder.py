@@ -112,6 +112,9 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     manifest = PackageManifest.load(out)
     assert manifest.shared is not None and manifest.shared.exporter == "genai"
     assert {v.exporter for v in manifest.merged.values()} == {"genai"}
+    # exported once: the second variant is the first's graph with its own weights, and still checked in GenAI
+    assert manifest.merged["one"].reused_graph == "" and manifest.merged["two"].reused_graph.startswith("one's")
+    assert any(c.name == "genai vs pytorch" and c.passed for c in manifest.merged["two"].checks)
     adapters_check = next(c for c in manifest.shared.checks if c.name == "genai adapters")
     assert adapters_check.passed and min(adapters_check.details["adapter_effect"].values()) > 0.01
     # q, k and v of the packed MatMul all have inputs; the base's own inputs are GenAI's contract
@@ -170,3 +173,32 @@ def test_leaving_early_kills_the_builder(base: Path, tmp_path: Path, monkeypatch
     with pytest.raises(KeyboardInterrupt), genai_builder.genai_build(base, tmp_path / "o", "float32", print):
         raise KeyboardInterrupt
     assert len(children) == 1 and children[0].returncode is not None and children[0].returncode < 0
+
+
+def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path: Path) -> None:
+    """recipes() rebuilds every initializer of the builder's graph from the folder it read, bit for bit; a merged
+    folder that is not the one the graph was built from (one tensor changed) is refused with the tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_export.exporters.genai_reuse import recipes
+
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "o_proj"])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["merge-and-onnx", str(base), str(adapter), "-o", str(out), "--exporter", "genai"])
+    assert r.exit_code == 0, r.output
+    found = recipes(out)
+    assert isinstance(found, dict)
+    assert found["model.layers.0.attn.qkv_proj.MatMul.weight"] == (
+        "cat-T",
+        [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"],
+    )
+    (weights,) = (out / "merged").glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] += 1.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert (
+        recipes(out)
+        == "model.layers.1.attn.qkv_proj.MatMul.weight is not cat-T of "
+        + str([f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"])
+        + " in the builder's graph"
+    )

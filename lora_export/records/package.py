@@ -37,6 +37,7 @@ class MergedVariant:
     graph: str  # the ONNX model to run, relative to the package
     checks: tuple[Check, ...]
     exporter: str = "dynamo"
+    reused_graph: str = ""  # when the graph is another variant's, with this variant's weights: whose, and what
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class PackageManifest(CheckedReport):
         if self.merged:
             out["merged"] = {
                 n: {
-                    **{k: getattr(v, k) for k in ("folder", "dtype", "graph", "exporter")},
+                    **{k: getattr(v, k) for k in ("folder", "dtype", "graph", "exporter", "reused_graph")},
                     "checks": [c.to_dict() for c in v.checks],
                 }
                 for n, v in self.merged.items()
@@ -134,7 +135,8 @@ class PackageManifest(CheckedReport):
             graph = relative_name(m.get("graph", str, f"{folder}/model.onnx"), m)
             checks = tuple(Check.from_fields(c) for c in m.items("checks"))
             exporter = m.choice("exporter", EXPORTERS, "dynamo")
-            merged[name] = MergedVariant(folder, m.get("dtype", str), graph, checks, exporter)
+            reused = m.get("reused_graph", str, "")
+            merged[name] = MergedVariant(folder, m.get("dtype", str), graph, checks, exporter, reused)
         if shared is None and not merged:
             f.fail("shared", "is missing, and so is `merged`: the package has no layout")
         listed = {x.name for x in files}
