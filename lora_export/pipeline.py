@@ -148,7 +148,8 @@ def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: 
         reason = "--optimize applies to the dynamo graph (the builder's graph is already fused)"
     if reason is None and dtype != "float32" and options.exporter == "auto":
         reason = (
-            f"the builder's {dtype} CPU graph does not run in ONNX Runtime's CPU provider, so it could not be checked"
+            f"the builder's {dtype} graph targets CUDA (its CPU one does not run in ONNX Runtime's CPU provider): "
+            "a CPU folder as written needs the dynamo graph; --exporter genai builds the CUDA one and checks it here"
         )
     if options.exporter == "genai":
         if reason:

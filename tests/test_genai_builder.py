@@ -202,3 +202,24 @@ def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path
         + str([f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"])
         + " in the builder's graph"
     )
+
+
+def test_float16_is_built_for_cuda_and_checked_on_the_cpu_provider(base: Path, tmp_path: Path) -> None:
+    """The builder's float16 graph for CUDA (its CPU float16 graph does not run in ONNX Runtime's CPU provider),
+    checked here in GenAI with the providers cleared; the folder keeps its CUDA genai_config.json; the report says
+    both. auto does not pick it: a float16 CPU folder as written is the dynamo graph."""
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    args = ["merge-and-onnx", str(base), str(adapter), "-o", str(out), "--exporter", "genai", "--dtype", "float16"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["target"] == "cuda" and "CPU provider" in report["export"]["checked_on"]
+    check = next(c for c in report["checks"] if c["name"] == "genai vs pytorch")
+    assert check["passed"] and check["dtype"] == "float16"
+    providers = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert "cuda" in json.dumps(providers["provider_options"])
+    r = CliRunner().invoke(main, ["export", str(out / "merged"), "-o", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    choice = json.loads((tmp_path / "auto" / "report.json").read_text())["export"]["exporter_choice"]
+    assert choice.startswith("auto: the builder's float16 graph targets CUDA")

@@ -26,7 +26,7 @@ from ..compare import Case, compare, metrics_check
 from ..errors import ExportError
 from ..records import Check
 from .onnx_check import computing_in_float32
-from .runtime_files import new_generator, next_tokens, portable_tokenizer_config
+from .runtime_files import genai_model, new_generator, next_tokens, portable_tokenizer_config
 
 # Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
 SUPPORTED = {
@@ -70,11 +70,14 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
     if precision is None:
         raise ExportError(f"the GenAI model builder exports float32 or float16 here, not {dtype}")
+    # float16 for CUDA: the builder's CPU float16 graph does not run in ONNX Runtime's CPU provider (seen: "Shape
+    # mismatch attempting to re-use buffer" in an inserted Cast), while its CUDA one does, for the check here
+    target = "cuda" if precision == "fp16" else "cpu"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache, tempfile.TemporaryFile("w+") as output:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", cache]  # fmt: skip
-        log(f"building the GenAI graph ({precision}, cpu) with onnxruntime_genai.models.builder …")
+                   "-p", precision, "-e", target, "-c", cache]  # fmt: skip
+        log(f"building the GenAI graph ({precision}, {target}) with onnxruntime_genai.models.builder …")
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
 
         def finish() -> dict[str, Any]:
@@ -83,7 +86,7 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
                 output.seek(0)
                 last = [line for line in output.read().splitlines() if line.strip()][-1:] or ["no output"]
                 raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {code}): {last[0]}")
-            return _section(out, precision, time.perf_counter() - started)
+            return _section(out, precision, target, time.perf_counter() - started)
 
         try:
             yield finish
@@ -93,7 +96,7 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
                 child.wait()
 
 
-def _section(out: Path, precision: str, seconds: float) -> dict[str, Any]:
+def _section(out: Path, precision: str, target: str, seconds: float) -> dict[str, Any]:
     config = json.loads((out / "genai_config.json").read_text())
     tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
     portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)
@@ -101,6 +104,9 @@ def _section(out: Path, precision: str, seconds: float) -> dict[str, Any]:
         "exporter": BUILDER,
         "seconds": seconds,
         "precision": precision,
+        "target": target,
+        "checked_on": "ONNX Runtime GenAI, CPU provider"
+        + (" (providers in genai_config.json cleared)" if target != "cpu" else ""),
         "files": sorted(p.name for p in out.glob("model.onnx*")),
         "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
         "with_past": True,
@@ -133,7 +139,7 @@ def genai_logits_check(folder: Path, prompts: list[list[int]], references: Refer
 
     metrics, failures = [], []
     try:
-        runtime = og.Model(str(folder))
+        runtime = genai_model(og, folder)
         for i, (prompt, (tokens, steps)) in enumerate(zip(prompts, references, strict=True)):
             generator = new_generator(og, runtime, prompt, len(tokens))
             generator.append_tokens(prompt)

@@ -113,6 +113,7 @@ def reuse_graph(template: GraphTemplate, merged_dir: Path, out: Path) -> dict[st
         "exporter": BUILDER,
         "seconds": time.perf_counter() - started,
         "precision": "fp32",
+        "target": "cpu",
         "files": sorted(p.name for p in out.glob("model.onnx*")),
         "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
         "with_past": True,

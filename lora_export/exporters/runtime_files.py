@@ -159,6 +159,15 @@ def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
     return random_prompt(vocab, genai_special_ids(config_path), n, seed)
 
 
+def genai_model(og: Any, folder: Path) -> Any:
+    """og.Model of the folder on this machine's CPU: the providers its genai_config.json names (CUDA for the
+    builder's float16 graph) are cleared, so a graph built for a GPU is checked here as far as the CPU provider
+    runs it. The folder itself is left as written."""
+    config = og.Config(str(folder))
+    config.clear_providers()
+    return og.Model(config)
+
+
 def new_generator(og: Any, model: Any, prompt: list[int], new_tokens: int) -> Any:
     """A greedy og.Generator for `prompt` that may add `new_tokens`; the prompt is not yet appended."""
     params = og.GeneratorParams(model)
@@ -185,7 +194,7 @@ def genai_generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    generator = new_generator(og, og.Model(str(folder)), ids, max_new_tokens)
+    generator = new_generator(og, genai_model(og, folder), ids, max_new_tokens)
     generator.append_tokens(ids)
     return tokenizer.decode(next_tokens(generator, max_new_tokens), skip_special_tokens=True).strip()
 
@@ -197,7 +206,7 @@ def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: st
     name, compares = "genai generation", f"{len(reference)} greedy tokens, ONNX Runtime GenAI vs PyTorch"
 
     try:
-        generator = new_generator(og, og.Model(str(folder)), prompt, len(reference))
+        generator = new_generator(og, genai_model(og, folder), prompt, len(reference))
         generator.append_tokens(prompt)
         tokens = next_tokens(generator, len(reference))
     except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: that is the check failing
@@ -242,7 +251,7 @@ def genai_adapters_check(
     name, compares = "genai adapters", f"logits and {n} greedy tokens per variant, GenAI multi-LoRA vs PyTorch"
     failures, worst, got = [], 0.0, {}
     try:
-        model = og.Model(str(folder))
+        model = genai_model(og, folder)
         loaded = og.Adapters(model)
         for variant, path in adapters.items():
             loaded.load(str(path), variant)
