@@ -16,6 +16,7 @@ import torch
 
 from .errors import AdapterError, InputError, NonFiniteError, UnsafeInputError, UnsupportedError
 from .jsonio import read_json_object
+from .paths import checked_link
 from .tensors import TensorStore
 from .workers import sha256_file
 
@@ -168,12 +169,19 @@ def check_config(config: dict[str, Any], path: Path) -> None:
         )
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         value = config.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-            raise AdapterError(f"{path}: {key} must be a positive number, found {value!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
+        if not _positive(value, kind):
+            raise AdapterError(f"{path}: {key} must be a positive finite number, found {value!r}")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         value = config.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
-            raise AdapterError(f"{path}: {key} must map module patterns to positive numbers, found {value!r}")
+        if not isinstance(value, dict) or not all(_positive(v, kind) for v in value.values()):
+            raise AdapterError(f"{path}: {key} must map module patterns to positive finite numbers, found {value!r}")
+        for pattern in value:
+            _check_regex(path, key, pattern)
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        _check_regex(path, "target_modules", target)
+    elif target is not None and not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise AdapterError(f"{path}: target_modules must be a regex or a list of module names, found {target!r}")
     for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             raise AdapterError(f"{path}: {key} must be true or false, found {config[key]!r}")
@@ -181,10 +189,23 @@ def check_config(config: dict[str, Any], path: Path) -> None:
         raise AdapterError(f"{path}: bias must be 'none', 'all' or 'lora_only', found {config['bias']!r}")
 
 
+def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_regex(path: Path, key: str, pattern: str) -> None:
+    """PEFT matches these as regular expressions: one that does not compile is refused here, naming it."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise AdapterError(f"{path}: {key} pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+
 def open_adapter_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
     st = folder / "adapter_model.safetensors"
     pk = folder / "adapter_model.bin"
     if st.is_file():
+        checked_link(folder, st, f"{folder}'s weights")
         store = TensorStore.open_safetensors([st])
         path = st
     elif pk.is_file():
@@ -228,9 +249,10 @@ def load_adapter(folder: Path | str, allow_pickle: bool = False) -> LoraAdapter:
             raise AdapterError(
                 f"{weights_file}: key {key!r} does not start with {PREFIX!r}: not a PEFT adapter file (or saved with a custom prefix)"
             )
-        if not torch.is_floating_point(tensor):
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise AdapterError(
-                f"{weights_file}: tensor {key} has dtype {tensor.dtype}; adapter weights must be floating point"
+                f"{weights_file}: tensor {key} has dtype {tensor.dtype}; adapter weights must be float16, bfloat16, "
+                "float32 or float64 (convert the adapter, e.g. with PEFT, before merging)"
             )
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())

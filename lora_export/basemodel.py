@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, UnsafeInputError, UnsupportedError
-from .jsonio import read_json_object
-from .tensors import TensorStore, safe_child
+from .jsonio import Fields, read_json_object
+from .paths import checked_link, safe_child
+from .tensors import TensorStore
 from .workers import sha256_file
 
 WEIGHT_FILES = (
@@ -41,6 +42,7 @@ class BaseModel:
                 f"{folder / 'config.json'}: the base is quantized ({method}); merging into quantized weights rounds the "
                 "delta away or is impossible (GPTQ). Merge into the unquantized base the adapter was trained from"
             )
+        check_side_files(folder)
         files, store = open_weights(folder, allow_pickle)
         return cls(folder, config, store, files)
 
@@ -131,10 +133,39 @@ class BaseModel:
         return {dst: src}
 
 
+CONFIG_OBJECTS = ("text_config", "quantization_config", "rope_scaling", "rope_parameters", "vision_config")
+CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
+                "n_positions")  # fmt: skip
+CONFIG_FIX = "fix config.json or save the model again with save_pretrained"
+
+
 def read_model_config(folder: Path) -> dict[str, Any]:
-    return read_json_object(
-        folder / "config.json", f"is {folder} a transformers model folder (saved with save_pretrained)?"
-    )
+    """config.json of a model folder, its fields checked where the tool reads them: nested configs are objects,
+    sizes positive integers, token ids integers, architectures strings. One error naming the file and the field."""
+    path = folder / "config.json"
+    config = read_json_object(path, f"is {folder} a transformers model folder (saved with save_pretrained)?")
+    fields = Fields(config, path, fix=CONFIG_FIX)
+    _check_config(fields)
+    text = fields.get("text_config", dict, None, optional=True)
+    if text is not None:
+        _check_config(fields.child(text, "text_config"))
+    return config
+
+
+def _check_config(f: Fields) -> None:
+    for key in CONFIG_OBJECTS:
+        f.get(key, dict, None, optional=True)
+    for key in CONFIG_SIZES:
+        if f.get(key, int, None, optional=True) is not None and f.data[key] < 1:
+            f.fail(key, f"must be a positive integer, found {f.data[key]}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = f.get(key, (int, list), None, optional=True)
+        if isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            f.fail(key, "must be an integer or a list of integers")
+    f.get("tie_word_embeddings", bool, None, optional=True)
+    if f.data.get("architectures") is not None:
+        f.strings("architectures")
 
 
 def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorStore]:
@@ -142,8 +173,11 @@ def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorSt
     single = folder / "model.safetensors"
     if index.is_file():
         files = files_from_index(index)
-        return files, TensorStore.open_safetensors(files)
+        store = TensorStore.open_safetensors(files)
+        check_index_agrees(index, store)
+        return files, store
     if single.is_file():
+        checked_link(folder, single, f"{folder}'s weights")
         return [single], TensorStore.open_safetensors([single])
     pickled = folder / "pytorch_model.bin"
     if pickled.is_file() or (folder / "pytorch_model.bin.index.json").is_file():
@@ -156,6 +190,41 @@ def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorSt
             raise UnsupportedError(f"{folder}: sharded pickles are not supported; convert the model to safetensors")
         return [pickled], TensorStore.open_pickle(pickled)
     raise InputError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+SIDE_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+             "added_tokens.json")  # fmt: skip
+
+
+def check_side_files(folder: Path) -> None:
+    """The JSON files copied beside the merged weights and the graph parse, before any work: a damaged tokenizer
+    would otherwise be shipped, and the checks would fall back to random tokens."""
+    for name in SIDE_JSON:
+        if (folder / name).is_file():
+            read_json_object(folder / name, "", fix=f"; fix {name} or remove it from {folder} (it would be shipped)")
+
+
+def check_index_agrees(index: Path, store: TensorStore) -> None:
+    """The index and the shards agree both ways: each tensor the index names is in the shard it names, and every
+    tensor of the shards is in the index. Otherwise a merge would silently drop tensors or read another's."""
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    problems = []
+    for name, file in weight_map.items():
+        info = store.infos.get(name)
+        if info is None:
+            problems.append(f"{name} is not in the shard the index puts it in ({file})")
+        elif info.file.name != file:
+            problems.append(f"{name} is in {info.file.name}, not in {file} as the index says")
+    problems += [
+        f"{name} (in {store.infos[name].file.name}) is not in the index"
+        for name in store.infos
+        if name not in weight_map
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(
+            f"{index}: the index and the shards disagree: {problems[0]}{more}; download or save the model again"
+        )
 
 
 def files_from_index(index: Path) -> list[Path]:

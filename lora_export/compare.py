@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+from .jsonio import read_json_object
 from .lora_runtime import (
     input_device,
 )
@@ -45,10 +47,14 @@ def load_tokenizer(folder: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():  # a damaged file would otherwise be shipped beside the graph
+            read_json_object(folder / name, "", fix=f"; fix or remove {name} (it would be shipped as it is)")
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception:  # a broken or partial tokenizer: random tokens still verify the numbers
-        return None
+    except Exception as e:  # shipped beside the graph, so it must load: refuse rather than check with random tokens
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{folder}: its tokenizer files do not load ({first}); fix or remove them") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -101,14 +107,24 @@ def outputs_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, t
     return {n: getattr(out, n).float().cpu() for n in names if getattr(out, n, None) is not None}
 
 
+def row_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The smallest cosine similarity over rows, where two all-zero rows count as identical (1, not 0): a pad token
+    with a zero embedding row gives zero logits on both sides of a correct merge."""
+    cos = F.cosine_similarity(got, ref, dim=-1)
+    both_zero = (got == 0).all(dim=-1) & (ref == 0).all(dim=-1)
+    return float(torch.where(both_zero, torch.ones_like(cos), cos).min())
+
+
 def compare(case: Case, name: str, ref: torch.Tensor, got: torch.Tensor) -> Metrics:
     if ref.dim() == 3:  # (batch, seq, features): only tokens the attention mask keeps
         mask = case.inputs["attention_mask"].bool()
         ref, got = ref[mask], got[mask]
     ref, got = ref.double(), got.double()
+    if ref.numel() == 0:  # nothing kept by the mask: nothing differs
+        return Metrics(case.name, name, 0.0, 0.0, 1.0, None, None, None)
     max_abs = float((got - ref).abs().max())
     max_rel = max_abs / max(float(ref.abs().max()), 1e-30)
-    cosine = float(F.cosine_similarity(got, ref, dim=-1).min())
+    cosine = row_cosine(got, ref)
     top1 = gap = kl = None
     if name == "logits":
         ref_top, got_top = ref.argmax(-1), got.argmax(-1)

@@ -107,6 +107,42 @@ def relative_name(name: str, where: Fields) -> str:
     return name
 
 
+def read_text(path: Path, fix: str) -> str:
+    """A UTF-8 text file, or one error naming the file and the fix (not a UnicodeDecodeError traceback)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); {fix}") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+
+
+def read_yaml(path: Path, fix: str) -> Any:
+    """YAML with no aliases (no alias bombs) and no key given twice (a second definition would silently win)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError(f"aliases (*name) are not accepted, {self.peek_event().start_mark}")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.YAMLError(f"key {key!r} is given twice, {key_node.start_mark}")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(read_text(path, fix), Loader=Strict)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise InputError(f"{path}: not valid YAML here ({first[:200]}); {fix}") from None
+
+
 def read_json(path: Path, fix: str) -> Any:
     if not path.is_file():
         raise InputError(f"{path} is missing; {fix}")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import LoraAdapter, LoraModule, load_adapter
+from .basemodel import read_model_config
 from .delta import dora_scale
 from .errors import InputError, ShapeMismatchError, UnsupportedError
-from .jsonio import read_json_object
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def model_class(folder: Path) -> Any:
     """The transformers class for a model folder: its architecture when transformers has it, else an Auto class."""
     import transformers
 
-    config = read_json_object(Path(folder) / "config.json", f"is {folder} a transformers model folder?")
+    config = read_model_config(Path(folder))
     arch = (config.get("architectures") or [""])[0]
     cls = getattr(transformers, arch, None)
     if cls is not None:

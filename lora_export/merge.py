@@ -19,9 +19,10 @@ import torch
 from . import __version__
 from .adapters import LoraAdapter, load_adapter
 from .basemodel import WEIGHT_FILES, BaseModel
-from .errors import LoraExportError, OutputError
+from .errors import LoraExportError, OutputError, UnsafeInputError
 from .jsonio import write_json
 from .outputs import atomic_output_dir, check_free_space, check_output_location
+from .paths import checked_link
 from .plan import plan_merge
 from .records import MergeManifest, versions
 from .stream import MergeStream
@@ -151,7 +152,9 @@ def _manifest_data(
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config, chat template…: everything of the base folder but its weights and our manifest."""
+    """Tokenizer, generation config, chat template…: everything of the base folder but its weights and our manifest.
+    Links are followed only where they stay inside the folder (or a Hugging Face cache snapshot's blobs); anything
+    that is not a regular file or folder (a FIFO, a device) is refused, since copying it would block or mislead."""
     for path in sorted(src.iterdir()):
         name = path.name
         if name in WEIGHT_FILES or name == MANIFEST or name.startswith(".") or name == "config.json":
@@ -160,12 +163,21 @@ def copy_side_files(src: Path, dst: Path) -> None:
             name.startswith("pytorch_model-") and name.endswith(".bin")
         ):
             continue
-        if path.is_symlink():
-            continue  # never follow links out of an input folder
-        if path.is_dir():
-            shutil.copytree(path, dst / name, symlinks=False)
-        elif path.is_file():
-            shutil.copy2(path, dst / name)
+        _copy_checked(src, path, dst / name)
+
+
+def _copy_checked(root: Path, path: Path, dst: Path) -> None:
+    checked_link(root, path, f"{root} (copied into the output)")
+    if path.is_dir():
+        dst.mkdir()
+        for child in sorted(path.iterdir()):
+            _copy_checked(root, child, dst / child.name)
+    elif path.is_file():
+        shutil.copy2(path, dst)
+    else:
+        raise UnsafeInputError(
+            f"{path}: not a regular file or folder (a FIFO, socket or device); remove it from the model folder"
+        )
 
 
 def write_config(config: dict[str, Any], folder: Path, dtype: str, out_dtypes: set[torch.dtype], untied: bool) -> None:
@@ -208,6 +220,6 @@ def parse_size(text: str | int) -> int:
         value = float(num) * units[unit]
     except (ValueError, KeyError):
         raise LoraExportError(f"cannot read the size {text!r}: write e.g. 5GB, 500MB or 2GiB") from None
-    if value <= 0:
-        raise LoraExportError(f"size {text!r} must be positive")
+    if not math.isfinite(value) or value < 1:
+        raise LoraExportError(f"size {text!r} must be a finite, positive size, e.g. 5GB")
     return int(value)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .basemodel import read_model_config
 from .compare import DTYPES, load_tokenizer
 from .errors import InputError, UnsupportedError
 from .exporters.genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
@@ -27,7 +28,6 @@ from .exporters.runtime_files import (
     random_prompt,
     write_runtime_files,
 )
-from .jsonio import read_json_object
 from .lora_runtime import kind_of_class, load_model
 from .merge import MergeOptions, merge
 from .outputs import atomic_output_dir, check_free_space, check_output_location
@@ -112,7 +112,7 @@ def export_artifact(
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
     section: dict[str, Any] = {"format": options.format, "dtype": dtype}
-    architectures = read_json_object(merged_dir / "config.json", "is it a model folder?").get("architectures") or [""]
+    architectures = read_model_config(merged_dir).get("architectures") or [""]
     exporter, why = choose_exporter(options, merged_dir, kind_of_class(str(architectures[0])), dtype)
     if options.format == "onnx" and exporter == "genai":
         section["exporter_choice"] = why

@@ -167,23 +167,6 @@ def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def safe_child(folder: Path, name: str, what: str) -> Path:
-    """Resolve a file name taken from an index file, refusing anything that leaves `folder`."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".."):
-        raise UnsafeInputError(f"{what} names the file {name!r}: only plain file names inside {folder} are allowed")
-    path = folder / name
-    if path.is_symlink():
-        target = path.resolve()
-        # A Hugging Face cache snapshot links each file to ../../blobs/<hash>: that stays inside the cached repo.
-        hf_blobs = folder.resolve().parent.parent / "blobs" if folder.resolve().parent.name == "snapshots" else None
-        if not target.is_relative_to(folder.resolve()) and not (hf_blobs and target.is_relative_to(hf_blobs)):
-            raise UnsafeInputError(
-                f"{what} names {name}, a symbolic link out of {folder} (to {target}): refusing to follow it; "
-                "copy the file into the folder if you trust it"
-            )
-    return path
-
-
 class TensorStore:
     """Tensors of one model or adapter, read lazily by name; safetensors files or (trusted) pickles."""
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError
+from .jsonio import read_text, read_yaml
 
 NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -20,22 +23,26 @@ class Variant:
     dtype: str
 
 
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise InputError(f"{path}: key {twice[0]!r} is given twice; give each variant (and field) once")
+    return dict(pairs)
+
+
 def read_variants(path: Path) -> list[Variant]:
     """variants.yaml (or .json): {variants: {name: {adapters: [path | {path, weight}], dtype?}}}; paths relative to the file."""
     if not path.is_file():
         raise InputError(f"{path} does not exist: give a variants.yaml listing the task variants")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:
-        raise InputError(
-            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {str(e).splitlines()[0]}"
-        ) from None
+    fix = "see `lora-export package --help` for the format"
+    if path.suffix in (".yaml", ".yml"):
+        data = read_yaml(path, fix)
+    else:
+        try:
+            data = json.loads(read_text(path, fix), object_pairs_hook=functools.partial(_unique_keys, path))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
         raise InputError(f"{path}: expected a top-level `variants:` mapping of names to {{adapters: [...]}}")
     out = []

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .basemodel import read_model_config
 from .compare import DTYPES, Case, compare_tokens, greedy, load_tokenizer, make_cases, output_check, outputs_of
 from .diagnose import diagnose_failure
 from .errors import InputError
-from .jsonio import read_json_object
+from .jsonio import read_text
 from .lora_runtime import (
     Placement,
     iter_effective_state,
@@ -114,6 +115,15 @@ def weights_check(merged_dir: Path, expected: Iterable[tuple[str, torch.Tensor]]
 # The verb
 
 
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """--prompts: UTF-8 text, one prompt per line, at least one."""
+    prompts = tuple(line.strip() for line in read_text(path, "give one prompt per line, in UTF-8").splitlines())
+    prompts = tuple(p for p in prompts if p)
+    if not prompts:
+        raise InputError(f"{path}: no prompt in it; give one prompt per line")
+    return prompts
+
+
 def stored_dtype(folder: Path) -> str:
     """The floating dtype holding most of the folder's weight bytes."""
     store = TensorStore.open_safetensors(sorted(folder.glob("*.safetensors")))
@@ -146,7 +156,7 @@ def verify(
     for folder in (base_dir, merged_dir, *adapter_paths):
         if not folder.is_dir():
             raise InputError(f"{folder} does not exist or is not a folder")
-    config = read_json_object(merged_dir / "config.json", f"is {merged_dir} a merged model folder?")
+    config = read_model_config(merged_dir)
     weights = adapter_weights(options.weights, len(adapter_paths))
     dtype = stored_dtype(merged_dir)
     with tempfile.TemporaryDirectory(prefix="lora-export-verify-") as tmp:  # lives as long as the models: offloaded

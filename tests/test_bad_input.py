@@ -99,8 +99,8 @@ def test_merged_result_overflows_fp16(good: tuple[Path, Path], tmp_path: Path) -
         ({"target_parameters": ["experts.gate_up_proj"]}, ("target_parameters",)),
         ({"layer_replication": [[0, 2]]}, ("layer_replication",)),
         ({"init_lora_weights": "pissa"}, ("pissa", "path_initial_model_for_weight_conversion")),
-        ({"r": 0}, ("r must be a positive number",)),
-        ({"r": "eight"}, ("r must be a positive number",)),
+        ({"r": 0}, ("r must be a positive finite number",)),
+        ({"r": "eight"}, ("r must be a positive finite number",)),
         ({"r": 8}, ("rank 4 in its tensors but 8",)),
         ({"use_dora": "yes"}, ("use_dora must be true or false",)),
         ({"trainable_token_indices": [1, 2]}, ("trainable_token_indices",)),
@@ -206,15 +206,15 @@ def test_weight_count_mismatch(good: tuple[Path, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change,fragments",
     [
-        ({"lora_alpha": "sixteen"}, ("lora_alpha must be a positive number",)),
-        ({"r": -4}, ("r must be a positive number",)),
+        ({"lora_alpha": "sixteen"}, ("lora_alpha must be a positive finite number",)),
+        ({"r": -4}, ("r must be a positive finite number",)),
         ({"peft_type": None}, ("peft_type is None", "only LORA")),
         ({"rank_pattern": {"q_proj": "big"}}, ("rank_pattern must map",)),
         ({"bias": "sometimes"}, ("bias must be",)),
         ({"target_modules": ["gate_proj"]}, ("match none of", "re-save the adapter")),
         ({"target_modules": ["q_proj"]}, ("do not match", "v_proj")),
         ({"target_modules": 5}, ("target_modules must be",)),
-        ({"target_modules": "(unclosed"}, ("not a valid regex",)),
+        ({"target_modules": "(unclosed"}, ("not a valid regular expression",)),
     ],
     ids=[
         "alpha-type",
@@ -287,7 +287,10 @@ def edit_adapter_tensors(good: tuple[Path, Path], tmp_path: Path, edit) -> tuple
         (lambda t: t.pop(B_KEY), ("has lora_A but not its pair",)),
         (lambda t: t.update({B_KEY: torch.randn(32, 3)}), ("lora_A has rank 4", "lora_B has 3")),
         (lambda t: t[A_KEY].__setitem__((1, 2), float("inf")), ("NaN/Inf", "diverged training")),
-        (lambda t: t.update({A_KEY: torch.ones(4, 32, dtype=torch.int32)}), ("must be floating point",)),
+        (
+            lambda t: t.update({A_KEY: torch.ones(4, 32, dtype=torch.int32)}),
+            ("must be float16, bfloat16, float32 or float64",),
+        ),
         (
             lambda t: [t.pop(k) for k in list(t)] and t.update({"base_model.model.x.lora_magic": torch.ones(1)}),
             ("not a LoRA tensor",),

@@ -18,12 +18,13 @@ import click
 
 from .. import __version__
 from ..errors import LoraExportError, VerifyError
+from .types import FINITE_FLOAT, FOLDER, REPORT
 
 if TYPE_CHECKING:
     from ..records import CheckedReport
 
-EXISTING_DIR = click.Path(exists=False, file_okay=False, path_type=Path)
-REPORT_FILE = click.Path(dir_okay=False, path_type=Path)
+EXISTING_DIR = FOLDER  # named for history: input folders are checked by the command, output folders may not exist
+REPORT_FILE = REPORT
 
 # Options several commands share, defined once.
 output_option = click.option(
@@ -35,7 +36,12 @@ output_option = click.option(
     help="Folder to write (must not exist, unless --overwrite).",
 )
 weights_option = click.option(
-    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (default 1.0 each)."
+    "-w",
+    "--weight",
+    "weights",
+    multiple=True,
+    type=FINITE_FLOAT,
+    help="Weight of each adapter, in order (default 1.0 each).",
 )
 allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True)."
@@ -91,11 +97,30 @@ def _debug() -> bool:
     return bool(os.environ.get("LORA_EXPORT_DEBUG")) or bool(root and root.params.get("debug"))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `with` and `finally` on the way out runs: partial outputs, locks,
+    temporary folders and child processes are removed, as they are on Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, raise_terminated)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a shell: Ctrl-C still ends us
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The one place where outcomes become exit codes and `Error:` lines."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _terminate_like_interrupt()
         try:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -103,8 +128,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LoraExportError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; no unfinished output was kept (run the command again)", err=True)
+        except KeyboardInterrupt as e:
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            click.echo(f"Error: {what}; no unfinished output was kept (run the command again)", err=True)
             sys.exit(130)
         except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
             from ..outputs import DISK_ERRNOS, temp_hint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -21,6 +20,7 @@ from .main import (
     overwrite_option,
     weights_option,
 )
+from .types import DEVICE, FINITE_FLOAT, INPUT_FILE, SIZE
 
 
 @main.command()
@@ -35,7 +35,9 @@ from .main import (
     show_default=True,
     help="Output dtype of floating tensors; auto keeps the base's.",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option(
+    "--max-shard-size", type=SIZE, default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
 @allow_pickle_option
 @click.option(
@@ -54,7 +56,7 @@ def merge(
     out_dir: Path,
     weights: tuple[float, ...],
     dtype: str,
-    max_shard_size: str,
+    max_shard_size: int,
     overwrite: bool,
     allow_pickle: bool,
     as_json: bool,
@@ -72,14 +74,14 @@ def merge(
       lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
       lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
     """
-    from ..merge import MergeOptions, parse_size
+    from ..merge import MergeOptions
     from ..merge import merge as merge_fn
     from ..report import merge_text, to_json
 
     options = MergeOptions(
         dtype=dtype,
         weights=weights,
-        max_shard_size=parse_size(max_shard_size),
+        max_shard_size=max_shard_size,
         allow_pickle=allow_pickle,
         overwrite=overwrite,
         progress=not quiet,
@@ -92,12 +94,17 @@ def merge(
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=EXISTING_DIR, metavar="BASE_DIR ADAPTER_DIR... MERGED_DIR")
 @click.option(
-    "-w", "--weight", "weights", multiple=True, type=float, help="Weight of each adapter, in order (as given to merge)."
+    "-w",
+    "--weight",
+    "weights",
+    multiple=True,
+    type=FINITE_FLOAT,
+    help="Weight of each adapter, in order (as given to merge).",
 )
 @click.option(
     "--prompts",
     "prompts_file",
-    type=click.File("r"),
+    type=INPUT_FILE,
     help="Text file, one prompt per line (default: built-in prompts).",
 )
 @click.option(
@@ -105,7 +112,9 @@ def merge(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
 @allow_pickle_option
-@click.option("--device", default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …")
+@click.option(
+    "--device", type=DEVICE, default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …"
+)
 @click.option(
     "--device-map",
     type=click.Choice(["auto", "balanced", "sequential"]),
@@ -126,7 +135,7 @@ def merge(
 def verify(
     paths: tuple[Path, ...],
     weights: tuple[float, ...],
-    prompts_file: Any,
+    prompts_file: Path | None,
     max_new_tokens: int,
     seed: int,
     allow_pickle: bool,
@@ -152,12 +161,12 @@ def verify(
       lora-export verify ./smollm2 ./adapters/caps ./smollm2-caps --json verify.json
     """
     from ..report import verify_text
-    from ..verify import PROMPTS, VerifyOptions
+    from ..verify import PROMPTS, VerifyOptions, read_prompts
     from ..verify import verify as verify_fn
 
     if len(paths) < 3:
         raise click.UsageError("give BASE_DIR, at least one ADAPTER_DIR, and MERGED_DIR")
-    prompts = tuple(line.strip() for line in prompts_file if line.strip()) if prompts_file else PROMPTS
+    prompts = read_prompts(prompts_file) if prompts_file else PROMPTS
     if max_memory and not device_map:
         raise click.UsageError("--max-memory applies with --device-map")
     limits = parse_max_memory(max_memory) if max_memory else None

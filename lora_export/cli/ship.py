@@ -21,6 +21,7 @@ from .main import (
     output_option,
     overwrite_option,
 )
+from .types import DEVICE, INPUT_FILE, THREADS
 
 
 @main.command()
@@ -42,6 +43,7 @@ from .main import (
 )
 @click.option(
     "--device",
+    type=DEVICE,
     default="cpu",
     show_default=True,
     help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).",
@@ -62,7 +64,7 @@ from .main import (
 )
 @click.option("--budget", type=float, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5).")
 @click.option(
-    "--threads", type=int, default=None, help="Fix torch's and ONNX Runtime's thread count (recorded either way)."
+    "--threads", type=THREADS, default=None, help="Fix torch's and ONNX Runtime's thread count (recorded either way)."
 )
 @click.option("--quick", is_flag=True, help="Small shapes and a short budget: a minute on tiny models (for CI).")
 @click.option(
@@ -149,9 +151,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 
 @main.command()
 @click.argument("target", type=EXISTING_DIR, metavar="BASE_DIR | PACKAGE_DIR")
-@click.option(
-    "--variants", "variants_file", type=REPORT_FILE, help="variants.yaml (or .json) naming each task variant."
-)
+@click.option("--variants", "variants_file", type=INPUT_FILE, help="variants.yaml (or .json) naming each task variant.")
 @click.option(
     "-o", "--output", "out_dir", type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
 )

@@ -1,0 +1,148 @@
+"""Click types for every option and argument: an input is checked when it is parsed, before any work starts, and a
+bad one is a usage error (exit 2) naming the option and the fix. Nothing here imports torch until a value needs it.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _resolve(value: str, param: Any, ctx: Any, kind: click.ParamType) -> Path:
+    """The path as given, after making sure it resolves: a symlink loop is a usage error, not a crash later."""
+    path = Path(value)
+    try:
+        path.resolve(strict=False)
+        os.stat(path) if path.is_symlink() else None
+    except RuntimeError:  # Python < 3.13: "Symlink loop from …"
+        kind.fail(f"{value}: a symlink loop; point it at a real file or folder", param, ctx)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            kind.fail(f"{value}: a symlink loop; point it at a real file or folder", param, ctx)
+        if e.errno != errno.ENOENT:  # a dangling link: the command's own check names it
+            kind.fail(f"{value}: {e.strerror}", param, ctx)
+    return path
+
+
+class Folder(click.ParamType):
+    """A folder argument: input folders are checked by the command (with the fix in its message); here, only that
+    the path resolves (no symlink loop) and, if it exists, is not a file."""
+
+    name = "directory"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path:
+        if isinstance(value, Path):
+            value = str(value)
+        path = _resolve(value, param, ctx, self)
+        if path.is_file():
+            self.fail(f"{value} is a file, not a folder", param, ctx)
+        return path
+
+
+class InputFile(click.ParamType):
+    """A file the command reads (variants, prompts): it exists and is a regular file (not a FIFO, not a folder)."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path:
+        path = _resolve(str(value), param, ctx, self)
+        if not path.exists():
+            self.fail(f"{value} does not exist", param, ctx)
+        if not path.is_file():
+            self.fail(f"{value} is not a regular file", param, ctx)
+        return path
+
+
+class ReportFile(click.ParamType):
+    """A file the command writes (--json, --junit, --markdown, --plot): its folder must exist and be writable now,
+    so that a long run does not end in an error after its output was written."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path:
+        path = _resolve(str(value), param, ctx, self)
+        if path.is_dir():
+            self.fail(f"{value} is a folder; give a file name in it", param, ctx)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            self.fail(f"{value}: the folder {parent} does not exist; create it first", param, ctx)
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            self.fail(f"{value}: the folder {parent} is on a read-only file system; choose a writable one", param, ctx)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            self.fail(
+                f"{value}: the folder {parent} is not writable; fix its permissions or choose another", param, ctx
+            )
+        return path
+
+
+class Size(click.ParamType):
+    """A byte size such as 5GB, 500MB, 2GiB or a plain byte count: finite and positive."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from ..merge import parse_size
+
+        try:
+            size = parse_size(str(value))
+        except Exception as e:  # the parser's message names the fix
+            self.fail(str(e), param, ctx)
+        if size < 1 or size >= 2**62:
+            self.fail(f"{value!r} is outside 1 byte … 4 EiB", param, ctx)
+        return size
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is a number (not nan or inf)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class Device(click.ParamType):
+    """A torch device this machine has: cpu, cuda, cuda:N (N below the GPU count), mps."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        import torch
+
+        try:
+            device = torch.device(str(value))
+        except (RuntimeError, TypeError) as e:
+            self.fail(
+                f"{value!r} is not a device ({str(e).splitlines()[0][:80]}…): use cpu, cuda or cuda:N", param, ctx
+            )
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                self.fail(f"{value!r}: this machine's torch sees no CUDA GPU; use cpu", param, ctx)
+            if device.index is not None and device.index >= count:
+                self.fail(f"{value!r}: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{count - 1})", param, ctx)
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value!r}: MPS is not available on this machine; use cpu", param, ctx)
+        elif device.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value!r}: lora-export runs on cpu, cuda or mps", param, ctx)
+        return str(value)
+
+
+FOLDER = Folder()
+INPUT_FILE = InputFile()
+REPORT = ReportFile()
+SIZE = Size()
+FINITE_FLOAT = FiniteFloat()
+DEVICE = Device()
+THREADS = click.IntRange(min=1)
