@@ -220,6 +220,9 @@ def check_index_agrees(index: Path, store: TensorStore) -> None:
         for name in store.infos
         if name not in weight_map
     ]
+    named = set(weight_map.values())
+    stray = [p.name for p in sorted(index.parent.glob("model-*.safetensors")) if p.name not in named]
+    problems += [f"{name} holds weights the index does not name" for name in stray]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(

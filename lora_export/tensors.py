@@ -123,7 +123,7 @@ def layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:
         if not isinstance(entry, dict):
             return f"tensor {name}: header entry is not an object"
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             return f"tensor {name} has dtype {code!r}, which this tool does not read (convert the file to float or integer tensors)"
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
