@@ -60,7 +60,9 @@ def load_tokenizer(folder: Path) -> Any:
     return tok
 
 
-def make_cases(config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool) -> list[Case]:
+def make_cases(
+    config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool, room: int = 0
+) -> list[Case]:
     """Tokenized prompts (when there is a tokenizer) and seeded random batches of several shapes, one padded."""
     cases = []
     if tokenizer is not None and prompts and tokenizer.pad_token is not None:
@@ -77,6 +79,15 @@ def make_cases(config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], s
             else list(prompts)
         )
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        text_config = config.get("text_config") or config
+        context = text_config.get("max_position_embeddings") or text_config.get("n_positions")
+        lengths = enc["attention_mask"].sum(-1).tolist()
+        if context and max(lengths) + room > int(context):  # room: the tokens generated after the prompt
+            i = max(range(len(lengths)), key=lambda k: lengths[k])
+            raise InputError(
+                f"prompt {i + 1} is {lengths[i]} tokens; with the tokens generated after it, that exceeds the model's "
+                f"context of {context}: shorten it (or give fewer --max-new-tokens)"
+            )
         name = f"{'chat ' if chat else ''}prompts {len(prompts)}×{enc['input_ids'].shape[1]}"
         cases.append(Case(name, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
     text = config.get("text_config") or config

@@ -3,6 +3,7 @@ folders (written to a hidden sibling, renamed into place when complete; a killed
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -146,6 +147,11 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     output disk (full, read-only, no permission) become one OutputError naming the file and the fix.
     """
     parent = out.parent
+    if out.is_symlink():
+        raise OutputError(
+            f"output {out} is a symbolic link (to {os.readlink(out)}): give the real folder, or remove the link"
+        )
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again if the run fails
     try:
         with ExitStack() as stack:
             try:
@@ -177,7 +183,10 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    except OSError as e:
-        if (converted := disk_error(e, out)) is None:
+    except BaseException as e:
+        for folder in created:  # innermost first; only what this run made, and only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if not isinstance(e, OSError) or (converted := disk_error(e, out)) is None:
             raise
         raise converted from None

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .adapters import load_adapter
-from .compare import Case, compare, metrics_check
 from .errors import InputError, UnsupportedError, VerifyError
 from .exporters.genai_builder import BUILDER
 from .exporters.genai_reuse import GraphTemplate, recipes
@@ -32,10 +31,10 @@ from .external_data import write_external_data
 from .lora_runtime import load_model, load_unmerged
 from .merge import MergeOptions
 from .outputs import atomic_output_dir, check_output_location
-from .package_genai import dtype_notes, merged_references, rerun_references, shared_genai
+from .package_check import compare_logits, rerun_merged
+from .package_genai import dtype_notes, merged_references, shared_genai
 from .pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
-from .records import Check, MergedVariant, PackageCheck, PackageManifest, SharedLayout, files_of, versions
-from .records.package import PACKAGE_FIX
+from .records import MergedVariant, PackageManifest, SharedLayout, files_of, versions
 from .shared_graph import (
     build_shared_graph,
     genai_runtime_files,
@@ -47,7 +46,6 @@ from .shared_graph import (
 )
 from .tolerances import tolerances_for
 from .variants import Variant, read_variants
-from .workers import sha256_file
 
 MODES = ("merged", "shared", "both")
 
@@ -72,12 +70,6 @@ def _logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
     graph = build_graph(model, with_past=True)
     with torch.no_grad():
         return graph.module(*[torch.from_numpy(feeds[n]) for n in graph.input_names])[0].float().numpy()
-
-
-def _compare(name: str, ref: np.ndarray, got: np.ndarray, mask: np.ndarray, dtype: str = "float32") -> Check:
-    case = Case(name, {"attention_mask": torch.from_numpy(mask)})
-    m = compare(case, "logits", torch.from_numpy(ref).float(), torch.from_numpy(np.asarray(got)).float())
-    return metrics_check(name, "ONNX Runtime vs the stored reference logits (PyTorch)", "runtime", dtype, [m])
 
 
 def _shared(
@@ -123,7 +115,7 @@ def _shared_dynamo(
     prompt, runtime_notes = genai_runtime_files(shared, base_dir, base, graph.export)
     greedy = {"__base__": greedy_reference(base, prompt, 8)} if prompt else {}
     got = run_with_adapter(sess, feeds, None, ["logits"])[0]
-    checks = [_compare("shared graph, no adapter vs base (PyTorch)", references["__base__"], got, mask.numpy())]
+    checks = [compare_logits("shared graph, no adapter vs base (PyTorch)", references["__base__"], got, mask.numpy())]
     files, parameters = {}, {}
     for v in variants:
         path = shared / f"{v.name}.onnx_adapter"
@@ -135,7 +127,7 @@ def _shared_dynamo(
             greedy[v.name] = greedy_reference(unmerged, prompt, 8)
         got = run_with_adapter(sess, feeds, path, ["logits"])[0]
         checks.append(
-            _compare(f"shared graph + {path.name} vs {v.name} in PyTorch", references[v.name], got, mask.numpy())
+            compare_logits(f"shared graph + {path.name} vs {v.name} in PyTorch", references[v.name], got, mask.numpy())
         )
     if prompt:
         adapters = {name: out / file for name, file in files.items()}
@@ -216,7 +208,7 @@ def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str
     updated = {}
     for n in names:
         name = f"{merged[n].folder}/model.onnx (shared tensors) vs reference"
-        check = replace(_rerun_merged(out, n, merged[n]), name=name)
+        check = replace(rerun_merged(out, n, merged[n]), name=name)
         if not check.passed:
             raise VerifyError(
                 f"{folders[n]}: differs from the variant's reference after sharing tensors: "
@@ -319,77 +311,3 @@ def storage_summary(folder: Path, variants: list[Variant], mode: str) -> dict[st
             "with_merged_folders_bytes": size("merged/**/*"),
         }
     return out
-
-
-def check_package(out_dir: Path | str) -> PackageCheck:
-    """Re-verify a package from its manifest: every file's sha256 and size, then the numbers in ONNX Runtime."""
-    out_dir = Path(out_dir)
-    manifest = PackageManifest.load(out_dir)
-    problems = []
-    for f in manifest.files:
-        p = out_dir / f.name
-        if p.is_symlink() or not p.is_file() or not p.resolve().is_relative_to(out_dir.resolve()):
-            problems.append(f"{f.name}: missing, or not a regular file inside the package")
-        elif p.stat().st_size != f.size or sha256_file(p) != f.sha256:
-            problems.append(f"{f.name}: sha256/size differ from the manifest")
-    listed = {f.name for f in manifest.files}
-    extra = sorted(
-        p.relative_to(out_dir).as_posix()
-        for p in out_dir.rglob("*")
-        if (p.is_file() or p.is_symlink()) and p.name != PackageManifest.NAME
-    )
-    problems += [f"{name}: not in the manifest" for name in extra if name not in listed]
-    n = len(manifest.files)
-    files = Check(
-        f"files (sha256, size of {n})",
-        "every file against the manifest",
-        "",
-        not problems,
-        f"{len(problems)} problem(s)" if problems else "every file as in the manifest",
-        tuple(problems),
-    )
-    if problems:  # numbers only when the bytes are what was verified
-        return PackageCheck(str(out_dir), n, (files,))
-    return PackageCheck(str(out_dir), n, (files, *_rerun_references(out_dir, manifest)))
-
-
-def _rerun_references(out_dir: Path, manifest: PackageManifest) -> list[Check]:
-    checks = []
-    if manifest.shared is not None and manifest.shared.exporter == "genai":
-        adapters = {n: out_dir / f for n, f in manifest.shared.adapters.items()}
-        check = rerun_references(out_dir / "shared", out_dir / "shared" / "reference.npz", adapters)
-        checks.append(replace(check, name="shared + every adapter, in GenAI"))
-    elif manifest.shared is not None:
-        ref, feeds = _read_reference(out_dir / "shared" / "reference.npz")
-        sess = session(out_dir / manifest.shared.graph)
-        got = run_with_adapter(sess, feeds, None, ["logits"])[0]
-        checks.append(_compare("shared, no adapter", ref["logits:__base__"], got, feeds["attention_mask"]))
-        for name, file in manifest.shared.adapters.items():
-            got = run_with_adapter(sess, feeds, out_dir / file, ["logits"])[0]
-            checks.append(_compare(f"shared + {Path(file).name}", ref[f"logits:{name}"], got, feeds["attention_mask"]))
-    for name, info in manifest.merged.items():
-        checks.append(replace(_rerun_merged(out_dir, name, info), name=f"merged {name}"))
-    return checks
-
-
-def _rerun_merged(out_dir: Path, name: str, info: MergedVariant) -> Check:
-    """A merged variant's stored reference, re-run where its graph runs (ONNX Runtime, or GenAI for the builder's)."""
-    path = out_dir / info.folder / "reference.npz"
-    if info.exporter == "genai":
-        return rerun_references(out_dir / info.folder, path, {}, info.dtype)
-    ref, feeds = _read_reference(path)
-    got = session(out_dir / info.graph).run(["logits"], feeds)[0]
-    return _compare(name, ref[f"logits:{name}"], got, feeds["attention_mask"], info.dtype)
-
-
-def _read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A dynamo layout's reference.npz: every array, and the inputs among them."""
-    try:
-        with np.load(path) as archive:
-            ref = {k: archive[k] for k in archive.files}
-    except Exception as e:  # a damaged archive under a manifest that hashes it: the package was built so
-        raise InputError(f"{path}: cannot read the reference outputs ({e}); {PACKAGE_FIX}") from None
-    missing = [k for k in ("input:attention_mask",) if k not in ref]
-    if missing:
-        raise InputError(f"{path}: the reference outputs lack {missing[0]}; {PACKAGE_FIX}")
-    return ref, {k.split(":", 1)[1]: v for k, v in ref.items() if k.startswith("input:")}

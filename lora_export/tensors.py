@@ -87,9 +87,13 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
                     f"{path}: {size} bytes, too short to be a safetensors file (needs an 8-byte header length){REFETCH}"
                 )
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
+            if header_len > size - 8:
                 raise CorruptFileError(
                     f"{path}: header length {header_len} is larger than the file ({size} bytes): truncated or not safetensors{REFETCH}"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise CorruptFileError(
+                    f"{path}: header length {header_len} is over safetensors' limit of {MAX_HEADER_BYTES} bytes: not a safetensors file{REFETCH}"
                 )
             header = json.loads(f.read(header_len))
     except OSError as e:

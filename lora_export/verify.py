@@ -224,7 +224,8 @@ def _verify(
     unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, place)
     kind, model_class, placement = model_kind(unmerged), type(unmerged).__name__, placement_summary(unmerged)
     tokenizer = load_tokenizer(merged_dir) or load_tokenizer(base_dir)
-    cases = make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm")
+    room = options.max_new_tokens if kind == "causal-lm" else 0
+    cases = make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm", room)
     checks = [weights_check(merged_dir, iter_effective_state(unmerged), dtype)]
     ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
     generate = kind == "causal-lm" and options.max_new_tokens > 0

@@ -289,3 +289,28 @@ main()
     assert "Traceback" not in done.stderr and done.stderr.strip().startswith("Error: ")
     assert not out.exists() and not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("lora-export-")]
+
+
+def test_overwrite_through_a_symlink_is_refused(good: tuple[Path, Path], tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    assert run_merge(good[0], good[1], real)[0] == 0
+    (tmp_path / "link").symlink_to(real)
+    code, output = run_merge(good[0], good[1], tmp_path / "link", "--overwrite")
+    assert code == 2 and "is a symbolic link" in output, output
+    assert (tmp_path / "link").is_symlink() and (real / "lora_export.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_late_failure_removes_the_parents_it_created(
+    good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lora_export.stream as stream
+    from lora_export.errors import InputError
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise InputError("a failure in the middle of the run")
+
+    monkeypatch.setattr(stream.MergeStream, "run", fail)
+    code, output = run_merge(good[0], good[1], tmp_path / "a" / "b" / "out")
+    assert code == 2 and "in the middle" in output, output
+    assert list(tmp_path.iterdir()) == []

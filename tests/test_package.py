@@ -12,7 +12,8 @@ from conftest import make_adapter
 
 from lora_export.cli import main
 from lora_export.errors import UnsupportedError
-from lora_export.package import check_package, package
+from lora_export.package import package
+from lora_export.package_check import check_package
 from lora_export.records import PackageManifest
 from lora_export.variants import read_variants
 

@@ -18,6 +18,18 @@ from .models import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variant
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, torch_threads, verdicts
 
 
+def check_shapes_fit(base_dir: Path, shapes: Sequence[tuple[int, int]]) -> None:
+    """Every --shapes sequence length within the model's context, before anything is loaded."""
+    from ..basemodel import read_model_config
+
+    config = read_model_config(base_dir)
+    text = config.get("text_config") or config
+    context = text.get("max_position_embeddings") or text.get("n_positions")
+    too_long = [f"{b}x{s}" for b, s in shapes if context and s > int(context)]
+    if too_long:
+        raise InputError(f"--shapes {', '.join(too_long)}: longer than the model's context of {context} tokens")
+
+
 def bench(
     base_dir: Path | str,
     adapter_dirs: Sequence[Path | str],
@@ -34,6 +46,7 @@ def bench(
         raise InputError("give at least one adapter folder (or use --paper-table1)")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to PyTorch here")
+    check_shapes_fit(base_dir, options.shapes)
     with torch_threads(options.threads), tempfile.TemporaryDirectory(prefix="lora-export-bench-") as tmp:
         work = Path(tmp)
         if merged_dir is None:

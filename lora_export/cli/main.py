@@ -126,7 +126,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: Click prints them and exits 2
         except LoraExportError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo("Error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

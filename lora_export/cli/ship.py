@@ -208,8 +208,8 @@ def package(
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
       lora-export package --check ./tasks
     """
-    from ..package import check_package
     from ..package import package as run
+    from ..package_check import check_package
     from ..report import package_check_text, package_text
 
     if junit_file and not check:
