@@ -70,7 +70,7 @@ def _rerun_references(out_dir: Path, manifest: PackageManifest) -> list[Check]:
         got = run_with_adapter(sess, feeds, None, ["logits"])[0]
         checks.append(compare_logits("shared, no adapter", ref["logits:__base__"], got, feeds["attention_mask"]))
         for name, file in manifest.shared.adapters.items():
-            got = run_with_adapter(sess, feeds, out_dir / file, ["logits"])[0]
+            got = _run_packaged_adapter(sess, feeds, out_dir / file)
             checks.append(
                 compare_logits(f"shared + {Path(file).name}", ref[f"logits:{name}"], got, feeds["attention_mask"])
             )
@@ -87,6 +87,18 @@ def rerun_merged(out_dir: Path, name: str, info: MergedVariant) -> Check:
     ref, feeds = _read_reference(path)
     got = _packaged_session(out_dir / info.graph).run(["logits"], feeds)[0]
     return compare_logits(name, ref[f"logits:{name}"], got, feeds["attention_mask"], info.dtype)
+
+
+def _run_packaged_adapter(sess: Any, feeds: dict[str, np.ndarray], path: Path) -> np.ndarray:
+    """The shared graph with a package's .onnx_adapter; one ONNX Runtime cannot read is bad input naming it."""
+    import onnxruntime as ort
+
+    try:
+        ort.LoraAdapter().Load(str(path))
+    except Exception as e:  # ONNX Runtime's RuntimeError from its adapter parser
+        first = str(e).splitlines()[0].rsplit(") ", 1)[-1][:160] if str(e) else type(e).__name__
+        raise InputError(f"{path}: ONNX Runtime cannot read this adapter ({first}); {PACKAGE_FIX}") from None
+    return run_with_adapter(sess, feeds, path, ["logits"])[0]
 
 
 def _packaged_session(path: Path) -> Any:

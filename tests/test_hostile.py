@@ -314,3 +314,37 @@ def test_a_late_failure_removes_the_parents_it_created(
     code, output = run_merge(good[0], good[1], tmp_path / "a" / "b" / "out")
     assert code == 2 and "in the middle" in output, output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def shared_package(good: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pkg")
+    (root / "v.yaml").write_text(f"variants:\n  a:\n    adapters: [{good[1]}]\n")
+    out = root / "pkg"
+    code, output = run_cli(
+        ["package", str(good[0]), "--variants", str(root / "v.yaml"), "-o", str(out), "--mode", "shared"]
+    )
+    assert code == 0, output
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("shared/model.onnx", "ONNX Runtime cannot load it"), ("shared/reference.npz", "cannot read the reference"),
+     ("shared/a.onnx_adapter", "cannot read this adapter")],
+    ids=["graph", "reference", "adapter"],
+)  # fmt: skip
+def test_package_check_damaged_file_under_a_consistent_manifest(
+    shared_package: Path, tmp_path: Path, name: str, fragment: str
+) -> None:
+    """Damaged after hashing (or packaged damaged): the hashes agree, the file does not load: exit 2 naming it."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(shared_package, pkg)
+    (pkg / name).write_bytes(b"\x00garbage" * 16)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    for f in manifest["files"]:
+        if f["name"] == name:
+            f["sha256"], f["size"] = hashlib.sha256((pkg / name).read_bytes()).hexdigest(), (pkg / name).stat().st_size
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run_cli(["package", "--check", str(pkg)])
+    assert code == 2 and name in output and fragment in output and "Traceback" not in output, output
