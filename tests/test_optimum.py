@@ -63,3 +63,25 @@ def test_optimum_runs_the_genai_builder_output() -> None:
     out = Path(os.environ["LORA_EXPORT_GENAI_OUTPUT"])
     assert (out / "genai_config.json").is_file()  # it is the builder's folder
     assert optimum_tokens(out, PROMPT, 8) == pytorch_tokens(out, PROMPT, 8)
+
+
+def test_optimum_runs_the_encoder_output(models_dir: Path, tmp_path: Path) -> None:
+    """A BERT classifier exported by lora-export loads in Optimum's ORTModelForSequenceClassification and gives
+    PyTorch's logits."""
+    from click.testing import CliRunner
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_export.cli import main
+
+    out = tmp_path / "bert"
+    r = CliRunner().invoke(main, ["export", str(models_dir / "bert"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    ids = torch.randint(1, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    got = ORTModelForSequenceClassification.from_pretrained(out)(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        ref = AutoModelForSequenceClassification.from_pretrained(models_dir / "bert")(
+            input_ids=ids, attention_mask=mask
+        )
+    assert torch.allclose(torch.as_tensor(got), ref.logits, atol=1e-4), (got, ref.logits)
