@@ -28,7 +28,7 @@ from .exporters.onnx import OnnxOptions
 from .exporters.onnx_check import session
 from .exporters.runtime_files import genai_adapters_check
 from .external_data import write_external_data
-from .lora_runtime import load_model, load_unmerged
+from .lora_runtime import load_model
 from .merge import MergeOptions
 from .outputs import atomic_output_dir, check_output_location
 from .package_check import compare_logits, rerun_merged
@@ -41,8 +41,7 @@ from .shared_graph import (
     greedy_reference,
     run_with_adapter,
     union_modules,
-    variant_factors,
-    write_adapter_file,
+    variant_adapters,
 )
 from .tolerances import tolerances_for
 from .variants import Variant, read_variants
@@ -117,11 +116,8 @@ def _shared_dynamo(
     got = run_with_adapter(sess, feeds, None, ["logits"])[0]
     checks = [compare_logits("shared graph, no adapter vs base (PyTorch)", references["__base__"], got, mask.numpy())]
     files, parameters = {}, {}
-    for v in variants:
-        path = shared / f"{v.name}.onnx_adapter"
-        parameters[v.name] = write_adapter_file(path, variant_factors(loaded[v.name]), np.float32)
-        files[v.name] = f"shared/{path.name}"
-        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+    for v, path, shapes, unmerged in variant_adapters(base_dir, variants, loaded, shared):
+        files[v.name], parameters[v.name] = f"shared/{path.name}", shapes
         references[v.name] = _logits(unmerged, feeds)
         if prompt:  # the same model, for the GenAI check below
             greedy[v.name] = greedy_reference(unmerged, prompt, 8)

@@ -22,11 +22,11 @@ from .errors import InputError
 from .exporters.genai_builder import build_with_genai, genai_logits_check, pytorch_references
 from .exporters.genai_lora import add_lora_inputs
 from .exporters.runtime_files import GENAI_CONFIG, genai_adapters_check, genai_installed, genai_prompt
-from .lora_runtime import load_model, load_unmerged
+from .lora_runtime import load_model
 from .pipeline import SIDE_FILES
 from .records import Check, SharedLayout
 from .records.package import PACKAGE_FIX
-from .shared_graph import greedy_reference, input_names, variant_factors, write_adapter_file
+from .shared_graph import greedy_reference, input_names, variant_adapters
 from .variants import Variant
 
 NEW_TOKENS = 8
@@ -100,11 +100,8 @@ def shared_genai(
     checks = [genai_logits_check(shared, [prompt], pytorch_references(base, [prompt], NEW_TOKENS), "float32")]
     references = {"__base__": greedy_reference(base, prompt, NEW_TOKENS)}
     files, parameters = {}, {}
-    for v in variants:
-        path = shared / f"{v.name}.onnx_adapter"
-        parameters[v.name] = write_adapter_file(path, variant_factors(loaded[v.name]), np.float32)
-        files[v.name] = f"shared/{path.name}"
-        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+    for v, path, shapes, unmerged in variant_adapters(base_dir, variants, loaded, shared):
+        files[v.name], parameters[v.name] = f"shared/{path.name}", shapes
         references[v.name] = greedy_reference(unmerged, prompt, NEW_TOKENS)
     log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
     checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))

@@ -9,7 +9,7 @@ lora_bias, embedding LoRA and modules_to_save change more than A and B and are r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .exporters.runtime_files import (
     genai_prompt,
     write_runtime_files,
 )
-from .lora_runtime import apply_lora, load_model
+from .lora_runtime import apply_lora, load_model, load_unmerged
 
 WRAPPER_PREFIX = "model."  # the export wrapper holds the transformers model as `model`
 
@@ -142,6 +142,18 @@ def write_adapter_file(
     fmt.export_adapter(str(path))
     del values
     return {k: list(v.shape) for k, v in arrays.items()}
+
+
+def variant_adapters(
+    base_dir: Path, variants: Sequence[Any], loaded: dict[str, Any], shared: Path
+) -> Iterator[tuple[Any, Path, dict[str, list[int]], torch.nn.Module]]:
+    """Per variant: its .onnx_adapter written into `shared`, the shapes of its parameters, and its unmerged model in
+    PyTorch (the reference the layout is checked against)."""
+    for v in variants:
+        path = shared / f"{v.name}.onnx_adapter"
+        parameters = write_adapter_file(path, variant_factors(loaded[v.name]), np.float32)
+        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+        yield v, path, parameters, unmerged
 
 
 def run_with_adapter(
