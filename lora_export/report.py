@@ -263,6 +263,27 @@ def inspect_text(info: AdapterInspection) -> str:
     return "\n".join(lines)
 
 
+def structure_markdown(result: Any) -> list[str]:
+    """Counted per forward (exact, unlike the times): GFLOPs and ATen operator calls of each PyTorch row, and whether
+    it is the base's computation."""
+    rows = [r for r in result.rows if any(c.flops is not None for c in r.cells.values())]
+    if not rows:
+        return []
+    lines = ["", "Structure per forward pass, counted (PyTorch): GFLOPs / operator calls", ""]
+    lines += ["| variant | same computation as base | " + " | ".join(result.shapes) + " |"]
+    lines += ["|" + "---|" * (2 + len(result.shapes))]
+    for row in rows:
+        cells = [
+            f"{c.flops / 1e9:.3f} / {c.op_calls}"
+            if (c := row.cells.get(s)) is not None and c.flops is not None
+            else "–"
+            for s in result.shapes
+        ]
+        same = "yes" if row.structure.get("identical_to_base") else "no"
+        lines.append(f"| {row.variant} | {same} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def bench_markdown(result: Any) -> str:
     """Table 1's layout: rows are variants, columns batch/seq, cells `median ms ± half the p10–p90 spread (+x%)`."""
     lines = [
@@ -283,6 +304,7 @@ def bench_markdown(result: Any) -> str:
             pct = "" if row.variant == "base" or c.ratio is None else f" ({c.ratio - 1:+.1%})"
             cells.append(f"{c.median_ms:.2f} ± {spread:.2f}{pct}")
         lines.append(f"| {row.variant} | {row.backend} | {row.params / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    lines += structure_markdown(result)
     paper = result.extra.get("paper")
     if paper:
         lines += [

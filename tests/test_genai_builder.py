@@ -223,3 +223,17 @@ def test_float16_is_built_for_cuda_and_checked_on_the_cpu_provider(base: Path, t
     assert r.exit_code == 0, r.output
     choice = json.loads((tmp_path / "auto" / "report.json").read_text())["export"]["exporter_choice"]
     assert choice.startswith("auto: the builder's float16 graph targets CUDA")
+
+
+def test_the_builder_graph_of_a_merged_model_is_the_base_graph(base: Path, tmp_path: Path) -> None:
+    """Structure, exactly: the builder's graph of the merged model equals the base's up to initializer values."""
+    from lora_export.structure import onnx_structure
+
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules="all-linear")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["merge-and-onnx", str(base), str(adapter), "-o", str(out), "--exporter", "genai"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["export", str(base), "-o", str(tmp_path / "b"), "--exporter", "genai"])
+    assert r.exit_code == 0, r.output
+    merged, original = onnx_structure(out / "model.onnx"), onnx_structure(tmp_path / "b" / "model.onnx")
+    assert merged.same_as(original) and merged.ops.get("com.microsoft.GroupQueryAttention") == 2

@@ -18,6 +18,22 @@ from .models import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variant
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, torch_threads, verdicts
 
 
+def add_structure(variants: list[tuple[Row, Any]], inputs: dict[str, torch.Tensor], shape: str) -> None:
+    """Each PyTorch row's counted structure at this shape: FLOPs and operator calls into its cell, and whether it is
+    the base's computation (else what it adds) into the row, across every shape measured."""
+    from ..structure import torch_structure
+
+    counted = {row.variant: torch_structure(model, inputs) for row, model in variants}
+    base = counted["base"]
+    for row, _ in variants:
+        s = counted[row.variant]
+        row.cells[shape].flops, row.cells[shape].op_calls = s.flops, sum(s.ops.values())
+        same = s.same_as(base)
+        row.structure["identical_to_base"] = row.structure.get("identical_to_base", True) and same
+        if not same:
+            row.structure.setdefault("adds_per_forward", {})[shape] = s.added_over(base)
+
+
 def check_shapes_fit(base_dir: Path, shapes: Sequence[tuple[int, int]]) -> None:
     """Every --shapes sequence length within the model's context, before anything is loaded."""
     from ..basemodel import read_model_config
@@ -76,6 +92,8 @@ def bench(
                 {(r.variant, r.backend): times[f"{r.variant}@{r.backend}"] for r in rows},
                 options.seed,
             )
+            if "torch" in options.backends:
+                add_structure(variants, inputs, shape_name(shape))
     env = environment(options)
     env["model"] = json.loads((base_dir / "config.json").read_text()).get("architectures", ["?"])[0]
     env["parameters"] = sum(p.numel() for p in variants[0][1].parameters())
