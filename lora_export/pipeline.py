@@ -337,7 +337,8 @@ def _merge_and_onnx(
                 "manifest": "merged/lora_export.json",
             },
             "verify": {
-                k: vdict[k] for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis")
+                k: vdict[k]
+                for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis", "structure")
             },
             "export": section,
         }

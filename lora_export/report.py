@@ -73,6 +73,19 @@ def tolerance_text(key: str, tol: dict[str, float]) -> str:
     return f"  tolerance {key}: {', '.join(parts)}"
 
 
+def structure_lines(structure: dict[str, Any] | None) -> list[str]:
+    """One line: the merged model's counted forward, and what unmerged LoRA would add to it."""
+    if not structure:
+        return []
+    m, added = structure["merged"], structure["unmerged_adds"]
+    share = f" (+{added['flops'] / m['flops']:.2%})" if m["flops"] else ""
+    return [
+        f"  info  per forward ({structure['case']}): merged {m['flops'] / 1e9:.4g} GFLOPs, {m['op_calls']} operator "
+        f"calls; LoRA applied unmerged would add {added['flops'] / 1e9:.4g} GFLOPs{share} and "
+        f"{added['op_calls']} calls"
+    ]
+
+
 def verify_text(report: VerifyReport) -> str:
     """Short and readable: what was compared, a PASS/FAIL line per check, the tolerances, where it diverged."""
     lines = [
@@ -96,6 +109,7 @@ def verify_text(report: VerifyReport) -> str:
             f"  info  greedy tokens, merged {report.merged_dtype} vs unmerged float32: {verdict} (of {gen['max_new_tokens']})"
         )
     lines += [tolerance_text(key, tol) for key, tol in report.tolerances.items()]
+    lines += structure_lines(report.structure)
     d = report.diagnosis
     if d:
         first = d["first_divergence"]
@@ -151,6 +165,7 @@ def pipeline_text(report: PipelineReport) -> str:
     if text:
         lines.append(f"  pytorch     {text['pytorch']!r}")
         lines.append(f"  onnxruntime {text['onnxruntime']!r}")
+    lines += structure_lines(report.sections.get("verify", {}).get("structure"))
     diagnosis = report.sections.get("verify", {}).get("diagnosis")
     if diagnosis and diagnosis.get("first_divergence"):
         d = diagnosis["first_divergence"]

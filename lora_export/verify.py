@@ -35,6 +35,7 @@ from .lora_runtime import (
 )
 from .merge import MergeOptions, adapter_weights, merge
 from .records import Check, VerifyReport
+from .structure import Structure, torch_structure
 from .tensors import TensorStore
 from .tolerances import tolerance, tolerances_for
 
@@ -208,6 +209,13 @@ def generation_check(
     return check, generation
 
 
+def structure_summary(case: Case, unmerged: Structure, merged: Structure) -> dict[str, Any]:
+    """Counted per forward on one case: the merged model's FLOPs, operator calls and bytes, and what unmerged LoRA
+    adds to them (the merged model runs the base's computation: tests/test_structure.py, bench's structure table)."""
+    summary = {k: v for k, v in merged.to_dict().items() if k != "ops"}
+    return {"case": case.name, "merged": summary, "unmerged_adds": unmerged.added_over(merged)}
+
+
 def _verify(
     base_dir: Path,
     adapter_paths: list[Path],
@@ -231,6 +239,7 @@ def _verify(
     generate = kind == "causal-lm" and options.max_new_tokens > 0
     prompt, pad = generation_prompt(cases[0], tokenizer, config)
     ref_tokens = greedy(unmerged, prompt, options.max_new_tokens, pad) if generate else []
+    unmerged_structure = torch_structure(unmerged, cases[0].inputs)
     del unmerged
     gc.collect()
 
@@ -238,6 +247,7 @@ def _verify(
         base_dir, adapter_paths, merged_dir, weights, dtype, options, place, tmp, ref_out, cases
     )
     checks += output_checks
+    structure = structure_summary(cases[0], unmerged_structure, torch_structure(merged32, cases[0].inputs))
     generation = None
     if generate:
         n = options.max_new_tokens
@@ -262,6 +272,7 @@ def _verify(
         generation=generation,
         diagnosis=diagnosis,
         placement=({"unmerged": placement} if placement else {}) | placements or None,
+        structure=structure,
     )
 
 

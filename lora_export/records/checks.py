@@ -109,6 +109,7 @@ class VerifyReport(CheckedReport):
     generation: dict[str, Any] | None
     diagnosis: dict[str, Any] | None
     placement: dict[str, dict[str, int]] | None = None  # modules per device of each device-mapped model
+    structure: dict[str, Any] | None = None  # counted per forward: the merged model's, and what unmerged LoRA adds
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "checks": [c.to_dict() for c in self.checks], "passed": self.passed}
