@@ -131,6 +131,16 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     files = {n: out / "shared" / f"{n}.onnx_adapter" for n in ("one", "two")}
     check = genai_adapters_check(out / "shared", files, prompt, swapped)
     assert not check.passed and any("one: logits" in f for f in check.failures)
+    # what users feel, in GenAI: prefill and ms per token for base, shared + adapter and merged, rotating
+    js = tmp_path / "bench.json"
+    args = ["bench", "--package", str(out), "--backend", "genai", "--shapes", "1x8", "--quick", "--json", str(js)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    bench = json.loads(js.read_text())
+    assert bench["shapes"] == ["prefill 1/8", "decode ms/token 1/8+16"]
+    variants = [row["variant"] for row in bench["rows"]]
+    assert variants == ["base", "one shared+adapter", "two shared+adapter", "one merged", "two merged"]
+    assert all(len(row["cells"][s]["runs_ms"]) >= 5 for row in bench["rows"] for s in bench["shapes"])
 
 
 def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: Path) -> None:

@@ -26,6 +26,10 @@ def bench_package(
 
     package_dir = Path(package_dir)
     manifest = PackageManifest.load(package_dir)
+    if "genai" in options.backends:
+        from .genai import bench_package_genai
+
+        return bench_package_genai(package_dir, manifest, options, log)
     config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     threads = options.threads or None

@@ -48,7 +48,13 @@ from .types import DEVICE, INPUT_FILE, THREADS
     show_default=True,
     help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).",
 )
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "all"]), default="torch", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnxruntime", "all", "genai"]),
+    default="torch",
+    show_default=True,
+    help="genai (with --package): ONNX Runtime GenAI's prefill and ms per generated token, batch 1.",
+)
 @click.option(
     "--shapes",
     type=Shapes(),
@@ -115,6 +121,8 @@ def bench(
     from ..bench import paper_table1 as table1
 
     backends = ("torch", "onnxruntime") if backend == "all" else (backend,)
+    if backend == "genai" and package_dir is None:
+        raise click.UsageError("--backend genai measures a package: give --package DIR (lora-export package)")
     options = BenchOptions(
         shapes=shapes or (((1, 16), (2, 32)) if quick else ((1, 128), (16, 256), (32, 512))),
         device=device,
