@@ -77,3 +77,24 @@ def test_onnx_signature_is_the_graph_up_to_initializer_values(models_dir: Path, 
     graph.graph.node.append(onnx.helper.make_node("Identity", ["logits"], ["extra"]))
     onnx.save(graph, str(tmp_path / "m" / "other.onnx"))
     assert onnx_structure(tmp_path / "m" / "other.onnx").signature != b.signature
+
+
+@pytest.mark.parametrize("kind", ["H", "L"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adapter_baselines_add_flops_from_their_parameter_counts(models_dir: Path, family: str, kind: str) -> None:
+    """bench's adapter-H / adapter-L: the FLOPs they add per forward are exactly their matmuls, 2·tokens·(weights of
+    their down and up projections), consistent with AdapterPlan.params; and they add operator calls per adapter."""
+    from lora_export.bench.baselines import insert_adapters, plan_adapters
+
+    base = load_model(models_dir / family)
+    inputs = inputs_for(models_dir / family)
+    tokens = inputs["input_ids"].numel()
+    before = torch_structure(base, inputs)
+    plan = plan_adapters(base, kind, 2_000)
+    inserted = insert_adapters(base, plan)
+    added = torch_structure(base, inputs).added_over(before)
+    matmul_weights = inserted * 2 * plan.dim * plan.bottleneck
+    assert added["flops"] == 2 * tokens * matmul_weights, (added, plan)
+    biases_and_norms = plan.params - matmul_weights  # bias vectors (and LayerNorm for L): no matmul FLOPs
+    assert biases_and_norms == inserted * (plan.bottleneck + plan.dim + (2 * plan.dim if kind == "L" else 0))
+    assert added["param_bytes"] == 4 * plan.params and added["op_calls"] > 0
