@@ -172,9 +172,9 @@ def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorSt
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
-        files = files_from_index(index)
+        files, weight_map = read_index(index)
         store = TensorStore.open_safetensors(files)
-        check_index_agrees(index, store)
+        check_index_agrees(index, weight_map, store)
         return files, store
     if single.is_file():
         checked_link(folder, single, f"{folder}'s weights")
@@ -204,10 +204,9 @@ def check_side_files(folder: Path) -> None:
             read_json_object(folder / name, "", fix=f"; fix {name} or remove it from {folder} (it would be shipped)")
 
 
-def check_index_agrees(index: Path, store: TensorStore) -> None:
+def check_index_agrees(index: Path, weight_map: dict[str, Any], store: TensorStore) -> None:
     """The index and the shards agree both ways: each tensor the index names is in the shard it names, and every
     tensor of the shards is in the index. Otherwise a merge would silently drop tensors or read another's."""
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     problems = []
     for name, file in weight_map.items():
         info = store.infos.get(name)
@@ -230,7 +229,8 @@ def check_index_agrees(index: Path, store: TensorStore) -> None:
         )
 
 
-def files_from_index(index: Path) -> list[Path]:
+def read_index(index: Path) -> tuple[list[Path], dict[str, Any]]:
+    """The shard files an index names (each a checked plain file in its folder) and its weight map."""
     try:
         data = json.loads(index.read_text())
         weight_map = data["weight_map"]
@@ -248,4 +248,4 @@ def files_from_index(index: Path) -> list[Path]:
                 f"{index} names the shard {name}, which is missing from {index.parent}: download the missing shard or save the model again"
             )
         files.append(path)
-    return files
+    return files, weight_map

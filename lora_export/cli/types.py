@@ -18,7 +18,8 @@ def _resolve(value: str, param: Any, ctx: Any, kind: click.ParamType) -> Path:
     path = Path(value)
     try:
         path.resolve(strict=False)
-        os.stat(path) if path.is_symlink() else None
+        if path.is_symlink():
+            os.stat(path)  # follows the link: a loop raises ELOOP here
     except RuntimeError:  # Python < 3.13: "Symlink loop from …"
         kind.fail(f"{value}: a symlink loop; point it at a real file or folder", param, ctx)
     except OSError as e:

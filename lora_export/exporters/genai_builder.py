@@ -86,7 +86,7 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
                 output.seek(0)
                 last = [line for line in output.read().splitlines() if line.strip()][-1:] or ["no output"]
                 raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {code}): {last[0]}")
-            return _section(out, precision, target, time.perf_counter() - started)
+            return export_section(out, precision, target, time.perf_counter() - started)
 
         try:
             yield finish
@@ -96,7 +96,7 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
                 child.wait()
 
 
-def _section(out: Path, precision: str, target: str, seconds: float) -> dict[str, Any]:
+def export_section(out: Path, precision: str, target: str, seconds: float) -> dict[str, Any]:
     config = json.loads((out / "genai_config.json").read_text())
     tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
     portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)

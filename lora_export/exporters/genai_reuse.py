@@ -10,7 +10,6 @@ again for the variant. Every variant's graph is then checked in GenAI against Py
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..tensors import TensorStore
-from .genai_builder import BUILDER
+from .genai_builder import export_section
 
 RUNTIME_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja", "tokenizer.model", "added_tokens.json")  # fmt: skip
@@ -93,29 +92,28 @@ def reuse_graph(template: GraphTemplate, merged_dir: Path, out: Path) -> dict[st
     template's genai_config.json and tokenizer files); returns the report's export section."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     started = time.perf_counter()
     found, template_dir = template.recipes, template.folder
-    model = onnx.load(str(template_dir / "model.onnx"))
+    model = onnx.load(str(template_dir / "model.onnx"), load_external_data=False)  # the weights come from merged_dir
     store = TensorStore.open_safetensors(sorted(merged_dir.glob("*.safetensors")))
     try:
         for init in model.graph.initializer:
             if init.name in found:
                 init.CopyFrom(numpy_helper.from_array(_make(found[init.name], store), init.name))
+            elif uses_external_data(init):  # the rotary tables: read from the template's data, the rest never is
+                load_external_data_for_tensor(init, str(template_dir))
+                del init.external_data[:]
+                init.data_location = onnx.TensorProto.DEFAULT
     finally:
         store.close()
     onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     for name in RUNTIME_FILES:
         if (template_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(template_dir / name, out / name)
-    config = json.loads((template_dir / "genai_config.json").read_text())
+    section = export_section(out, "fp32", "cpu", time.perf_counter() - started)
     return {
-        "exporter": BUILDER,
-        "seconds": time.perf_counter() - started,
-        "precision": "fp32",
-        "target": "cpu",
-        "files": sorted(p.name for p in out.glob("model.onnx*")),
-        "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
-        "with_past": True,
+        **section,
         "reused_graph": f"{template_dir.name}'s builder graph with this model's {len(found)} weight tensors",
     }
