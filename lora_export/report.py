@@ -279,23 +279,26 @@ def inspect_text(info: AdapterInspection) -> str:
 
 
 def structure_markdown(result: Any) -> list[str]:
-    """Counted per forward (exact, unlike the times): GFLOPs and ATen operator calls of each PyTorch row, and whether
-    it is the base's computation."""
-    rows = [r for r in result.rows if any(c.flops is not None for c in r.cells.values())]
+    """Counted per forward (exact, unlike the times): GFLOPs and ATen operator calls of each PyTorch row, the nodes of
+    each ONNX graph, and whether each is the base's computation (for ONNX: the base graph up to initializer values)."""
+    rows = [r for r in result.rows if any(c.op_calls is not None for c in r.cells.values())]
     if not rows:
         return []
-    lines = ["", "Structure per forward pass, counted (PyTorch): GFLOPs / operator calls", ""]
-    lines += ["| variant | same computation as base | " + " | ".join(result.shapes) + " |"]
-    lines += ["|" + "---|" * (2 + len(result.shapes))]
+    lines = ["", "Structure per forward pass, counted: GFLOPs / operator calls (PyTorch), graph nodes (ONNX)", ""]
+    lines += ["| variant | backend | same computation as base | " + " | ".join(result.shapes) + " |"]
+    lines += ["|" + "---|" * (3 + len(result.shapes))]
     for row in rows:
-        cells = [
-            f"{c.flops / 1e9:.3f} / {c.op_calls}"
-            if (c := row.cells.get(s)) is not None and c.flops is not None
-            else "–"
-            for s in result.shapes
-        ]
+        cells = []
+        for s in result.shapes:
+            c = row.cells.get(s)
+            if c is None or c.op_calls is None:
+                cells.append("–")
+            elif c.flops is None:
+                cells.append(f"{c.op_calls} nodes")
+            else:
+                cells.append(f"{c.flops / 1e9:.3f} / {c.op_calls}")
         same = "yes" if row.structure.get("identical_to_base") else "no"
-        lines.append(f"| {row.variant} | {same} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.variant} | {row.backend} | {same} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -144,7 +144,16 @@ def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -
         for b in ("torch", "onnxruntime")
     }
     assert data["environment"]["threads"] == 1 and "onnxruntime" in data["environment"]
+    graphs = {row["variant"]: row for row in data["rows"] if row["backend"] == "onnxruntime"}
+    assert graphs["merged"]["structure"]["identical_to_base"] and graphs["base-copy"]["structure"]["identical_to_base"]
+    for variant in ("lora-unmerged", "adapter-H", "adapter-L"):  # each adds nodes to the base graph, and weights
+        added = graphs[variant]["structure"]["graph_adds"]
+        assert not graphs[variant]["structure"]["identical_to_base"] and added["op_calls"] > 0, (variant, added)
+        assert added["param_bytes"] == 4 * graphs[variant]["params"], (variant, added)
+    nodes = graphs["base"]["structure"]["graph_nodes"]
+    assert all(c["op_calls"] == nodes and c["flops"] is None for c in graphs["merged"]["cells"].values())
     md = (tmp_path / "b.md").read_text()
+    assert f"| merged | onnxruntime | yes | {nodes} nodes | {nodes} nodes |" in md, md
     assert "| variant | backend | added params | 1/16 | 2/32 |" in md and "Verdicts" in md
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(main, ["bench", str(base)])

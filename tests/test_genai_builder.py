@@ -139,7 +139,13 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     bench = json.loads(js.read_text())
     assert bench["shapes"] == ["prefill 1/8", "decode ms/token 1/8+16"]
     variants = [row["variant"] for row in bench["rows"]]
-    assert variants == ["base", "one shared+adapter", "two shared+adapter", "one merged", "two merged"]
+    assert variants == ["base", "base-copy", "one shared+adapter", "two shared+adapter", "one merged", "two merged"]
+    assert any(v.startswith("genai decode") and "base-copy (A/A control" in v for v in bench["verdicts"])
+    rows = {row["variant"]: row["structure"] for row in bench["rows"]}
+    assert rows["one shared+adapter"]["identical_to_base"] and rows["base-copy"]["identical_to_base"]
+    # the merged graph is the base's without the LoRA branches: fewer nodes, and both merged share one graph
+    assert not rows["one merged"]["identical_to_base"] and rows["one merged"]["graph_adds"]["op_calls"] < 0
+    assert rows["one merged"] == rows["two merged"]
     assert all(len(row["cells"][s]["runs_ms"]) >= 5 for row in bench["rows"] for s in bench["shapes"])
 
 

@@ -168,6 +168,7 @@ def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
     result = bench_package(out, options)
     assert [r.variant for r in result.rows] == [
         "base",
+        "base-copy",
         "summarize shared+adapter",
         "support-chat shared+adapter",
         "summarize merged",
@@ -179,5 +180,10 @@ def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
         cell = row.cells["1/8"]
         assert len(cell.runs_ms) >= 5 and cell.median_ms == statistics.median(cell.runs_ms)
         assert cell.ratio == pytest.approx(cell.median_ms / base.median_ms)
-    assert result.rows[1].params == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # q and v, two layers
-    assert result.rows[3].description == "merged/summarize/model.onnx"
+    assert result.rows[2].params == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # q and v, two layers
+    assert result.rows[4].description == "merged/summarize/model.onnx"
+    structure = {r.variant: r.structure for r in result.rows}
+    assert structure["base-copy"]["identical_to_base"] and structure["summarize shared+adapter"]["identical_to_base"]
+    # a merged graph is the base graph without the LoRA branches: fewer nodes, no LoRA weights
+    assert structure["summarize merged"]["graph_adds"]["op_calls"] < 0
+    assert any(v.startswith("onnxruntime 1/8: base-copy (A/A control") for v in result.verdicts)

@@ -4,7 +4,11 @@
 #      splitting each model between the GPU and the CPU (--max-memory 0=1MB: most layers offloaded);
 #   2. lora-export bench --paper-table1 at the paper's full shapes (32x512, 16x256, 1x128), CUDA events;
 #   3. the same bench on ONNX Runtime's CUDA provider when onnxruntime-gpu is installed;
-#   4. tools/bench_zero_rank.py (ONNX Runtime CPU) on that machine's quieter CPU.
+#   4. tools/bench_zero_rank.py (ONNX Runtime CPU) on that machine's quieter CPU;
+#   5. GenAI on CUDA (prefill, ms/token; base, A/A control, shared graph + adapter, merged) when an onnxruntime-genai
+#      with CUDA is installed, else says it skipped;
+#   6. the verdicts: merged/base per shape against ±1% (95% CI) and the counted structure (identical to base?).
+# The Markdown tables carry the counted structure (FLOPs, operator calls, graph nodes) beside the times.
 # Installs only what is missing: it uses the python that already has a CUDA torch if there is one.
 # Results land in $OUT (default ./gpu-results): table1-gpu.md/.json/.png, verify-*.json, env.txt.
 set -euo pipefail
@@ -67,7 +71,31 @@ if "$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider'
 else
   echo "onnxruntime has no CUDAExecutionProvider here (pip install .[gpu] installs onnxruntime-gpu): skipped the ORT GPU bench"
 fi
+
+# 5. GenAI on CUDA, when installed with its CUDA provider: a package of the tiny LLaMA (builder graph, shared + merged)
+if "$PY" -c "import onnxruntime_genai, onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)" 2>/dev/null; then
+  printf 'variants:\n  task:\n    adapters: [%s]\n' "$WORK/adapter" > "$WORK/variants.yaml"
+  $LE package "$WORK/base" --variants "$WORK/variants.yaml" -o "$WORK/pkg" --exporter genai > /dev/null
+  $LE bench --package "$WORK/pkg" --backend genai --device "$DEVICE" --shapes 1x128 --budget "${BUDGET:-5}" \
+    --markdown "$OUT/bench-genai-$DEVICE.md" --json "$OUT/bench-genai-$DEVICE.json"
+else
+  echo "onnxruntime-genai with CUDA is not installed here (pip install onnxruntime-genai-cuda): skipped the GenAI CUDA bench"
+fi
 rm -rf "$WORK"
+
+# 6. merged vs base on the device: within ±1% at 95%? and the structure, counted
+"$PY" - "$OUT/table1-$DEVICE.json" <<'PYEOF' | tee "$OUT/verdict.txt"
+import json, sys
+data = json.load(open(sys.argv[1]))
+rows = {(r["variant"], r["backend"]): r for r in data["rows"]}
+merged, control = rows[("merged", "torch")], rows[("base-copy", "torch")]
+for shape in data["shapes"]:
+    m, c = merged["cells"][shape], control["cells"][shape]
+    within = 0.99 <= m["ci_low"] and m["ci_high"] <= 1.01
+    print(f"{shape}: merged/base {m['ratio']:.4f} (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f}) "
+          f"{'within' if within else 'NOT within'} ±1%; A/A control {c['ratio']:.4f} "
+          f"({c['ci_low']:.4f}-{c['ci_high']:.4f}); structure identical to base: {merged['structure']['identical_to_base']}")
+PYEOF
 
 # 4. The shared graph's zero-rank LoRA branch on a quieter CPU than the 2-core CI machine (A/A control included)
 "$PY" tools/bench_zero_rank.py --threads 4 --rounds 60 | tee "$OUT/zero-rank-cpu.txt"

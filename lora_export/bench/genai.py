@@ -1,6 +1,7 @@
 """`lora-export bench --package DIR --backend genai`: what an LLM's users feel, in ONNX Runtime GenAI — the prefill
 of a prompt and the milliseconds per generated token — for the base (the shared graph with no adapter active), each
-variant's shared graph with its adapter active (og.Adapters), and each merged variant. Batch 1; every model in every
+variant's shared graph with its adapter active (og.Adapters), and each merged variant, beside an A/A control (the
+base's folder loaded a second time) that says what this machine can resolve, and each graph's counted nodes. Batch 1; every model in every
 round, the order rotating, the first round discarded; `min_length` pins the token count so that an early eos never
 shortens a run."""
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..records import PackageManifest
+from .models import add_graph_structure
 from .runner import BenchOptions, BenchResult, Row, environment, summarize, verdicts
 
 NEW_TOKENS = 16
@@ -24,26 +26,31 @@ def bench_package_genai(
 ) -> BenchResult:
     import onnxruntime_genai as og
 
-    from ..exporters.runtime_files import GENAI_CONFIG, genai_model, genai_prompt
+    from ..exporters.runtime_files import GENAI_CONFIG, genai_prompt
+    from .package import A_A_MERGED, A_A_SHARED, package_graphs
 
     runners: list[tuple[Row, Any, Any]] = []  # (row, og.Model, (og.Adapters, name) or None)
     if manifest.shared is not None:
-        shared = genai_model(og, package_dir / "shared")
+        shared = load(og, package_dir / "shared", options.device)
         adapters = og.Adapters(shared)
         runners.append((Row("base", "genai", 0, "shared graph, no adapter active"), shared, None))
+        copy = load(og, package_dir / "shared", options.device)
+        runners.append((Row("base-copy", "genai", 0, A_A_SHARED), copy, None))
         for name, file in manifest.shared.adapters.items():
             adapters.load(str(package_dir / file), name)
             params = sum(int(np.prod(s)) for s in manifest.shared.parameters.get(name, {}).values())
             runners.append((Row(f"{name} shared+adapter", "genai", params, f"{file} active"), shared, (adapters, name)))
     for name, info in manifest.merged.items():
-        runners.append(
-            (Row(f"{name} merged", "genai", 0, info.graph), genai_model(og, package_dir / info.folder), None)
-        )
+        model = load(og, package_dir / info.folder, options.device)
+        runners.append((Row(f"{name} merged", "genai", 0, info.graph), model, None))
     if runners[0][0].variant != "base":
         log("no shared graph in this package: ratios are to the first merged variant")
         runners[0][0].variant = "base"
+        first = package_dir / next(iter(manifest.merged.values())).folder
+        runners.insert(1, (Row("base-copy", "genai", 0, A_A_MERGED), load(og, first, options.device), None))
     config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
     rows, shapes = [r for r, _, _ in runners], []
+    add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
     vocab = _vocab(config_dir / GENAI_CONFIG)
     for batch, seq in options.shapes:
         if batch != 1:
@@ -59,6 +66,16 @@ def bench_package_genai(
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
     return BenchResult(env, shapes, rows, verdicts(rows, shapes))
+
+
+def load(og: Any, folder: Path, device: str) -> Any:
+    """og.Model of a package folder on `device`: the CPU provider (the providers its config names cleared, as the
+    package's checks run it) or CUDA."""
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if device.startswith("cuda"):
+        config.append_provider("cuda")
+    return og.Model(config)
 
 
 def _vocab(config_path: Path) -> int:

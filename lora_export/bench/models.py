@@ -110,13 +110,15 @@ def _ort_calls(
     import onnxruntime as ort
 
     from ..exporters.onnx import OnnxOptions, export_onnx
+    from ..structure import onnx_structure
 
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if options.device.startswith("cuda")
         else ["CPUExecutionProvider"]
     )
-    out = []
+    out: list[tuple[Row, Any]] = []
+    graphs: dict[str, Any] = {}
     for row, model in variants:
         path = workdir / f"{row.variant}.onnx"
         if row.variant == "merged" and onnx_dir is not None:
@@ -128,10 +130,23 @@ def _ort_calls(
         if options.threads:
             so.intra_op_num_threads = options.threads
         so.log_severity_level = 3
-        out.append(
-            (replace(row, backend="onnxruntime", cells={}), ort.InferenceSession(str(path), so, providers=providers))
-        )
+        ort_row = replace(row, backend="onnxruntime", cells={}, structure={})
+        out.append((ort_row, ort.InferenceSession(str(path), so, providers=providers)))
+        graphs[row.variant] = onnx_structure(path)
+    add_graph_structure([r for r, _ in out], graphs)
     return out
+
+
+def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
+    """Each ONNX row's graph against the base's: nodes and op types, and whether it is the base graph up to
+    initializer values (lora_export.structure.onnx_structure); what it adds when it is not."""
+    base = graphs["base"]
+    for row in rows:
+        g = graphs[row.variant]
+        row.structure = {"identical_to_base": g.same_as(base), "graph_nodes": sum(g.ops.values())}
+        if not row.structure["identical_to_base"]:
+            added = g.added_over(base)
+            row.structure["graph_adds"] = {k: added[k] for k in ("op_calls", "ops", "param_bytes")}
 
 
 def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:

@@ -10,8 +10,25 @@ import numpy as np
 import torch
 
 from ..records import PackageManifest
-from .models import _ort_feeds
+from .models import _ort_feeds, add_graph_structure
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, verdicts
+
+A_A_SHARED = "the shared graph opened a second time, no adapter: what two identical sessions differ by (A/A control)"
+A_A_MERGED = "the first merged graph opened a second time (A/A control)"
+
+
+def package_graphs(package_dir: Path, manifest: PackageManifest, rows: list[Row]) -> dict[str, Any]:
+    """Each row's graph, counted (lora_export.structure.onnx_structure): the shared graph for base, base-copy and
+    every shared+adapter row (an adapter changes input values, not the graph), each merged variant's own graph."""
+    from ..structure import onnx_structure
+
+    shared = onnx_structure(package_dir / manifest.shared.graph) if manifest.shared else None
+    merged = {f"{name} merged": package_dir / info.graph for name, info in manifest.merged.items()}
+    counted = {str(path): onnx_structure(path) for path in set(merged.values())}
+    graphs = {r.variant: counted[str(merged[r.variant])] if r.variant in merged else shared for r in rows}
+    if shared is None:  # no shared graph: base and base-copy are the first merged variant's
+        graphs["base"] = graphs["base-copy"] = counted[str(next(iter(merged.values())))]
+    return graphs
 
 
 def bench_package(
@@ -37,6 +54,8 @@ def bench_package(
     if manifest.shared is not None:
         shared = session(package_dir / manifest.shared.graph, threads)
         runners.append((Row("base", "onnxruntime", 0, "shared graph, no adapter active"), shared, None))
+        copy = session(package_dir / manifest.shared.graph, threads)
+        runners.append((Row("base-copy", "onnxruntime", 0, A_A_SHARED), copy, None))
         for name, file in manifest.shared.adapters.items():
             adapter = ort.LoraAdapter()
             adapter.Load(str(package_dir / file))
@@ -52,7 +71,10 @@ def bench_package(
     if not runners or runners[0][0].variant != "base":
         log("no shared graph in this package: ratios are to the first merged variant")
         runners[0][0].variant = "base"
+        first = next(iter(manifest.merged.values())).graph
+        runners.insert(1, (Row("base-copy", "onnxruntime", 0, A_A_MERGED), session(package_dir / first, threads), None))
     rows = [r for r, _, _ in runners]
+    add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
     shapes = [shape_name(s) for s in options.shapes]
     g = torch.Generator().manual_seed(options.seed)
     for shape in options.shapes:

@@ -94,6 +94,9 @@ def bench(
             )
             if "torch" in options.backends:
                 add_structure(variants, inputs, shape_name(shape))
+            for row in rows:  # an ONNX graph runs each of its nodes once per forward, at every shape
+                if row.backend == "onnxruntime":
+                    row.cells[shape_name(shape)].op_calls = row.structure["graph_nodes"]
     env = environment(options)
     env["model"] = json.loads((base_dir / "config.json").read_text()).get("architectures", ["?"])[0]
     env["parameters"] = sum(p.numel() for p in variants[0][1].parameters())

@@ -25,7 +25,8 @@ METHOD = (
     "medians to `base` with a paired bootstrap 95% interval over rounds. `merged` is indistinguishable from `base` "
     "when that interval contains 1.00 and stays within the A/A band: how far `base-copy` (the base loaded twice) "
     "strays from 1.00, at least ±2%. PyTorch rows also carry counted structure per forward: FLOPs and ATen "
-    "operator calls (torch.utils.flop_counter and a dispatch counter), exact on any machine."
+    "operator calls (torch.utils.flop_counter and a dispatch counter), exact on any machine; ONNX rows their graph's "
+    "nodes and whether it is the base's graph up to initializer values."
 )
 
 
@@ -222,7 +223,10 @@ def verdicts(rows: list[Row], shapes: list[str]) -> list[str]:
                     verdict += "; structure identical to base" if identical else "; structure DIFFERS from base"
                 lines.append(f"{row.backend} {shape}: merged {verdict}: {ci}")
             else:
-                lines.append(f"{row.backend} {shape}: {row.variant} {c.ratio - 1:+.1%} vs base: {ci}")
+                band = aa_band(rows, row.backend, shape)
+                lines.append(
+                    f"{row.backend} {shape}: {row.variant} {c.ratio - 1:+.1%} vs base: {ci}; A/A band ±{band:.1%}"
+                )
     return lines
 
 
