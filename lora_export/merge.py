@@ -20,6 +20,7 @@ from . import __version__
 from .adapters import LoraAdapter, load_adapter
 from .basemodel import WEIGHT_FILES, BaseModel
 from .errors import LoraExportError, OutputError, UnsafeInputError
+from .hub import source_field
 from .jsonio import write_json
 from .outputs import atomic_output_dir, check_free_space, check_output_location
 from .paths import checked_link
@@ -135,9 +136,20 @@ def _manifest_data(
         "tool": {"name": "lora-export", "version": __version__, "command": "merge"},
         "versions": versions(),
         "options": {**asdict(options), "weights": list(weights)},
-        "base": {"path": str(base.folder.resolve()), "weights": weight_files, "files": base.input_files()},
+        "base": {
+            "path": str(base.folder.resolve()),
+            "weights": weight_files,
+            "files": base.input_files(),
+            **source_field(base.folder),
+        },
         "adapters": [
-            {"path": str(a.path.resolve()), "weight": w, "files": a.files(), "config": a.config}
+            {
+                "path": str(a.path.resolve()),
+                "weight": w,
+                "files": a.files(),
+                "config": a.config,
+                **source_field(a.path),
+            }
             for a, w in zip(adapters, weights, strict=True)
         ],
         "output": {

@@ -28,6 +28,7 @@ from .exporters.onnx import OnnxOptions
 from .exporters.onnx_check import session
 from .exporters.runtime_files import genai_adapters_check
 from .external_data import write_external_data
+from .hub import check_bases, source_field
 from .lora_runtime import load_model
 from .merge import MergeOptions
 from .outputs import atomic_output_dir, check_output_location
@@ -235,12 +236,16 @@ def package(
     overwrite: bool = False,
     log: Callable[[str], None] = lambda s: None,
     exporter: str = "auto",
+    strict_base: bool = False,
 ) -> PackageManifest:
-    """Build the package; returns its manifest, passed or not. When a check failed, OUT_DIR is not written."""
+    """Build the package; returns its manifest, passed or not. When a check failed, OUT_DIR is not written.
+    Adapters that name another base than `base_dir` are a warning through `log` (InputError with `strict_base`)."""
+
     base_dir, variants_file, out_dir = Path(base_dir), Path(variants_file), Path(out_dir)
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}")
     variants = read_variants(variants_file)
+    check_bases(base_dir, list(dict.fromkeys(p for v in variants for p, _ in v.adapters)), strict_base, log)
     check_output_location(out_dir, [base_dir, *{p for v in variants for p, _ in v.adapters}], overwrite)
     try:
         with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -264,13 +269,17 @@ def _package(
     variant_info = {
         v.name: {
             "dtype": v.dtype,
-            "adapters": [{"path": str(p), "weight": w, "sha256": load_adapter(p).sha256} for p, w in v.adapters],
+            "adapters": [
+                {"path": str(p), "weight": w, "sha256": load_adapter(p).sha256, **source_field(p)}
+                for p, w in v.adapters
+            ],
         }
         for v in variants
     }
     dtypes = {"float32"} | {m.dtype for m in merged.values()}
     manifest = PackageManifest(
         base=str(base_dir),
+        base_source=source_field(base_dir).get("source"),
         mode=mode,
         versions=versions(),
         tolerances=tolerances_for(*(("runtime", d) for d in sorted(dtypes))),

@@ -229,6 +229,14 @@ def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> t
 def _report(
     kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float
 ) -> PipelineReport:
+    """The report; inputs that came from the Hub cache get their source (repository, revision, commit) recorded."""
+    from .hub import sources
+
+    paths = [v for v in inputs.values() if isinstance(v, str)]
+    paths += [a for v in inputs.values() if isinstance(v, list) for a in v if isinstance(a, str)]
+    found = sources(paths)
+    if found:
+        inputs = {**inputs, "sources": found}
     return PipelineReport(kind, inputs, sections, tuple(checks), time.perf_counter() - started, versions())
 
 

@@ -84,6 +84,8 @@ def swap(
         )
     weight_a = recorded[0].weight
     base = Path(manifest.base_path)
+    if not (base / "config.json").is_file() and manifest.base_source:  # moved cache: the same commit, from the cache
+        base = _cached_base(manifest.base_source, base)
     has_base = (base / "config.json").is_file()
     check_output_location(out_dir, [merged_dir, remove, add], overwrite)
     try:
@@ -135,3 +137,10 @@ def _vs_fresh_merge(base: Path, add: Path, swapped: Path, dtype: str) -> Check:
 
 
 __all__ = ["swap"]
+
+
+def _cached_base(source: Any, recorded: Path) -> Path:
+    """The recorded Hub base at its recorded commit, from the cache as it is now (offline: nothing downloaded)."""
+    from .hub import from_cache
+
+    return from_cache(source["repo"], source["commit"], "base") or recorded

@@ -64,12 +64,7 @@ def read_variants(path: Path) -> list[Variant]:
             weight = item.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
                 raise InputError(f"{where}: weight must be a finite number, found {weight!r}")
-            p = (path.parent / item["path"]).resolve()
-            if not p.is_dir():
-                raise InputError(
-                    f"{where}: adapter folder {item['path']} not found (paths are relative to {path.parent})"
-                )
-            adapters.append((p, float(weight)))
+            adapters.append((_adapter_folder(path, where, item["path"]), float(weight)))
         dtype = spec.get("dtype", "auto")
         if dtype not in ("auto", "float32", "float16"):
             raise InputError(
@@ -77,3 +72,21 @@ def read_variants(path: Path) -> list[Variant]:
             )
         out.append(Variant(name, adapters, dtype))
     return out
+
+
+def _adapter_folder(path: Path, where: str, given: str) -> Path:
+    """A variant's adapter: a folder relative to the variants file, or — when no such folder exists — a Hub address
+    (org/name[@revision]) resolved through the cache (lora_export.hub)."""
+    from . import hub
+
+    p = (path.parent / given).expanduser().resolve()
+    if p.is_dir():
+        return p
+    if hub.parse_address(given) is None:
+        raise InputError(f"{where}: adapter folder {given} not found (paths are relative to {path.parent})")
+    try:
+        return hub.resolve(given, "adapter")
+    except InputError as e:
+        raise InputError(
+            f"{where}: adapter folder {given} not found (paths are relative to {path.parent}); as a Hub address: {e}"
+        ) from None

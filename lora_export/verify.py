@@ -24,6 +24,7 @@ from .basemodel import read_model_config
 from .compare import DTYPES, Case, compare_tokens, greedy, load_tokenizer, make_cases, output_check, outputs_of
 from .diagnose import diagnose_failure
 from .errors import InputError
+from .hub import sources
 from .jsonio import read_text
 from .lora_runtime import (
     Placement,
@@ -273,6 +274,7 @@ def _verify(
         diagnosis=diagnosis,
         placement=({"unmerged": placement} if placement else {}) | placements or None,
         structure=structure,
+        sources=sources([base_dir, *adapter_paths, merged_dir]) or None,
     )
 
 

@@ -18,13 +18,14 @@ import click
 
 from .. import __version__
 from ..errors import LoraExportError, VerifyError
-from .types import FINITE_FLOAT, FOLDER, REPORT
+from .types import FINITE_FLOAT, FOLDER, MODEL, REPORT
 
 if TYPE_CHECKING:
     from ..records import CheckedReport
 
 EXISTING_DIR = FOLDER  # named for history: input folders are checked by the command, output folders may not exist
 REPORT_FILE = REPORT
+MODEL_DIR = MODEL  # a BASE or ADAPTER: a folder, or a Hub address org/name[@revision]
 
 # Options several commands share, defined once.
 output_option = click.option(
@@ -55,6 +56,11 @@ junit_option = click.option(
     type=REPORT_FILE,
     help="Also write the checks as JUnit XML (written even when a check fails).",
 )
+strict_base_option = click.option(
+    "--strict-base",
+    is_flag=True,
+    help="Refuse an adapter whose adapter_config.json names another base than the one given (default: a warning).",
+)
 exporter_option = click.option(
     "--exporter",
     type=click.Choice(["dynamo", "genai", "auto"]),
@@ -64,6 +70,13 @@ exporter_option = click.option(
     "builder: fused attention, checked in GenAI), auto (genai for float32 decoders the builder builds when "
     "onnxruntime-genai is installed, dynamo otherwise; the report says which and why).",
 )
+
+
+def split_base(paths: tuple[Path, ...], strict_base: bool) -> tuple[Path, list[Path]]:
+    """[BASE] ADAPTER...: the base given, or the one the first adapter names; adapters checked against it."""
+    from ..hub import base_and_adapters
+
+    return base_and_adapters(list(paths), strict_base, warn=_echo_err, log=_echo_err)
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .main import (
-    EXISTING_DIR,
+    MODEL_DIR,
     REPORT_FILE,
     _echo_err,
     allow_pickle_option,
@@ -18,16 +18,18 @@ from .main import (
     main,
     output_option,
     overwrite_option,
+    split_base,
+    strict_base_option,
     weights_option,
 )
 from .types import DEVICE, FINITE_FLOAT, INPUT_FILE, SIZE
 
 
 @main.command()
-@click.argument("base_dir", type=EXISTING_DIR)
-@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER...")
 @output_option
 @weights_option
+@strict_base_option
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -51,10 +53,10 @@ from .types import DEVICE, FINITE_FLOAT, INPUT_FILE, SIZE
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def merge(
-    base_dir: Path,
-    adapter_dirs: tuple[Path, ...],
+    paths: tuple[Path, ...],
     out_dir: Path,
     weights: tuple[float, ...],
+    strict_base: bool,
     dtype: str,
     max_shard_size: int,
     overwrite: bool,
@@ -63,7 +65,11 @@ def merge(
     rehash_output: bool,
     quiet: bool,
 ) -> None:
-    """Fold LoRA adapters into BASE_DIR: W = W0 + Σ wᵢ·ΔWᵢ, computed in float32 and cast once.
+    """Fold LoRA adapters into BASE: W = W0 + Σ wᵢ·ΔWᵢ, computed in float32 and cast once.
+
+    BASE and each ADAPTER are folders or Hugging Face Hub addresses (org/name, org/name@revision), read from the
+    local cache first. Without BASE, the base is the one the first adapter names (adapter_config.json); an adapter
+    that names another base than BASE is a warning (--strict-base: a refusal).
 
     Streams tensor by tensor (memory stays at a few tensors, whatever the model's size), writes a folder that
     transformers loads as it is, and a manifest lora_export.json with hashes, scalings, ΔW norms and what the cast
@@ -71,6 +77,8 @@ def merge(
 
     \b
     Examples:
+      lora-export merge HuggingFaceTB/SmolLM2-135M-Instruct my-org/smollm2-caps -o ./smollm2-caps
+      lora-export merge my-org/smollm2-caps@v2 -o ./smollm2-caps      # the base its adapter_config.json names
       lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
       lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
     """
@@ -87,12 +95,14 @@ def merge(
         progress=not quiet,
         rehash_output=rehash_output,
     )
+    base_dir, adapter_dirs = split_base(paths, strict_base)
     result = merge_fn(base_dir, adapter_dirs, out_dir, options)
     click.echo(to_json(result.manifest.to_dict()) if as_json else merge_text(result))
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=EXISTING_DIR, metavar="BASE_DIR ADAPTER_DIR... MERGED_DIR")
+@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER... MERGED_DIR")
+@strict_base_option
 @click.option(
     "-w",
     "--weight",
@@ -134,6 +144,7 @@ def merge(
 @handle_errors
 def verify(
     paths: tuple[Path, ...],
+    strict_base: bool,
     weights: tuple[float, ...],
     prompts_file: Path | None,
     max_new_tokens: int,
@@ -164,8 +175,9 @@ def verify(
     from ..verify import PROMPTS, VerifyOptions, read_prompts
     from ..verify import verify as verify_fn
 
-    if len(paths) < 3:
-        raise click.UsageError("give BASE_DIR, at least one ADAPTER_DIR, and MERGED_DIR")
+    if len(paths) < 2:
+        raise click.UsageError("give BASE (or let the first adapter name it), at least one ADAPTER, and MERGED_DIR")
+    base_dir, adapter_dirs = split_base(paths[:-1], strict_base)
     prompts = read_prompts(prompts_file) if prompts_file else PROMPTS
     if max_memory and not device_map:
         raise click.UsageError("--max-memory applies with --device-map")
@@ -180,7 +192,7 @@ def verify(
         device_map=device_map,
         max_memory=limits,
     )
-    report = verify_fn(paths[0], paths[1:-1], paths[-1], options)
+    report = verify_fn(base_dir, adapter_dirs, paths[-1], options)
     conclude(report, verify_text(report), "lora-export verify", json_file, junit_file)
 
 
@@ -199,10 +211,10 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 
 @main.command("merge-and-onnx")
-@click.argument("base_dir", type=EXISTING_DIR)
-@click.argument("adapter_dirs", nargs=-1, required=True, type=EXISTING_DIR)
+@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER...")
 @output_option
 @weights_option
+@strict_base_option
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16"]),
@@ -232,10 +244,10 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 @junit_option
 @handle_errors
 def merge_and_onnx(
-    base_dir: Path,
-    adapter_dirs: tuple[Path, ...],
+    paths: tuple[Path, ...],
     out_dir: Path,
     weights: tuple[float, ...],
+    strict_base: bool,
     dtype: str,
     exporter: str,
     opset: int,
@@ -256,8 +268,13 @@ def merge_and_onnx(
     OUT_DIR gets model.onnx (+ model.onnx.data over 2 GB), tokenizer files, merged/ with the merge's manifest,
     report.json and report.md. When any check fails it exits 1 and OUT_DIR is not written.
 
+    BASE and ADAPTER are folders or Hub addresses (org/name[@revision]); without BASE, the first adapter's
+    adapter_config.json names it.
+
     \b
-    Example:
+    Examples:
+      lora-export merge-and-onnx HuggingFaceTB/SmolLM2-135M-Instruct my-org/smollm2-caps -o ./smollm2-caps-onnx
+      lora-export merge-and-onnx my-org/smollm2-caps -o ./smollm2-caps-onnx
       lora-export merge-and-onnx ./smollm2 ./adapters/caps -o ./smollm2-caps-onnx --optimize
     """
     from ..exporters.onnx import OnnxOptions
@@ -271,12 +288,13 @@ def merge_and_onnx(
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
     verify_options = VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle)
     export_options = ExportOptions(onnx=onnx, exporter=exporter)
+    base_dir, adapter_dirs = split_base(paths, strict_base)
     result = run(base_dir, adapter_dirs, out_dir, merge_options, export_options, verify_options, log=_echo_err)
     conclude(result.report, pipeline_text(result.report), "lora-export merge-and-onnx", json_file, junit_file)
 
 
 @main.command()
-@click.argument("merged_dir", type=EXISTING_DIR)
+@click.argument("merged_dir", type=MODEL_DIR)
 @output_option
 @click.option(
     "--format",

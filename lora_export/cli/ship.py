@@ -10,6 +10,7 @@ import click
 from ..errors import VerifyError
 from .main import (
     EXISTING_DIR,
+    MODEL_DIR,
     REPORT_FILE,
     Shapes,
     _echo_err,
@@ -20,12 +21,15 @@ from .main import (
     main,
     output_option,
     overwrite_option,
+    split_base,
+    strict_base_option,
 )
 from .types import DEVICE, INPUT_FILE, THREADS
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=EXISTING_DIR, metavar="[BASE_DIR ADAPTER_DIR...]")
+@click.argument("paths", nargs=-1, type=MODEL_DIR, metavar="[[BASE] ADAPTER...]")
+@strict_base_option
 @click.option(
     "--merged", "merged_dir", type=EXISTING_DIR, help="The merged folder (default: merged here, in a temporary folder)."
 )
@@ -84,6 +88,7 @@ from .types import DEVICE, INPUT_FILE, THREADS
 @handle_errors
 def bench(
     paths: tuple[Path, ...],
+    strict_base: bool,
     merged_dir: Path | None,
     onnx_dir: Path | None,
     package_dir: Path | None,
@@ -120,13 +125,12 @@ def bench(
     from ..bench import bench as bench_fn
     from ..bench import paper_table1 as table1
 
-    backends = ("torch", "onnxruntime") if backend == "all" else (backend,)
     if backend == "genai" and package_dir is None:
         raise click.UsageError("--backend genai measures a package: give --package DIR (lora-export package)")
     options = BenchOptions(
         shapes=shapes or (((1, 16), (2, 32)) if quick else ((1, 128), (16, 256), (32, 512))),
         device=device,
-        backends=backends,
+        backends=("torch", "onnxruntime") if backend == "all" else (backend,),
         dtype=dtype,
         budget_s=budget or (0.5 if quick else 3.0),
         min_rounds=5 if quick else 7,
@@ -137,10 +141,10 @@ def bench(
         result = table1(options, log=_echo_err)
     elif package_dir is not None:
         result = bench_package(package_dir, options, log=_echo_err)
+    elif not paths:
+        raise click.UsageError("give BASE and at least one ADAPTER (folders or Hub addresses), or --paper-table1")
     else:
-        if len(paths) < 2:
-            raise click.UsageError("give BASE_DIR and at least one ADAPTER_DIR, or --paper-table1")
-        result = bench_fn(paths[0], paths[1:], options, merged_dir, onnx_dir, log=_echo_err)
+        result = bench_fn(*split_base(paths, strict_base), options, merged_dir, onnx_dir, log=_echo_err)
     _bench_outputs(result, json_file, markdown_file, plot_file)
 
 
@@ -158,7 +162,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 
 
 @main.command()
-@click.argument("target", type=EXISTING_DIR, metavar="BASE_DIR | PACKAGE_DIR")
+@click.argument("target", type=MODEL_DIR, metavar="BASE | PACKAGE_DIR")
 @click.option("--variants", "variants_file", type=INPUT_FILE, help="variants.yaml (or .json) naming each task variant.")
 @click.option(
     "-o", "--output", "out_dir", type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
@@ -178,6 +182,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 )
 @overwrite_option
 @exporter_option
+@strict_base_option
 @click.option("--junit", "junit_file", type=REPORT_FILE, help="With --check: write the checks as JUnit XML.")
 @handle_errors
 def package(
@@ -188,6 +193,7 @@ def package(
     check: bool,
     overwrite: bool,
     exporter: str,
+    strict_base: bool,
     junit_file: Path | None,
 ) -> None:
     """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
@@ -197,7 +203,7 @@ def package(
     \b
       variants:
         summarize:
-          adapters: [adapters/summarize]
+          adapters: [my-org/smollm2-summarize@v3]       # a Hub address, or a folder
         support-chat:
           adapters:
             - {path: adapters/chat, weight: 0.7}
@@ -213,6 +219,7 @@ def package(
 
     \b
     Examples:
+      lora-export package HuggingFaceTB/SmolLM2-135M-Instruct --variants variants.yaml -o ./tasks
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
       lora-export package --check ./tasks
     """
@@ -228,7 +235,9 @@ def package(
         return
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
-    manifest = run(target, variants_file, out_dir, mode, overwrite, log=_echo_err, exporter=exporter)
+    manifest = run(
+        target, variants_file, out_dir, mode, overwrite, log=_echo_err, exporter=exporter, strict_base=strict_base
+    )
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
 
 
@@ -241,7 +250,9 @@ def package(
     type=EXISTING_DIR,
     help="The adapter merged into MERGED_DIR (checked by hash against its manifest).",
 )
-@click.option("--add", "add", required=True, type=EXISTING_DIR, help="The adapter to merge in instead.")
+@click.option(
+    "--add", "add", required=True, type=MODEL_DIR, help="The adapter to merge in instead (folder or Hub address)."
+)
 @output_option
 @click.option(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
@@ -269,11 +280,11 @@ def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, o
 
 
 @main.command()
-@click.argument("adapter_dir", type=EXISTING_DIR)
+@click.argument("adapter_dir", type=MODEL_DIR)
 @click.option(
     "--base",
     "base_dir",
-    type=EXISTING_DIR,
+    type=MODEL_DIR,
     help="Check the adapter against this base and compute the amplification factor.",
 )
 @allow_pickle_option
@@ -285,7 +296,8 @@ def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_jso
     amplification factor ‖ΔW‖_F / ‖Uᵀ·W0·V‖_F), computed from the factors without forming ΔW.
 
     \b
-    Example:
+    Examples:
+      lora-export inspect my-org/smollm2-caps --base HuggingFaceTB/SmolLM2-135M-Instruct
       lora-export inspect ./adapters/caps --base ./smollm2
     """
     from ..inspect import inspect_adapter

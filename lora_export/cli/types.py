@@ -45,6 +45,25 @@ class Folder(click.ParamType):
         return path
 
 
+class ModelFolder(Folder):
+    """A BASE or ADAPTER argument: a folder, or a Hugging Face Hub address `org/name[@revision]` when no such path
+    exists, resolved through the local cache first (then the network, unless HF_HUB_OFFLINE) by lora_export.hub."""
+
+    name = "folder | org/name[@revision]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path:
+        from .. import hub
+        from ..errors import InputError
+
+        text = str(value)
+        if not Path(text).expanduser().exists() and hub.parse_address(text) is not None:
+            try:
+                return hub.resolve(text, "any", log=lambda m: click.echo(m, err=True))
+            except InputError as e:
+                self.fail(str(e), param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class InputFile(click.ParamType):
     """A file the command reads (variants, prompts): it exists and is a regular file (not a FIFO, not a folder)."""
 
@@ -141,6 +160,7 @@ class Device(click.ParamType):
 
 
 FOLDER = Folder()
+MODEL = ModelFolder()
 INPUT_FILE = InputFile()
 REPORT = ReportFile()
 SIZE = Size()

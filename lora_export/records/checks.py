@@ -110,6 +110,7 @@ class VerifyReport(CheckedReport):
     diagnosis: dict[str, Any] | None
     placement: dict[str, dict[str, int]] | None = None  # modules per device of each device-mapped model
     structure: dict[str, Any] | None = None  # counted per forward: the merged model's, and what unmerged LoRA adds
+    sources: dict[str, Any] | None = None  # {path: Hub source} for the inputs that came from the Hub cache
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "checks": [c.to_dict() for c in self.checks], "passed": self.passed}

@@ -66,6 +66,7 @@ class AdapterRecord:
     weight: float
     files: tuple[FileRecord, ...]
     config: Mapping[str, Any]
+    source: Mapping[str, Any] | None = None  # where it came from on the Hub (lora_export.hub.HubSource)
 
     @property
     def sha256s(self) -> set[str]:
@@ -89,6 +90,7 @@ class MergeManifest:
     tensors: Mapping[str, Mapping[str, Any]]
     seconds: float
     swap: Mapping[str, Any] | None = None
+    base_source: Mapping[str, Any] | None = None  # where the base came from on the Hub
 
     NAME = "lora_export.json"
 
@@ -111,9 +113,16 @@ class MergeManifest:
                 "path": self.base_path,
                 "weights": [asdict(f) for f in self.base_weights],
                 "files": [asdict(f) for f in self.base_files],
+                **({"source": dict(self.base_source)} if self.base_source else {}),
             },
             "adapters": [
-                {"path": a.path, "weight": a.weight, "files": [asdict(f) for f in a.files], "config": dict(a.config)}
+                {
+                    "path": a.path,
+                    "weight": a.weight,
+                    "files": [asdict(f) for f in a.files],
+                    "config": dict(a.config),
+                    **({"source": dict(a.source)} if a.source else {}),
+                }
                 for a in self.adapters
             ],
             "output": {
@@ -151,6 +160,7 @@ class MergeManifest:
                 a.get("weight", float),
                 tuple(FileRecord.from_fields(x) for x in a.items("files")),
                 a.get("config", dict),
+                _source(a),
             )
             for a in f.items("adapters")
         )
@@ -173,4 +183,15 @@ class MergeManifest:
             tensors=f.get("tensors", dict, {}),
             seconds=f.get("seconds", float, 0.0),
             swap=f.get("swap", dict, None, optional=True),
+            base_source=_source(base),
         )
+
+
+def _source(f: Fields) -> dict[str, Any] | None:
+    from ..hub import read_source
+
+    try:
+        return read_source(f.get("source", dict, None, optional=True))
+    except InputError as e:
+        f.fail("source", str(e))
+        raise

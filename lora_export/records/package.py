@@ -53,6 +53,7 @@ class PackageManifest(CheckedReport):
     storage: Mapping[str, Any]
     files: tuple[FileRecord, ...]
     seconds: float
+    base_source: Mapping[str, Any] | None = None  # where the base came from on the Hub (lora_export.hub.HubSource)
 
     NAME = "manifest.json"
 
@@ -64,6 +65,7 @@ class PackageManifest(CheckedReport):
         out: dict[str, Any] = {
             "tool": "lora-export package",
             "base": self.base,
+            **({"base_source": dict(self.base_source)} if self.base_source else {}),
             "mode": self.mode,
             "passed": self.passed,
             "versions": dict(self.versions),
@@ -157,8 +159,19 @@ class PackageManifest(CheckedReport):
             storage=f.get("storage", dict, {}),
             files=files,
             seconds=f.get("seconds", float, 0.0),
+            base_source=_base_source(f),
         )
         return manifest
+
+
+def _base_source(f: Fields) -> dict[str, Any] | None:
+    from ..hub import read_source
+
+    try:
+        return read_source(f.get("base_source", dict, None, optional=True))
+    except InputError as e:
+        f.fail("base_source", str(e))
+        raise
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,238 @@
+"""Hub addresses for bases and adapters (org/name, org/name@revision), resolved through a Hugging Face cache built
+on disk in the layout huggingface_hub reads (refs/, snapshots/COMMIT/ with links into blobs/). No network: offline
+mode, or an endpoint on a closed local port."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_error, make_adapter, run_cli
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_export import hub
+from lora_export.workers import sha256_file
+
+
+def commit_of(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def cache_repo(cache: Path, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), tag: str = "") -> str:
+    """`folder` as one commit of `repo` in the cache: each file a blob named by its sha256, linked from the snapshot
+    by a relative symlink, and `refs` (branch or tag names) pointing at the commit. Returns the commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = commit_of(f"{repo}:{tag}:{sorted(p.name for p in folder.iterdir())}:{folder}")
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = sha256_file(f)
+        shutil.copyfile(f, root / "blobs" / digest)
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(root / "blobs" / digest, link.parent), link)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return commit
+
+
+def name_base(adapter: Path, base: str) -> Path:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+@pytest.fixture
+def hf(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """A cache with org/base (the tiny LLaMA) and org/adapter: main → adapter A, tag v1 → adapter B; both adapters
+    name org/base as their base, as PEFT writes it after `from_pretrained("org/base")`."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = models_dir / "llama"
+    a = name_base(make_adapter(base, tmp_path / "a", target_modules=["q_proj", "v_proj"]), "org/base")
+    b = name_base(make_adapter(base, tmp_path / "b", seed=1, target_modules=["q_proj", "o_proj"]), "org/base")
+    commits = {
+        "base": cache_repo(cache, "org/base", base),
+        "a": cache_repo(cache, "org/adapter", a),
+        "b": cache_repo(cache, "org/adapter", b, refs=("v1",), tag="v1"),
+    }
+    return {"cache": cache, "base": base, "a": a, "b": b, "commits": commits}
+
+
+def weights_sha(folder: Path) -> str:
+    return sha256_file(folder / "model.safetensors")
+
+
+@given(
+    org=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}[A-Za-z0-9]", fullmatch=True),
+    name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}[A-Za-z0-9]", fullmatch=True),
+    revision=st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9][\w./-]{0,30}", fullmatch=True)),
+)
+def test_addresses_parse_and_paths_never_do(org: str, name: str, revision: str | None) -> None:
+    text = f"{org}/{name}" + (f"@{revision}" if revision else "")
+    expected = None if ".." in f"{org}/{name}" or "--" in f"{org}/{name}" else (f"{org}/{name}", revision)
+    assert hub.parse_address(text) == expected
+    for path in (f"./{org}/{name}", f"/{org}/{name}", f"~/{org}", f"{org}/{name}/x", f"{org}\\{name}"):
+        assert hub.parse_address(path) is None
+
+
+@given(st.text(max_size=60))
+def test_any_text_is_an_address_or_not_without_raising(text: str) -> None:
+    parsed = hub.parse_address(text)
+    assert parsed is None or (parsed[0] in text and "/" not in parsed[0].split("/", 1)[-1])
+
+
+def test_ids_give_what_folders_give_and_the_manifest_pins_the_commits(hf: dict, tmp_path: Path) -> None:
+    code, out = run_cli(["merge", str(hf["base"]), str(hf["a"]), "-o", str(tmp_path / "folders"), "-q"])
+    assert code == 0, out
+    code, out = run_cli(["merge", "org/base", "org/adapter", "-o", str(tmp_path / "ids"), "-q"])
+    assert code == 0, out
+    assert weights_sha(tmp_path / "ids") == weights_sha(tmp_path / "folders")
+    manifest = json.loads((tmp_path / "ids" / "lora_export.json").read_text())
+    assert manifest["base"]["source"] == {
+        "given": "org/base",
+        "repo": "org/base",
+        "revision": None,
+        "commit": hf["commits"]["base"],
+    }
+    assert manifest["adapters"][0]["source"]["commit"] == hf["commits"]["a"]
+    assert manifest["adapters"][0]["files"][1]["sha256"] == sha256_file(hf["a"] / "adapter_model.safetensors")
+    local = json.loads((tmp_path / "folders" / "lora_export.json").read_text())
+    assert "source" not in local["base"] and "source" not in local["adapters"][0]
+
+
+def test_revisions_tags_commits_and_a_missing_revision(hf: dict, tmp_path: Path) -> None:
+    code, out = run_cli(["merge", str(hf["base"]), str(hf["b"]), "-o", str(tmp_path / "mb"), "-q"])
+    assert code == 0 and "warning" not in out, out  # the folder is a copy of the cached org/base the adapter names
+    for revision in ("v1", hf["commits"]["b"]):
+        out_dir = tmp_path / f"rev-{revision[:8]}"
+        code, out = run_cli(["merge", "org/base", f"org/adapter@{revision}", "-o", str(out_dir), "-q"])
+        assert code == 0, out
+        assert weights_sha(out_dir) == weights_sha(tmp_path / "mb")
+        source = json.loads((out_dir / "lora_export.json").read_text())["adapters"][0]["source"]
+        assert (source["revision"], source["commit"]) == (revision, hf["commits"]["b"])
+    code, out = run_cli(["merge", "org/base", "org/adapter@v9", "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(code, out, tmp_path / "x", ("org/adapter@v9", "revision v9", str(hf["cache"]), "HF_HUB_OFFLINE"))
+    code, out = run_cli(["merge", "org/base", "nobody/nothing", "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(code, out, tmp_path / "x", ("nobody/nothing", "not in the Hugging Face cache", "give a folder"))
+
+
+def test_online_but_unreachable_is_one_line(hf: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network allowed but the Hub unreachable (a closed local port): tried the cache, then the download."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code, out = run_cli(["merge", "org/base", "org/adapter", "-o", str(tmp_path / "ok"), "-q"])
+    assert code == 0, out  # in the cache: nothing is fetched
+    code, out = run_cli(["merge", "org/base", "org/missing", "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(code, out, tmp_path / "x", ("org/missing", "downloading it failed", "give a folder"))
+
+
+def test_a_folder_shadows_an_address(hf: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(hf["b"], tmp_path / "org" / "adapter")
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["merge", "org/base", "org/adapter", "-o", str(tmp_path / "shadow"), "-q"])
+    assert code == 0, out
+    code, out = run_cli(["merge", str(hf["base"]), str(hf["b"]), "-o", str(tmp_path / "mb"), "-q"])
+    assert weights_sha(tmp_path / "shadow") == weights_sha(tmp_path / "mb")
+    assert "source" not in json.loads((tmp_path / "shadow" / "lora_export.json").read_text())["adapters"][0]
+
+
+def test_the_adapter_names_its_base(hf: dict, tmp_path: Path) -> None:
+    code, out = run_cli(["merge", "org/adapter@v1", "-o", str(tmp_path / "named"), "-q"])
+    assert code == 0, out
+    assert "base: org/base (named by" in out
+    code, out = run_cli(["merge", str(hf["base"]), str(hf["b"]), "-o", str(tmp_path / "mb"), "-q"])
+    assert weights_sha(tmp_path / "named") == weights_sha(tmp_path / "mb")
+    nameless = name_base(shutil.copytree(hf["a"], tmp_path / "nameless"), "")
+    code, out = run_cli(["merge", str(nameless), "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(code, out, tmp_path / "x", ("adapter_config.json names no base", "give BASE"))
+    gone = name_base(shutil.copytree(hf["a"], tmp_path / "gone"), "/nowhere/llama")
+    code, out = run_cli(["merge", str(gone), "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(code, out, tmp_path / "x", ("names its base /nowhere/llama", "give BASE first"))
+
+
+def test_an_adapter_naming_another_base(hf: dict, models_dir: Path, tmp_path: Path) -> None:
+    other = name_base(shutil.copytree(hf["a"], tmp_path / "other"), "org/other-base")
+    code, out = run_cli(["merge", "org/base", str(other), "-o", str(tmp_path / "warned"), "-q"])
+    assert code == 0, out
+    assert "warning:" in out and "org/other-base" in out and "org/base@" in out
+    code, out = run_cli(["merge", "org/base", str(other), "-o", str(tmp_path / "x"), "-q", "--strict-base"])
+    assert_one_error(code, out, tmp_path / "x", ("trained on org/other-base", "--strict-base"))
+    # a base named by a path that is not on this machine: said, not refused, even with --strict-base
+    moved = name_base(shutil.copytree(hf["a"], tmp_path / "moved"), "/home/someone/llama")
+    code, out = run_cli(["merge", "org/base", str(moved), "-o", str(tmp_path / "m"), "-q", "--strict-base"])
+    assert code == 0 and "not on this machine" in out, out
+    # a local folder that is a copy of the named base (the same config.json) is that base
+    shutil.copytree(models_dir / "llama", tmp_path / "copy")
+    code, out = run_cli(["merge", str(tmp_path / "copy"), "org/adapter", "-o", str(tmp_path / "c"), "--strict-base"])
+    assert code == 0, out
+
+
+def test_every_command_takes_ids(hf: dict, tmp_path: Path) -> None:
+    """verify, merge-and-onnx, export, bench, package (variants file), swap and inspect, through addresses."""
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", "org/base", "org/adapter", "-o", str(merged), "-q"])[0] == 0
+    code, out = run_cli(["verify", "org/base", "org/adapter", str(merged), "--json", str(tmp_path / "v.json")])
+    assert code == 0, out
+    by_id = json.loads((tmp_path / "v.json").read_text())
+    assert by_id["sources"][str(hub.from_cache("org/base", None, "base"))]["commit"] == hf["commits"]["base"]
+    code, out = run_cli(["verify", str(hf["base"]), str(hf["a"]), str(merged), "--json", str(tmp_path / "f.json")])
+    by_folder = json.loads((tmp_path / "f.json").read_text())
+    assert by_id["checks"] == by_folder["checks"] and by_folder["sources"] is None  # the same numbers, to the bit
+    code, out = run_cli(["verify", "org/adapter", str(merged)])  # the base the adapter names
+    assert code == 0, out
+    code, out = run_cli(["merge-and-onnx", "org/adapter", "-o", str(tmp_path / "onnx"), "--exporter", "dynamo"])
+    assert code == 0, out
+    report = json.loads((tmp_path / "onnx" / "report.json").read_text())
+    assert {s["repo"] for s in report["inputs"]["sources"].values()} == {"org/base", "org/adapter"}
+    assert weights_sha(tmp_path / "onnx" / "merged") == weights_sha(merged)  # the base the adapter names, merged
+    code, out = run_cli(["export", "org/base", "-o", str(tmp_path / "base-onnx"), "--exporter", "dynamo"])
+    assert code == 0, out
+    code, out = run_cli(["bench", "org/adapter@v1", "--quick", "--budget", "0.05", "--shapes", "1x8"])
+    assert code == 0 and "| merged |" in out, out
+    (tmp_path / "variants.yaml").write_text(
+        "variants:\n  a:\n    adapters: [org/adapter]\n  b:\n    adapters: [org/adapter@v1]\n"
+    )
+    code, out = run_cli(
+        ["package", "org/base", "--variants", str(tmp_path / "variants.yaml"), "-o", str(tmp_path / "pkg"),
+         "--mode", "shared", "--exporter", "dynamo"]
+    )  # fmt: skip
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["base_source"]["commit"] == hf["commits"]["base"]
+    assert manifest["variants"]["b"]["adapters"][0]["source"]["revision"] == "v1"
+    assert run_cli(["package", "--check", str(tmp_path / "pkg")])[0] == 0
+    code, out = run_cli(
+        ["swap", str(merged), "--remove", str(hf["a"]), "--add", "org/adapter@v1", "-o", str(tmp_path / "s")]
+    )
+    assert code == 0, out
+    code, out = run_cli(["inspect", "org/adapter@v1", "--base", "org/base"])
+    assert code == 0 and "compatible" in out, out
+
+
+def test_swap_finds_a_hub_base_in_a_moved_cache(hf: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest pins the base's repository and commit: when the cache has moved (the recorded snapshot path is
+    gone), swap finds the same commit in the cache as it is now and still compares with a fresh merge."""
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", "org/base", "org/adapter", "-o", str(merged), "-q"])[0] == 0
+    moved = tmp_path / "moved-cache"
+    shutil.move(hf["cache"], moved)
+    monkeypatch.setenv("HF_HUB_CACHE", str(moved))
+    code, out = run_cli(
+        ["swap", str(merged), "--remove", str(hf["a"]), "--add", str(hf["b"]), "-o", str(tmp_path / "s")]
+    )
+    assert code == 0 and "not where the manifest says" not in out, out
+    shutil.rmtree(moved)
+    code, out = run_cli(
+        ["swap", str(merged), "--remove", str(hf["a"]), "--add", str(hf["b"]), "-o", str(tmp_path / "t")]
+    )
+    assert code == 0 and "not where the manifest says" in out, out
