@@ -236,3 +236,32 @@ def test_swap_finds_a_hub_base_in_a_moved_cache(hf: dict, tmp_path: Path, monkey
         ["swap", str(merged), "--remove", str(hf["a"]), "--add", str(hf["b"]), "-o", str(tmp_path / "t")]
     )
     assert code == 0 and "not where the manifest says" in out, out
+
+
+def test_the_cache_follows_the_environment_at_run_time(
+    hf: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub — read when the command runs."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the fixture's cache is HF_HOME/hub
+    assert hub.cache_dir() == hf["cache"]
+    code, out = run_cli(["merge", "org/adapter@v1", "-o", str(tmp_path / "m"), "-q"])
+    assert code == 0, out
+    for value, offline in (("1", True), ("true", True), ("0", False), ("", False), ("off", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub.offline() is offline
+
+
+def test_a_damaged_recorded_source_is_refused(hf: dict, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", "org/base", "org/adapter", "-o", str(merged), "-q"])[0] == 0
+    manifest = json.loads((merged / "lora_export.json").read_text())
+    manifest["base"]["source"]["commit"] = "main"
+    (merged / "lora_export.json").write_text(json.dumps(manifest))
+    code, out = run_cli(
+        ["swap", str(merged), "--remove", str(hf["a"]), "--add", str(hf["b"]), "-o", str(tmp_path / "s")]
+    )
+    assert_one_error(code, out, tmp_path / "s", ("lora_export.json", "source", "40-hex commit"))

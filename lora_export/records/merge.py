@@ -160,7 +160,7 @@ class MergeManifest:
                 a.get("weight", float),
                 tuple(FileRecord.from_fields(x) for x in a.items("files")),
                 a.get("config", dict),
-                _source(a),
+                recorded_source(a),
             )
             for a in f.items("adapters")
         )
@@ -183,15 +183,16 @@ class MergeManifest:
             tensors=f.get("tensors", dict, {}),
             seconds=f.get("seconds", float, 0.0),
             swap=f.get("swap", dict, None, optional=True),
-            base_source=_source(base),
+            base_source=recorded_source(base),
         )
 
 
-def _source(f: Fields) -> dict[str, Any] | None:
+def recorded_source(f: Fields, key: str = "source") -> dict[str, Any] | None:
+    """A recorded Hub source (lora_export.hub.HubSource) under `key`, checked; None when absent."""
     from ..hub import read_source
 
     try:
-        return read_source(f.get("source", dict, None, optional=True))
+        return read_source(f.get(key, dict, None, optional=True))
     except InputError as e:
-        f.fail("source", str(e))
+        f.fail(key, str(e))
         raise

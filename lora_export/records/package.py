@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import InputError
 from ..jsonio import Fields, read_json, relative_name, write_json
 from .checks import Check, CheckedReport
-from .merge import FileRecord
+from .merge import FileRecord, recorded_source
 
 PACKAGE_FIX = "rebuild the package with lora-export package"
 EXPORTERS = ("dynamo", "genai")  # what made a layout's graph, and so which runtime re-checks it
@@ -159,19 +159,9 @@ class PackageManifest(CheckedReport):
             storage=f.get("storage", dict, {}),
             files=files,
             seconds=f.get("seconds", float, 0.0),
-            base_source=_base_source(f),
+            base_source=recorded_source(f, "base_source"),
         )
         return manifest
-
-
-def _base_source(f: Fields) -> dict[str, Any] | None:
-    from ..hub import read_source
-
-    try:
-        return read_source(f.get("base_source", dict, None, optional=True))
-    except InputError as e:
-        f.fail("base_source", str(e))
-        raise
 
 
 @dataclass(frozen=True)
