@@ -152,6 +152,10 @@ def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -
         assert added["param_bytes"] == 4 * graphs[variant]["params"], (variant, added)
     nodes = graphs["base"]["structure"]["graph_nodes"]
     assert all(c["op_calls"] == nodes and c["flops"] is None for c in graphs["merged"]["cells"].values())
+    torch_rows = {row["variant"]: row for row in data["rows"] if row["backend"] == "torch"}
+    for cell, base_cell in zip(torch_rows["merged"]["cells"].values(), torch_rows["base"]["cells"].values()):
+        assert cell["flops"] == base_cell["flops"] > 0 and cell["ops"] == base_cell["ops"]
+        assert sum(cell["ops"].values()) == cell["op_calls"]
     md = (tmp_path / "b.md").read_text()
     assert f"| merged | onnxruntime | yes | {nodes} nodes | {nodes} nodes |" in md, md
     assert "| variant | backend | added params | 1/16 | 2/32 |" in md and "Verdicts" in md

@@ -186,4 +186,6 @@ def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
     assert structure["base-copy"]["identical_to_base"] and structure["summarize shared+adapter"]["identical_to_base"]
     # a merged graph is the base graph without the LoRA branches: fewer nodes, no LoRA weights
     assert structure["summarize merged"]["graph_adds"]["op_calls"] < 0
+    cells = {r.variant: r.cells["1/8"] for r in result.rows}  # nodes per forward, beside the times
+    assert cells["base"].op_calls == structure["base"]["graph_nodes"] > cells["summarize merged"].op_calls
     assert any(v.startswith("onnxruntime 1/8: base-copy (A/A control") for v in result.verdicts)

@@ -79,6 +79,25 @@ def test_onnx_signature_is_the_graph_up_to_initializer_values(models_dir: Path, 
     assert onnx_structure(tmp_path / "m" / "other.onnx").signature != b.signature
 
 
+@pytest.mark.parametrize("family", sorted(TARGETS))
+def test_the_dynamo_graph_of_a_merged_model_is_the_base_graph(models_dir: Path, tmp_path: Path, family: str) -> None:
+    """Every family, dynamo exporter (as bench exports it): the merged graph is the base graph up to initializer
+    values; a tied model whose lm_head the adapter changed stores lm_head untied — one more initializer, same ops."""
+    from lora_export.exporters.onnx import OnnxOptions, export_onnx
+
+    base = models_dir / family
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=TARGETS[family])
+    assert run_merge(base, adapter, tmp_path / "merged")[0] == 0
+    for name, folder in (("b", base), ("m", tmp_path / "merged")):
+        (tmp_path / name).mkdir()
+        export_onnx(load_model(folder), tmp_path / name / "model.onnx", OnnxOptions(with_past=False))
+    b, m = onnx_structure(tmp_path / "b" / "model.onnx"), onnx_structure(tmp_path / "m" / "model.onnx")
+    if family == "llama-tied":
+        assert m.ops == b.ops and m.param_bytes > b.param_bytes, m.added_over(b)
+    else:
+        assert m.same_as(b), m.added_over(b)
+
+
 @pytest.mark.parametrize("kind", ["H", "L"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_adapter_baselines_add_flops_from_their_parameter_counts(models_dir: Path, family: str, kind: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..records import PackageManifest
-from .models import add_graph_structure
+from .models import add_graph_structure, graph_cells
 from .runner import BenchOptions, BenchResult, Row, environment, summarize, verdicts
 
 NEW_TOKENS = 16
@@ -63,6 +63,7 @@ def bench_package_genai(
         for name, times in zip(names, (prefill, decode), strict=True):
             summarize(rows, name, {(r.variant, "genai"): times[r.variant] for r in rows}, options.seed)
             shapes.append(name)
+    graph_cells(rows)
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
     return BenchResult(env, shapes, rows, verdicts(rows, shapes))

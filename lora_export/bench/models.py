@@ -143,7 +143,11 @@ def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
     base = graphs["base"]
     for row in rows:
         g = graphs[row.variant]
-        row.structure = {"identical_to_base": g.same_as(base), "graph_nodes": sum(g.ops.values())}
+        row.structure = {
+            "identical_to_base": g.same_as(base),
+            "graph_nodes": sum(g.ops.values()),
+            "graph_ops": dict(sorted(g.ops.items())),
+        }
         if not row.structure["identical_to_base"]:
             added = g.added_over(base)
             row.structure["graph_adds"] = {k: added[k] for k in ("op_calls", "ops", "param_bytes")}
@@ -170,3 +174,11 @@ def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: Any) -> dic
             dtype = np.float16 if "float16" in inp.type else np.float32
             feeds[inp.name] = np.zeros((ids.shape[0], shape.kv_heads, 0, shape.head_dim), dtype=dtype)
     return feeds
+
+
+def graph_cells(rows: Sequence[Row]) -> None:
+    """Each ONNX row's cells get its graph's node counts: a graph runs each node once per forward, at every shape."""
+    for row in rows:
+        if "graph_nodes" in row.structure:
+            for cell in row.cells.values():
+                cell.op_calls, cell.ops = row.structure["graph_nodes"], row.structure["graph_ops"]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..records import PackageManifest
-from .models import _ort_feeds, add_graph_structure
+from .models import _ort_feeds, add_graph_structure, graph_cells
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, verdicts
 
 A_A_SHARED = "the shared graph opened a second time, no adapter: what two identical sessions differ by (A/A control)"
@@ -36,10 +36,7 @@ def bench_package(
 ) -> BenchResult:
     """A package's layouts in ONNX Runtime, per variant: the shared graph with no adapter (the base), the shared
     graph with the variant's adapter active (what hot-swapping costs per request) and the variant's merged model."""
-    import onnxruntime as ort
     from transformers import AutoConfig
-
-    from ..exporters.onnx_check import session
 
     package_dir = Path(package_dir)
     manifest = PackageManifest.load(package_dir)
@@ -49,7 +46,36 @@ def bench_package(
         return bench_package_genai(package_dir, manifest, options, log)
     config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
-    threads = options.threads or None
+    runners = _ort_runners(package_dir, manifest, options.threads or None, log)
+    rows = [r for r, _, _ in runners]
+    add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
+    shapes = [shape_name(s) for s in options.shapes]
+    g = torch.Generator().manual_seed(options.seed)
+    for shape in options.shapes:
+        ids = torch.randint(0, int(config.get_text_config().vocab_size), shape, generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        calls = {}
+        for row, sess, extra in runners:
+            feeds = _ort_feeds(sess, inputs, config)
+            ro = extra[0] if extra else None
+            calls[row.variant] = lambda s=sess, f=feeds, r=ro: s.run(["logits"], f, r)
+        log(f"measuring {shape_name(shape)} …")
+        times = measure(calls, options, f"package {shape_name(shape)}")
+        summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
+    graph_cells(rows)
+    env = environment(options)
+    env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)})"
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes))
+
+
+def _ort_runners(
+    package_dir: Path, manifest: PackageManifest, threads: int | None, log: Callable[[str], None]
+) -> list[tuple[Row, Any, Any]]:
+    """(row, session, (run options, adapter) or None) for base, its A/A copy, each shared+adapter and each merged."""
+    import onnxruntime as ort
+
+    from ..exporters.onnx_check import session
+
     runners: list[tuple[Row, Any, Any]] = []  # (row, session, run options)
     if manifest.shared is not None:
         shared = session(package_dir / manifest.shared.graph, threads)
@@ -73,21 +99,4 @@ def bench_package(
         runners[0][0].variant = "base"
         first = next(iter(manifest.merged.values())).graph
         runners.insert(1, (Row("base-copy", "onnxruntime", 0, A_A_MERGED), session(package_dir / first, threads), None))
-    rows = [r for r, _, _ in runners]
-    add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
-    shapes = [shape_name(s) for s in options.shapes]
-    g = torch.Generator().manual_seed(options.seed)
-    for shape in options.shapes:
-        ids = torch.randint(0, int(config.get_text_config().vocab_size), shape, generator=g)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        calls = {}
-        for row, sess, extra in runners:
-            feeds = _ort_feeds(sess, inputs, config)
-            ro = extra[0] if extra else None
-            calls[row.variant] = lambda s=sess, f=feeds, r=ro: s.run(["logits"], f, r)
-        log(f"measuring {shape_name(shape)} …")
-        times = measure(calls, options, f"package {shape_name(shape)}")
-        summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
-    env = environment(options)
-    env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)})"
-    return BenchResult(env, shapes, rows, verdicts(rows, shapes))
+    return runners

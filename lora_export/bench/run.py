@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..merge import MergeOptions, merge
-from .models import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variants
+from .models import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variants, graph_cells
 from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, torch_threads, verdicts
 
 
@@ -27,7 +27,8 @@ def add_structure(variants: list[tuple[Row, Any]], inputs: dict[str, torch.Tenso
     base = counted["base"]
     for row, _ in variants:
         s = counted[row.variant]
-        row.cells[shape].flops, row.cells[shape].op_calls = s.flops, sum(s.ops.values())
+        cell = row.cells[shape]
+        cell.flops, cell.op_calls, cell.ops = s.flops, sum(s.ops.values()), dict(sorted(s.ops.items()))
         same = s.same_as(base)
         row.structure["identical_to_base"] = row.structure.get("identical_to_base", True) and same
         if not same:
@@ -94,9 +95,7 @@ def bench(
             )
             if "torch" in options.backends:
                 add_structure(variants, inputs, shape_name(shape))
-            for row in rows:  # an ONNX graph runs each of its nodes once per forward, at every shape
-                if row.backend == "onnxruntime":
-                    row.cells[shape_name(shape)].op_calls = row.structure["graph_nodes"]
+    graph_cells(rows)
     env = environment(options)
     env["model"] = json.loads((base_dir / "config.json").read_text()).get("architectures", ["?"])[0]
     env["parameters"] = sum(p.numel() for p in variants[0][1].parameters())

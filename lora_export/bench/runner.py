@@ -68,7 +68,8 @@ class Cell:
     ci_low: float | None = None
     ci_high: float | None = None
     flops: int | None = None  # per forward at this shape, counted (PyTorch rows)
-    op_calls: int | None = None  # ATen operator calls per forward
+    op_calls: int | None = None  # ATen operator calls (ONNX: graph nodes) per forward
+    ops: dict[str, int] | None = None  # those calls per operator (ONNX: nodes per op type)
 
 
 @dataclass
