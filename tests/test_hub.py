@@ -165,6 +165,13 @@ def test_an_adapter_naming_another_base(hf: dict, models_dir: Path, tmp_path: Pa
     code, out = run_cli(["merge", "org/base", str(other), "-o", str(tmp_path / "warned"), "-q"])
     assert code == 0, out
     assert "warning:" in out and "org/other-base" in out and "org/base@" in out
+    code, out = run_cli(["inspect", str(other), "--base", "org/base"])  # inspect and swap say it too
+    assert code == 0 and "trained on org/other-base" in out, out
+    assert run_cli(["merge", "org/base", "org/adapter", "-o", str(tmp_path / "m0"), "-q"])[0] == 0
+    code, out = run_cli(
+        ["swap", str(tmp_path / "m0"), "--remove", str(hf["a"]), "--add", str(other), "-o", str(tmp_path / "s")]
+    )
+    assert code == 0 and "trained on org/other-base" in out, out
     code, out = run_cli(["merge", "org/base", str(other), "-o", str(tmp_path / "x"), "-q", "--strict-base"])
     assert_one_error(code, out, tmp_path / "x", ("trained on org/other-base", "--strict-base"))
     # a base named by a path that is not on this machine: said, not refused, even with --strict-base
@@ -265,3 +272,34 @@ def test_a_damaged_recorded_source_is_refused(hf: dict, tmp_path: Path) -> None:
         ["swap", str(merged), "--remove", str(hf["a"]), "--add", str(hf["b"]), "-o", str(tmp_path / "s")]
     )
     assert_one_error(code, out, tmp_path / "s", ("lora_export.json", "source", "40-hex commit"))
+
+
+def test_a_download_fetches_only_what_a_model_needs(hf: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the cache, network allowed: one snapshot_download with patterns for weights, config and tokenizer
+    (not ONNX, GGUF, TF, Flax or pickled model copies), at the revision asked, into the cache in use, with a log
+    line; the folder it returns is what the command reads."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo: str, **kwargs: object) -> str:
+        if kwargs.get("local_files_only"):  # the cache is asked first: it has nothing
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        calls.append((repo, kwargs))
+        return str(hf["base"])
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    logged: list[str] = []
+    assert hub.resolve("org/fresh@v3", "base", log=logged.append) == hf["base"]
+    ((repo, kwargs),) = calls
+    assert repo == "org/fresh" and kwargs["revision"] == "v3" and kwargs["cache_dir"] == hf["cache"]
+    wanted = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer.model", "merges.txt", "chat_template.jinja", "adapter_model.safetensors"]  # fmt: skip
+    unwanted = ["model.onnx", "model.gguf", "tf_model.h5", "flax_model.msgpack", "pytorch_model.bin", "onnx/model.onnx"]
+    patterns = kwargs["allow_patterns"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in wanted)
+    assert not any(any(fnmatch.fnmatch(f, p) for p in patterns) for f in unwanted)
+    assert logged and "org/fresh at revision v3" in logged[0]

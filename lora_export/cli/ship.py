@@ -270,9 +270,12 @@ def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, o
     Example:
       lora-export swap ./smollm2-summarize --remove ./adapters/summarize --add ./adapters/chat -o ./smollm2-chat
     """
+    from ..hub import check_bases
+    from ..records import MergeManifest
     from ..report import swap_text
     from ..swap import swap as run
 
+    check_bases(Path(MergeManifest.load(merged_dir).base_path), [add], False, _echo_err)
     report = run(merged_dir, remove, add, out_dir, dtype, overwrite)
     click.echo(swap_text(report))
     if report.checks and not report.passed:
@@ -303,6 +306,10 @@ def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_jso
     from ..inspect import inspect_adapter
     from ..report import inspect_text, to_json
 
+    if base_dir is not None:
+        from ..hub import check_bases
+
+        check_bases(base_dir, [adapter_dir], False, _echo_err)
     info = inspect_adapter(adapter_dir, base_dir, allow_pickle)
     click.echo(to_json(info.to_dict()) if as_json else inspect_text(info))
 
