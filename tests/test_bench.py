@@ -162,3 +162,28 @@ def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(main, ["bench", str(base)])
     assert bad.exit_code == 2
+
+
+def test_paper_table1_keeps_every_shapes_structure(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--paper-table1 measures each shape in its own run (adapters sized per shape) and joins them: every shape's
+    cells, and every shape's counted additions, survive the join (here on the tiny GPT-2 instead of GPT-2 medium)."""
+    import shutil
+
+    from lora_export.bench import run
+
+    def tiny(folder: Path, rank: int = 4, seed: int = 0) -> tuple[Path, Path]:
+        base = shutil.copytree(models_dir / "gpt2", folder / "gpt2")
+        return base, make_adapter(base, folder / "lora", target_modules=["c_attn"])
+
+    monkeypatch.setattr(run, "build_paper_model", tiny)
+    options = BenchOptions(shapes=((1, 8), (2, 8)), budget_s=0.02, min_rounds=3, max_rounds=4, warmup=1, progress=False)
+    result = run.paper_table1(options)
+    assert result.shapes == ["1/8", "2/8"]
+    rows = {r.variant: r for r in result.rows}
+    assert rows["merged"].structure == {"identical_to_base": True}
+    for variant in ("lora-unmerged", "adapter-H", "adapter-L"):
+        adds = rows[variant].structure["adds_per_forward"]
+        assert set(adds) == {"1/8", "2/8"} and adds["2/8"]["flops"] == 2 * adds["1/8"]["flops"] > 0, (variant, adds)
+        assert all(c.flops and c.ops for c in rows[variant].cells.values())

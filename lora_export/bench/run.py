@@ -173,6 +173,12 @@ def paper_table1(options: BenchOptions, log: Callable[[str], None] = lambda s: N
     for r in results[1:]:
         for row, other in zip(merged.rows, r.rows):
             row.cells.update(other.cells)
+            if "identical_to_base" in other.structure:  # every shape's structure, not just the first's
+                row.structure["identical_to_base"] = (
+                    row.structure["identical_to_base"] and other.structure["identical_to_base"]
+                )
+                if other.structure.get("adds_per_forward"):
+                    row.structure.setdefault("adds_per_forward", {}).update(other.structure["adds_per_forward"])
             if row.variant.startswith("adapter"):
                 row.description += (
                     f"; {other.description.rsplit('bottleneck', 1)[-1].strip()} at {list(other.cells)[0]}"
