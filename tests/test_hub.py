@@ -219,7 +219,7 @@ def test_every_command_takes_ids(hf: dict, tmp_path: Path) -> None:
     assert manifest["variants"]["b"]["adapters"][0]["source"]["revision"] == "v1"
     assert run_cli(["package", "--check", str(tmp_path / "pkg")])[0] == 0
     code, out = run_cli(
-        ["swap", str(merged), "--remove", str(hf["a"]), "--add", "org/adapter@v1", "-o", str(tmp_path / "s")]
+        ["swap", str(merged), "--remove", "org/adapter", "--add", "org/adapter@v1", "-o", str(tmp_path / "s")]
     )
     assert code == 0, out
     code, out = run_cli(["inspect", "org/adapter@v1", "--base", "org/base"])

@@ -31,7 +31,10 @@ from .types import DEVICE, INPUT_FILE, THREADS
 @click.argument("paths", nargs=-1, type=MODEL_DIR, metavar="[[BASE] ADAPTER...]")
 @strict_base_option
 @click.option(
-    "--merged", "merged_dir", type=EXISTING_DIR, help="The merged folder (default: merged here, in a temporary folder)."
+    "--merged",
+    "merged_dir",
+    type=MODEL_DIR,
+    help="The merged model, a folder or Hub address (default: merged here, in a temporary folder).",
 )
 @click.option(
     "--onnx",
@@ -247,7 +250,7 @@ def package(
     "--remove",
     "remove",
     required=True,
-    type=EXISTING_DIR,
+    type=MODEL_DIR,
     help="The adapter merged into MERGED_DIR (checked by hash against its manifest).",
 )
 @click.option(
