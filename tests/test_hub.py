@@ -4,10 +4,9 @@ mode, or an endpoint on a closed local port."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +17,8 @@ from hypothesis import strategies as st
 from lora_export import hub
 from lora_export.workers import sha256_file
 
-
-def commit_of(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def cache_repo(cache: Path, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), tag: str = "") -> str:
-    """`folder` as one commit of `repo` in the cache: each file a blob named by its sha256, linked from the snapshot
-    by a relative symlink, and `refs` (branch or tag names) pointing at the commit. Returns the commit."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    commit = commit_of(f"{repo}:{tag}:{sorted(p.name for p in folder.iterdir())}:{folder}")
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (root / "blobs").mkdir(exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = sha256_file(f)
-        shutil.copyfile(f, root / "blobs" / digest)
-        link = snapshot / f.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(root / "blobs" / digest, link.parent), link)
-    for ref in refs:
-        (root / "refs" / ref).write_text(commit)
-    return commit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_tiny_model import cache_repo  # noqa: E402  (tools/ is not a package)
 
 
 def name_base(adapter: Path, base: str) -> Path:

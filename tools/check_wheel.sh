@@ -17,7 +17,11 @@ case "$where" in "$work/venv/"*) ;; *) echo "lora_export imported from $where, n
 for cmd in "" $(venv/bin/python -c 'from lora_export.cli import main; print(" ".join(main.commands))'); do
   venv/bin/lora-export $cmd --help > /dev/null
 done
-venv/bin/python "$repo/tools/make_tiny_model.py" tiny
+venv/bin/python "$repo/tools/make_tiny_model.py" tiny --hub-cache hub
+# Hub addresses, offline, from a Hugging Face cache on disk: only the adapter named; the same merge as from folders
+HF_HUB_OFFLINE=1 HF_HUB_CACHE=hub venv/bin/lora-export merge tiny-org/adapter -o tiny/from-hub -q > /dev/null
+venv/bin/lora-export merge tiny/base tiny/adapter -o tiny/from-folders -q > /dev/null
+cmp tiny/from-hub/model.safetensors tiny/from-folders/model.safetensors
 venv/bin/lora-export merge-and-onnx tiny/base tiny/adapter -o tiny/out --max-new-tokens 4 --json tiny/report.json > tiny/stdout.txt
 venv/bin/python - <<'PY'
 import json

@@ -4,12 +4,18 @@ LoRA adapter for it, without PEFT. Head size 16 and the tokenizer make it a mode
 For smoke tests where only the tool's own dependencies exist: an installed wheel (tools/check_wheel.sh), the
 transformers 4.57 environment (tools/test_transformers4.sh).
 
-    python tools/make_tiny_model.py OUT_DIR      # writes OUT_DIR/base and OUT_DIR/adapter
+    python tools/make_tiny_model.py OUT_DIR [--hub-cache CACHE]
+        # writes OUT_DIR/base and OUT_DIR/adapter; with --hub-cache also both as repositories tiny-org/base and
+        # tiny-org/adapter (which names tiny-org/base as its base) in a Hugging Face cache laid out as
+        # huggingface_hub lays it out (refs/main, snapshots/COMMIT/ with relative links into blobs/)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,5 +70,38 @@ def main(out: Path) -> None:
     (out / "adapter" / "adapter_config.json").write_text(json.dumps(config_json, indent=2))
 
 
+def cache_repo(cache: Path, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), tag: str = "") -> str:
+    """`folder` as one commit of `repo` in a Hugging Face cache: each file a blob named by its sha256, linked from
+    the snapshot by a relative symlink, and `refs` (branch or tag names) pointing at the commit. Returns the commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo}:{tag}:{sorted(p.name for p in folder.iterdir())}:{folder}".encode()).hexdigest()
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, root / "blobs" / digest)
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(root / "blobs" / digest, link.parent), link)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return commit
+
+
+def hub_cache(out: Path, cache: Path) -> None:
+    """OUT/base and OUT/adapter as tiny-org/base and tiny-org/adapter (naming tiny-org/base) in `cache`."""
+    cache_repo(cache, "tiny-org/base", out / "base")
+    named = out / "adapter-named"
+    shutil.copytree(out / "adapter", named)
+    config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "tiny-org/base"}))
+    cache_repo(cache, "tiny-org/adapter", named)
+    shutil.rmtree(named)
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if sys.argv[2:3] == ["--hub-cache"]:
+        hub_cache(Path(sys.argv[1]), Path(sys.argv[3]))
