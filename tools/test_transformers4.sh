@@ -26,4 +26,4 @@ if [ -x .venv/bin/lora-export ] && .venv/bin/python -c "import onnxruntime_genai
   export LORA_EXPORT_GENAI_OUTPUT="$work/genai"
 fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_lora_runtime.py tests/test_verify.py tests/test_export.py \
-  tests/test_optimum.py "$@"
+  tests/test_optimum.py tests/test_hub.py "$@"
