@@ -17,8 +17,8 @@ from typing import Any
 
 from .errors import InputError
 
-# What a base or an adapter needs from its repository: weights, config, tokenizer (not ONNX, GGUF, TF or Flax copies).
-# An adapter's repository: adapter_config.json, adapter_model.safetensors (or .bin) and any tokenizer files.
+# What is downloaded of a base's or an adapter's repository: config, weights, tokenizer and chat template (not ONNX,
+# GGUF, TF, Flax or pickled model copies; an adapter's adapter_model.bin is the exception: PEFT's older format).
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "adapter_model.bin"]
 NEEDS = {"base": ("config.json",), "adapter": ("adapter_config.json",), "any": ("config.json", "adapter_config.json")}
 FALSE = ("", "0", "false", "no", "off")
@@ -68,6 +68,7 @@ def cache_dir() -> Path:
 
 
 def offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) set to anything but 0/false/no/off."""
     return any(os.environ.get(n, "").strip().lower() not in FALSE for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
@@ -81,12 +82,32 @@ def resolve(text: str, kind: str = "base", log: Any = None) -> Path:
     if address is None:
         raise InputError(f"{text}: no such folder (and not a Hub address org/name[@revision]); check the path")
     repo, revision = address
-    folder = from_cache(repo, revision, kind) or _download(text, repo, revision, kind, log)
+    cached = from_cache(repo, revision, kind)
+    if cached is not None and not has_weights(cached) and offline():  # e.g. only config.json was ever fetched
+        raise InputError(
+            f"{text}: in the Hugging Face cache ({cached}) without its weights (only some of its files were "
+            f"downloaded, and HF_HUB_OFFLINE is set); download it with the network on (`{_fetch(repo, revision)}`) "
+            "or give a folder"
+        )
+    folder = cached if cached is not None and has_weights(cached) else _download(text, repo, revision, kind, log)
     _GIVEN[str(folder.resolve())] = (text, revision)
     return folder
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a model or adapter folder holds weights, not just its config."""
+    if (folder / "adapter_config.json").is_file():
+        return any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _fetch(repo: str, revision: str | None) -> str:
+    return f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+
+
 def from_cache(repo: str, revision: str | None, kind: str) -> Path | None:
+    """The cached snapshot of `repo` at `revision` (a branch, tag or commit; None: main) when it holds the file a
+    `kind` ("base", "adapter", "any") needs; nothing is fetched."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -101,10 +122,9 @@ def _download(text: str, repo: str, revision: str | None, kind: str, log: Any) -
     at = f" at revision {revision}" if revision else ""
     what, tried = f"{repo}{at}", f"no such folder, and not in the Hugging Face cache {cache_dir()}{at}"
     if offline():
-        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         raise InputError(
             f"{text}: {tried} (HF_HUB_OFFLINE is set, so nothing is downloaded); download it once with the network "
-            f"on (`{fetch}`), point HF_HUB_CACHE at the cache that has it, or give a folder"
+            f"on (`{_fetch(repo, revision)}`), point HF_HUB_CACHE at the cache that has it, or give a folder"
         )
     from huggingface_hub import snapshot_download
 

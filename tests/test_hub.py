@@ -281,3 +281,16 @@ def test_a_download_fetches_only_what_a_model_needs(hf: dict, tmp_path: Path, mo
     assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in wanted)
     assert not any(any(fnmatch.fnmatch(f, p) for p in patterns) for f in unwanted)
     assert logged and "org/fresh at revision v3" in logged[0]
+
+
+def test_a_cached_config_without_weights_is_not_a_model(hf: dict, tmp_path: Path) -> None:
+    """A snapshot holding only config.json (what AutoConfig.from_pretrained leaves in the cache): offline, one line
+    saying the weights are missing from the cache, not a merge that fails later."""
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    shutil.copyfile(hf["base"] / "config.json", only_config / "config.json")
+    cache_repo(hf["cache"], "org/config-only", only_config)
+    code, out = run_cli(["merge", "org/config-only", str(hf["a"]), "-o", str(tmp_path / "x"), "-q"])
+    assert_one_error(
+        code, out, tmp_path / "x", ("org/config-only", "without its weights", "hf download org/config-only")
+    )
