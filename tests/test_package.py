@@ -189,3 +189,4 @@ def test_bench_measures_a_package(built: tuple[Path, str]) -> None:
     cells = {r.variant: r.cells["1/8"] for r in result.rows}  # nodes per forward, beside the times
     assert cells["base"].op_calls == structure["base"]["graph_nodes"] > cells["summarize merged"].op_calls
     assert any(v.startswith("onnxruntime 1/8: base-copy (A/A control") for v in result.verdicts)
+    assert "opened as it was written" in result.method and "memory-mapped" not in result.method

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..records import PackageManifest
 from .models import add_graph_structure, graph_cells
-from .runner import BenchOptions, BenchResult, Row, environment, summarize, verdicts
+from .runner import PACKAGE_METHOD, BenchOptions, BenchResult, Row, environment, summarize, verdicts
 
 NEW_TOKENS = 16
 
@@ -66,7 +66,7 @@ def bench_package_genai(
     graph_cells(rows)
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
-    return BenchResult(env, shapes, rows, verdicts(rows, shapes))
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
 
 
 def load(og: Any, folder: Path, device: str) -> Any:

@@ -11,7 +11,17 @@ import torch
 
 from ..records import PackageManifest
 from .models import _ort_feeds, add_graph_structure, graph_cells
-from .runner import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, verdicts
+from .runner import (
+    PACKAGE_METHOD,
+    BenchOptions,
+    BenchResult,
+    Row,
+    environment,
+    measure,
+    shape_name,
+    summarize,
+    verdicts,
+)
 
 A_A_SHARED = "the shared graph opened a second time, no adapter: what two identical sessions differ by (A/A control)"
 A_A_MERGED = "the first merged graph opened a second time (A/A control)"
@@ -65,7 +75,7 @@ def bench_package(
     graph_cells(rows)
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)})"
-    return BenchResult(env, shapes, rows, verdicts(rows, shapes))
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
 
 
 def _ort_runners(

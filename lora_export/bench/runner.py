@@ -28,6 +28,15 @@ METHOD = (
     "operator calls (torch.utils.flop_counter and a dispatch counter), exact on any machine; ONNX rows their graph's "
     "nodes and whether it is the base's graph up to initializer values."
 )
+PACKAGE_METHOD = (  # bench --package: sessions over the package's own files, nothing loaded into torch
+    "Every graph of the package opened as it was written (ONNX Runtime sessions, or ONNX Runtime GenAI models); "
+    "every variant warmed up (runs discarded); then the variants run interleaved in rounds whose order rotates, for as "
+    "many rounds as the time budget allows. Thread count fixed and recorded. Per cell: median, p10/p90, and the ratio "
+    "of medians to `base` (the shared graph with no adapter active, or the first merged variant) with a paired "
+    "bootstrap 95% interval over rounds; `base-copy` (the same graph opened a second time) is the A/A control whose "
+    "interval is the band timing can resolve in this run. Every row carries its graph's nodes per op type and "
+    "whether it is the base's graph up to initializer values (an active adapter changes input values, not the graph)."
+)
 
 
 @contextmanager
