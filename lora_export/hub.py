@@ -69,15 +69,25 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) set to anything but 0/false/no/off."""
-    return any(os.environ.get(n, "").strip().lower() not in FALSE for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(_offline_by())
+
+
+def _offline_by() -> str:
+    """The variable that puts us offline, or ""."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return next((n for n in names if os.environ.get(n, "").strip().lower() not in FALSE), "")
 
 
 def resolve(text: str, kind: str = "base", log: Any = None) -> Path:
     """The local folder for a BASE or ADAPTER argument: the path when it exists, else the Hub address resolved through
     the cache (then the network, unless offline). Raises InputError naming what was tried and the fix."""
     path = Path(text).expanduser()
-    if path.exists():
-        return path
+    return path if path.exists() else resolve_address(text, kind, log)
+
+
+def resolve_address(text: str, kind: str = "base", log: Any = None) -> Path:
+    """A Hub address `org/name[@revision]` resolved through the cache (then the network, unless offline), whatever
+    folders exist; InputError naming what was tried and the fix."""
     address = parse_address(text)
     if address is None:
         raise InputError(f"{text}: no such folder (and not a Hub address org/name[@revision]); check the path")
@@ -86,7 +96,7 @@ def resolve(text: str, kind: str = "base", log: Any = None) -> Path:
     if cached is not None and not has_weights(cached) and offline():  # e.g. only config.json was ever fetched
         raise InputError(
             f"{text}: in the Hugging Face cache ({cached}) without its weights (only some of its files were "
-            f"downloaded, and HF_HUB_OFFLINE is set); download it with the network on (`{_fetch(repo, revision)}`) "
+            f"downloaded, and {_offline_by()} is set); download it with the network on (`{_fetch(repo, revision)}`) "
             "or give a folder"
         )
     folder = cached if cached is not None and has_weights(cached) else _download(text, repo, revision, kind, log)
@@ -123,7 +133,7 @@ def _download(text: str, repo: str, revision: str | None, kind: str, log: Any) -
     what, tried = f"{repo}{at}", f"no such folder, and not in the Hugging Face cache {cache_dir()}{at}"
     if offline():
         raise InputError(
-            f"{text}: {tried} (HF_HUB_OFFLINE is set, so nothing is downloaded); download it once with the network "
+            f"{text}: {tried} ({_offline_by()} is set, so nothing is downloaded); download it once with the network "
             f"on (`{_fetch(repo, revision)}`), point HF_HUB_CACHE at the cache that has it, or give a folder"
         )
     from huggingface_hub import snapshot_download

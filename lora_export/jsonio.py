@@ -7,7 +7,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .errors import InputError, UnsafeInputError
 
@@ -39,7 +39,7 @@ class Fields:
             self.fail("", f"expected a JSON object, found {type(data).__name__}")
         self.data: Mapping[str, Any] = data
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         name = f"{self.where}.{key}" if self.where and key else self.where or key
         fix = f"; {self.fix}" if self.fix else ""
         label = f"{self.label}: " if self.label else ""

@@ -240,13 +240,13 @@ def package(
 ) -> PackageManifest:
     """Build the package; returns its manifest, passed or not. When a check failed, OUT_DIR is not written.
     Adapters that name another base than `base_dir` are a warning through `log` (InputError with `strict_base`)."""
-
     base_dir, variants_file, out_dir = Path(base_dir), Path(variants_file), Path(out_dir)
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}")
     variants = read_variants(variants_file)
-    check_bases(base_dir, list(dict.fromkeys(p for v in variants for p, _ in v.adapters)), strict_base, log)
-    check_output_location(out_dir, [base_dir, *{p for v in variants for p, _ in v.adapters}], overwrite)
+    adapters = list(dict.fromkeys(p for v in variants for p, _ in v.adapters))
+    check_bases(base_dir, adapters, strict_base, log)
+    check_output_location(out_dir, [base_dir, *adapters], overwrite)
     try:
         with atomic_output_dir(out_dir, overwrite) as tmp:
             return _package(base_dir, variants, tmp, mode, log, exporter)

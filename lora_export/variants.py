@@ -85,7 +85,7 @@ def _adapter_folder(path: Path, where: str, given: str) -> Path:
     if hub.parse_address(given) is None:
         raise InputError(f"{where}: adapter folder {given} not found (paths are relative to {path.parent})")
     try:
-        return hub.resolve(given, "adapter")
+        return hub.resolve_address(given, "adapter")  # a folder is relative to the file, not the working folder
     except InputError as e:
         raise InputError(
             f"{where}: adapter folder {given} not found (paths are relative to {path.parent}); as a Hub address: {e}"

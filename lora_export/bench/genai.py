@@ -26,28 +26,28 @@ def bench_package_genai(
 ) -> BenchResult:
     import onnxruntime_genai as og
 
-    from ..exporters.runtime_files import GENAI_CONFIG, genai_prompt
+    from ..exporters.runtime_files import GENAI_CONFIG, genai_model, genai_prompt
     from .package import A_A_MERGED, A_A_SHARED, package_graphs
 
     runners: list[tuple[Row, Any, Any]] = []  # (row, og.Model, (og.Adapters, name) or None)
     if manifest.shared is not None:
-        shared = load(og, package_dir / "shared", options.device)
+        shared = genai_model(og, package_dir / "shared", options.device)
         adapters = og.Adapters(shared)
         runners.append((Row("base", "genai", 0, "shared graph, no adapter active"), shared, None))
-        copy = load(og, package_dir / "shared", options.device)
+        copy = genai_model(og, package_dir / "shared", options.device)
         runners.append((Row("base-copy", "genai", 0, A_A_SHARED), copy, None))
         for name, file in manifest.shared.adapters.items():
             adapters.load(str(package_dir / file), name)
             params = sum(int(np.prod(s)) for s in manifest.shared.parameters.get(name, {}).values())
             runners.append((Row(f"{name} shared+adapter", "genai", params, f"{file} active"), shared, (adapters, name)))
     for name, info in manifest.merged.items():
-        model = load(og, package_dir / info.folder, options.device)
+        model = genai_model(og, package_dir / info.folder, options.device)
         runners.append((Row(f"{name} merged", "genai", 0, info.graph), model, None))
     if runners[0][0].variant != "base":
         log("no shared graph in this package: ratios are to the first merged variant")
         runners[0][0].variant = "base"
         first = package_dir / next(iter(manifest.merged.values())).folder
-        runners.insert(1, (Row("base-copy", "genai", 0, A_A_MERGED), load(og, first, options.device), None))
+        runners.insert(1, (Row("base-copy", "genai", 0, A_A_MERGED), genai_model(og, first, options.device), None))
     config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
     rows, shapes = [r for r, _, _ in runners], []
     add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
@@ -67,16 +67,6 @@ def bench_package_genai(
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
     return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
-
-
-def load(og: Any, folder: Path, device: str) -> Any:
-    """og.Model of a package folder on `device`: the CPU provider (the providers its config names cleared, as the
-    package's checks run it) or CUDA."""
-    config = og.Config(str(folder))
-    config.clear_providers()
-    if device.startswith("cuda"):
-        config.append_provider("cuda")
-    return og.Model(config)
 
 
 def _vocab(config_path: Path) -> int:

@@ -58,7 +58,7 @@ class ModelFolder(Folder):
         text = str(value)
         if not Path(text).expanduser().exists() and hub.parse_address(text) is not None:
             try:
-                return hub.resolve(text, "any", log=lambda m: click.echo(m, err=True))
+                return hub.resolve_address(text, "any", log=lambda m: click.echo(m, err=True))
             except InputError as e:
                 self.fail(str(e), param, ctx)
         return super().convert(value, param, ctx)

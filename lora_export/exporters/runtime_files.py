@@ -159,12 +159,14 @@ def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
     return random_prompt(vocab, genai_special_ids(config_path), n, seed)
 
 
-def genai_model(og: Any, folder: Path) -> Any:
-    """og.Model of the folder on this machine's CPU: the providers its genai_config.json names (CUDA for the
-    builder's float16 graph) are cleared, so a graph built for a GPU is checked here as far as the CPU provider
-    runs it. The folder itself is left as written."""
+def genai_model(og: Any, folder: Path, device: str = "cpu") -> Any:
+    """og.Model of the folder on `device`: the providers its genai_config.json names (CUDA for the builder's float16
+    graph) are cleared, so a graph built for a GPU is checked on a CPU as far as the CPU provider runs it; on
+    cuda/cuda:N the CUDA provider is appended (bench on a GPU). The folder itself is left as written."""
     config = og.Config(str(folder))
     config.clear_providers()
+    if device.startswith("cuda"):
+        config.append_provider("cuda")
     return og.Model(config)
 
 

@@ -195,4 +195,3 @@ def recorded_source(f: Fields, key: str = "source") -> dict[str, Any] | None:
         return read_source(f.get(key, dict, None, optional=True))
     except InputError as e:
         f.fail(key, str(e))
-        raise
