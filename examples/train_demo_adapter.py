@@ -27,8 +27,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_export.demo import answer_problems
-from lora_export.zoo import smollm2_dir
+from lora_export.demo.demo import answer_problems
+from lora_export.model.zoo import smollm2_dir
 
 TOPICS = [
     "the moon",

@@ -1,46 +1,52 @@
 """lora-export: merge PEFT LoRA adapters into their base model, prove it, export it, benchmark it.
 
-The names below are imported on first use (PEP 562), so `import lora_export` — and `lora-export --help` — does not
-load torch or transformers.
+The public API, re-exported lazily: each name below is imported on first use (PEP 562), so `import lora_export` — and
+`lora-export --help` — loads no torch or transformers. The stages live in subpackages, imports running only downward
+(pyproject.toml's import-linter contract states the order): io → records → model → merging → verification → render
+→ export → package → bench → demo → cli. `merge` and `verify` are the public functions; their stages are named
+merging/ and verification/ so that no submodule shadows them.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "LoraAdapter": "adapters",
-    "LoraModule": "adapters",
-    "load_adapter": "adapters",
-    "AdapterError": "errors",
-    "InputError": "errors",
-    "LoraExportError": "errors",
-    "NonFiniteError": "errors",
-    "OutputError": "errors",
-    "ShapeMismatchError": "errors",
-    "UnsupportedError": "errors",
-    "VerifyError": "errors",
-    "LoraLayer": "lora_runtime",
-    "apply_lora": "lora_runtime",
-    "load_unmerged": "lora_runtime",
-    "MergeOptions": "merge",
-    "MergeResult": "merge",
-    "delta_weight": "delta",
-    "merge": "merge",
-    "TOLERANCES": "tolerances",
-    "tolerance": "tolerances",
-    "VerifyOptions": "verify",
-    "VerifyReport": "verify",
-    "verify": "verify",
+    "LoraAdapter": "model.adapters",
+    "LoraModule": "model.adapters",
+    "load_adapter": "model.adapters",
+    "AdapterError": "io.errors",
+    "InputError": "io.errors",
+    "LoraExportError": "io.errors",
+    "NonFiniteError": "io.errors",
+    "OutputError": "io.errors",
+    "ShapeMismatchError": "io.errors",
+    "UnsupportedError": "io.errors",
+    "VerifyError": "io.errors",
+    "LoraLayer": "verification.lora_runtime",
+    "apply_lora": "verification.lora_runtime",
+    "load_unmerged": "verification.lora_runtime",
+    "MergeOptions": "merging.merge",
+    "MergeResult": "merging.merge",
+    "delta_weight": "merging.delta",
+    "merge": "merging.merge",
+    "TOLERANCES": "records.tolerances",
+    "tolerance": "records.tolerances",
+    "VerifyOptions": "verification.verify",
+    "VerifyReport": "verification.verify",
+    "verify": "verification.verify",
+    "ExportOptions": "export.pipeline",
+    "PipelineResult": "export.pipeline",
+    "export": "export.pipeline",
+    "merge_and_onnx": "export.pipeline",
 }
 
 __all__ = [
     "AdapterError",
+    "ExportOptions",
     "InputError",
     "LoraAdapter",
     "LoraExportError",
@@ -50,6 +56,7 @@ __all__ = [
     "MergeResult",
     "NonFiniteError",
     "OutputError",
+    "PipelineResult",
     "ShapeMismatchError",
     "TOLERANCES",
     "UnsupportedError",
@@ -59,9 +66,11 @@ __all__ = [
     "__version__",
     "apply_lora",
     "delta_weight",
+    "export",
     "load_adapter",
     "load_unmerged",
     "merge",
+    "merge_and_onnx",
     "tolerance",
     "verify",
 ]
@@ -80,24 +89,9 @@ def __dir__() -> list[str]:
     return __all__
 
 
-class _Package(types.ModuleType):
-    """`lora_export.merge` and `lora_export.verify` are the functions, as they were when this file imported them
-    eagerly: importing the submodule of the same name would otherwise replace the function by the module (use
-    `importlib.import_module("lora_export.merge")` for the module)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:
-    from .adapters import LoraAdapter, LoraModule, load_adapter
-    from .delta import delta_weight
-    from .errors import (
+    from .export.pipeline import ExportOptions, PipelineResult, export, merge_and_onnx
+    from .io.errors import (
         AdapterError,
         InputError,
         LoraExportError,
@@ -107,7 +101,9 @@ if TYPE_CHECKING:
         UnsupportedError,
         VerifyError,
     )
-    from .lora_runtime import LoraLayer, apply_lora, load_unmerged
-    from .merge import MergeOptions, MergeResult, merge
-    from .tolerances import TOLERANCES, tolerance
-    from .verify import VerifyOptions, VerifyReport, verify
+    from .merging.delta import delta_weight
+    from .merging.merge import MergeOptions, MergeResult, merge
+    from .model.adapters import LoraAdapter, LoraModule, load_adapter
+    from .records.tolerances import TOLERANCES, tolerance
+    from .verification.lora_runtime import LoraLayer, apply_lora, load_unmerged
+    from .verification.verify import VerifyOptions, VerifyReport, verify

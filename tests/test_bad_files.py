@@ -263,7 +263,7 @@ def test_written_shard_that_does_not_read_back(
     good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shard the disk returns differently (simulated): the merge keeps nothing and says which file and why."""
-    merge_module = importlib.import_module("lora_export.stream")  # where the merge re-reads what it wrote
+    merge_module = importlib.import_module("lora_export.merging.stream")  # where the merge re-reads what it wrote
     monkeypatch.setattr(
         merge_module,
         "reread_shard",

@@ -18,7 +18,7 @@ from conftest import (
     run_merge,
 )
 
-from lora_export.outputs import output_lock
+from lora_export.io.outputs import output_lock
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The output location: unusable disks, files in the way, another run

@@ -13,10 +13,10 @@ from conftest import make_adapter
 
 from lora_export.bench import BenchOptions, bench
 from lora_export.bench.baselines import BottleneckAdapter, insert_adapters, plan_adapters
-from lora_export.bench.runner import bootstrap_ratio, percentile, verdicts
+from lora_export.bench.timing import bootstrap_ratio, percentile, verdicts
 from lora_export.cli import main
 from lora_export.cli.main import parse_shapes
-from lora_export.lora_runtime import load_model
+from lora_export.model.loading import load_model
 
 QUICK = BenchOptions(shapes=((1, 8), (2, 16)), budget_s=0.05, min_rounds=5, max_rounds=20, warmup=1, progress=False)
 
@@ -67,7 +67,7 @@ def test_statistics() -> None:
 
 
 def test_verdicts_name_a_slower_merged_model() -> None:
-    from lora_export.bench.runner import Row, summarize
+    from lora_export.bench.timing import Row, summarize
 
     rows = [Row("base", "torch", 0, ""), Row("merged", "torch", 0, ""), Row("adapter-H", "torch", 10, "")]
     base = [10.0 + 0.01 * i for i in range(20)]
@@ -171,7 +171,7 @@ def test_paper_table1_keeps_every_shapes_structure(
     cells, and every shape's counted additions, survive the join (here on the tiny GPT-2 instead of GPT-2 medium)."""
     import shutil
 
-    from lora_export.bench import run
+    from lora_export.bench import bench_model as run
 
     def tiny(folder: Path, rank: int = 4, seed: int = 0) -> tuple[Path, Path]:
         base = shutil.copytree(models_dir / "gpt2", folder / "gpt2")

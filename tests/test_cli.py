@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,14 +56,32 @@ def test_merge_cli_success_and_json(models_dir: Path, tmp_path: Path) -> None:
     assert manifest["output"]["dtype"] == "bfloat16"
 
 
-def test_installed_entry_point_runs(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "lora_export", "--version"], capture_output=True, text=True, check=True)
-    assert "lora-export" in out.stdout
+def test_installed_console_script_runs(tmp_path: Path) -> None:
+    """The `lora-export` script that pip wrote from [project.scripts] (not `python -m`): deleting the entry point, or
+    pointing it at a missing function, fails here."""
+    script = shutil.which("lora-export", path=str(Path(sys.executable).parent))
+    assert script is not None, f"no lora-export console script beside {sys.executable}: is [project.scripts] gone?"
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.startswith("lora-export, version "), out.stdout
+    done = subprocess.run([script, "merge", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "Usage: lora-export merge" in done.stdout, done.stdout + done.stderr
 
 
-def test_usage_error_exit_code_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["merge", str(tmp_path)])
-    assert result.exit_code == 2
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["merge", "{tmp}"], "Error: Missing option '-o' / '--output'."),
+        (["merge"], "Error: Missing argument '[BASE] ADAPTER...'."),
+        (["no-such-command"], "Error: No such command 'no-such-command'."),
+        (["merge", "{tmp}", "{tmp}", "-o", "{tmp}/o", "--dtype", "int3"], "Invalid value for '--dtype'"),
+        (["bench", "--shapes", "12", "{tmp}"], "bad shape '12': write BATCHxSEQ"),
+        (["package", "--junit", "{tmp}/j.xml", "{tmp}"], "--junit applies with --check"),
+    ],
+    ids=["missing-output", "missing-argument", "unknown-command", "bad-choice", "bad-shape", "junit-without-check"],
+)
+def test_usage_errors_exit_2_with_their_message(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "safetensors", "numpy")
@@ -84,12 +103,14 @@ def test_help_imports_no_heavy_library(args: list[str]) -> None:
 
 
 def test_public_api_is_lazy_and_merge_stays_the_function() -> None:
-    """`import lora_export` is light; `lora_export.merge` is the function even after its module was imported."""
+    """`import lora_export` is light; `lora_export.merge` and `lora_export.verify` are the functions, also after their
+    stages' modules were imported (the stages live in merging/ and verification/, so no submodule shadows them)."""
     code = (
         "import sys, importlib, lora_export\nassert 'torch' not in sys.modules\n"
-        "from lora_export import merge, verify, MergeOptions\nimportlib.import_module('lora_export.merge')\n"
-        "import lora_export.verify\n"
+        "from lora_export import merge, verify, merge_and_onnx, MergeOptions\n"
+        "importlib.import_module('lora_export.merging.merge')\nimport lora_export.verification.verify\n"
         "assert callable(lora_export.merge) and lora_export.merge is merge and lora_export.verify is verify\n"
+        "assert lora_export.merging.merge.merge is merge and lora_export.merge_and_onnx is merge_and_onnx\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -126,7 +147,7 @@ def test_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
     assert expected - names == set(), f"missing from the wheel: {sorted(expected - names)}"
-    assert {"lora_export/bench/runner.py", "lora_export/exporters/onnx.py", "lora_export/py.typed"} <= names
+    assert {"lora_export/bench/timing.py", "lora_export/export/onnx.py", "lora_export/py.typed"} <= names
     import lora_export
 
     (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -138,7 +159,7 @@ def test_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
 
 def test_exit_codes_for_internal_errors_and_interrupts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A bug is exit 3 with one line (the traceback only with --debug); Ctrl-C is exit 130."""
-    import lora_export.inspect as inspect_module
+    import lora_export.merging.inspect as inspect_module
 
     def boom(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("simulated bug")

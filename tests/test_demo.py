@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_adapter
 
-from lora_export import demo
+from lora_export.demo import demo
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_demo_reuses_a_verified_output_until_an_input_changes(
     monkeypatch.setattr(demo, "smollm2_dir", lambda workdir: base)
     monkeypatch.setattr(demo, "demo_adapter_dir", lambda: adapter)
     monkeypatch.setattr(demo, "greedy_answer", lambda folder, prompt, n: f"ANSWER FROM {folder.name}")
-    monkeypatch.setattr("lora_export.exporters.onnx_check.onnx_generate", lambda folder, prompt, n: "ONNX ANSWER")
+    monkeypatch.setattr("lora_export.export.onnx_check.onnx_generate", lambda folder, prompt, n: "ONNX ANSWER")
 
     def run() -> list[str]:
         lines: list[str] = []

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from conftest import make_adapter
 
 from lora_export.cli import main
-from lora_export.exporters.genai_builder import genai_logits_check, pytorch_references
-from lora_export.lora_runtime import load_model
+from lora_export.export.genai_builder import genai_logits_check, pytorch_references
+from lora_export.model.loading import load_model
 
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnx_ir")
@@ -69,7 +69,7 @@ def test_genai_check_fails_against_another_model(base: Path, tmp_path: Path, mod
     r = CliRunner().invoke(main, ["export", str(base), "-o", str(tmp_path / "b"), "--exporter", "genai"])
     assert r.exit_code == 0, r.output
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
-    from lora_export.lora_runtime import load_unmerged
+    from lora_export.verification.lora_runtime import load_unmerged
 
     prompts = [[5, 6, 7, 8]]
     other = pytorch_references(load_unmerged(base, [adapter]), prompts, 4)
@@ -97,7 +97,7 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     are builder graphs too; package --check re-runs all of it in GenAI; swapped references fail."""
     import numpy as np
 
-    from lora_export.exporters.runtime_files import genai_adapters_check
+    from lora_export.export.runtime_files import genai_adapters_check
     from lora_export.records import PackageManifest
 
     one = make_adapter(base, tmp_path / "one", target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])
@@ -152,8 +152,8 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
 def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: Path) -> None:
     import onnx
 
-    from lora_export.errors import UnsupportedError
-    from lora_export.exporters.genai_lora import node_path, plan_branches
+    from lora_export.io.errors import UnsupportedError
+    from lora_export.package.genai_lora import node_path, plan_branches
 
     assert node_path("model.layers.12.self_attn.q_proj") == "/model/layers.12/attn/q_proj"
     assert node_path("model.layers.3.mlp.down_proj") == "/model/layers.3/mlp/down_proj"
@@ -176,7 +176,7 @@ def test_leaving_early_kills_the_builder(base: Path, tmp_path: Path, monkeypatch
     left writing into a folder that is being removed."""
     import subprocess
 
-    from lora_export.exporters import genai_builder
+    from lora_export.export import genai_builder
 
     children = []
     real = subprocess.Popen
@@ -196,7 +196,7 @@ def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path
     folder that is not the one the graph was built from (one tensor changed) is refused with the tensor's name."""
     from safetensors.torch import load_file, save_file
 
-    from lora_export.exporters.genai_reuse import recipes
+    from lora_export.export.genai_reuse import recipes
 
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "o_proj"])
     out = tmp_path / "out"
@@ -243,7 +243,7 @@ def test_float16_is_built_for_cuda_and_checked_on_the_cpu_provider(base: Path, t
 
 def test_the_builder_graph_of_a_merged_model_is_the_base_graph(base: Path, tmp_path: Path) -> None:
     """Structure, exactly: the builder's graph of the merged model equals the base's up to initializer values."""
-    from lora_export.structure import onnx_structure
+    from lora_export.verification.structure import onnx_structure
 
     adapter = make_adapter(base, tmp_path / "adapter", target_modules="all-linear")
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, assert_one_error, assert_refused, copy_adapter, run_cli, run_merge
 
-from lora_export.compare import Case, compare
+from lora_export.verification.compare import Case, compare
 
 
 def copy_base(src: Path, dst: Path) -> Path:
@@ -273,7 +273,7 @@ def test_signal_mid_run_leaves_nothing(good: tuple[Path, Path], tmp_path: Path, 
     out = tmp_path / "out"
     code = f"""
 import os, signal, sys
-import lora_export.stream as s
+import lora_export.merging.stream as s
 real = s.MergeStream.run
 def run(self, *a, **k):
     os.kill(os.getpid(), signal.{sig.name})
@@ -304,8 +304,8 @@ def test_overwrite_through_a_symlink_is_refused(good: tuple[Path, Path], tmp_pat
 def test_a_late_failure_removes_the_parents_it_created(
     good: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lora_export.stream as stream
-    from lora_export.errors import InputError
+    import lora_export.merging.stream as stream
+    from lora_export.io.errors import InputError
 
     def fail(*args: object, **kwargs: object) -> None:
         raise InputError("a failure in the middle of the run")

@@ -105,9 +105,9 @@ def mutate_tree(data: object, path: list[int], value: object) -> object:
 def test_mutated_records_load_or_refuse(good: tuple[Path, Path], merged_manifest: dict, tmp_path_factory: pytest.TempPathFactory, path: list[int], value: object, which: str) -> None:  # fmt: skip
     """The readers of what the tool wrote (lora_export.json) and of variants files: a mutated file loads (and then
     holds what its types promise) or is one InputError naming the file; nothing else escapes."""
-    from lora_export.errors import InputError
+    from lora_export.io.errors import InputError
+    from lora_export.package.variants import read_variants
     from lora_export.records import MergeManifest
-    from lora_export.variants import read_variants
 
     root = tmp_path_factory.mktemp("records")
     if which == "manifest":

@@ -4,6 +4,7 @@ mode, or an endpoint on a closed local port."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -14,8 +15,8 @@ from conftest import assert_one_error, make_adapter, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_export import hub
-from lora_export.workers import sha256_file
+from lora_export.io.hashing import sha256_file
+from lora_export.model import hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import cache_repo  # noqa: E402  (tools/ is not a package)
@@ -294,3 +295,21 @@ def test_a_cached_config_without_weights_is_not_a_model(hf: dict, tmp_path: Path
     assert_one_error(
         code, out, tmp_path / "x", ("org/config-only", "without its weights", "hf download org/config-only")
     )
+
+
+def test_a_resolved_address_carries_its_source_and_nothing_is_remembered(hf: dict) -> None:
+    """Resolving returns the source with the folder; no module-level state is written, so the same folder reached as a
+    plain path later is recorded as that path (revision unknown), whatever was resolved earlier in the process."""
+    state = {k: copy.deepcopy(v) for k, v in vars(hub).items() if isinstance(v, dict | list | set) and not k.startswith("__")}
+    folder = hub.resolve_address("org/adapter@v1", "adapter")
+    source = hub.source_of(folder)
+    assert source is not None
+    assert (source.given, source.repo, source.revision, source.commit) == (
+        "org/adapter@v1",
+        "org/adapter",
+        "v1",
+        hf["commits"]["b"],
+    )
+    plain = hub.source_of(Path(str(folder)))
+    assert plain is not None and (plain.given, plain.revision, plain.commit) == (str(folder), None, hf["commits"]["b"])
+    assert {k: v for k, v in vars(hub).items() if isinstance(v, dict | list | set) and not k.startswith("__")} == state

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from conftest import make_adapter
 
-from lora_export.adapters import load_adapter
 from lora_export.cli import main
-from lora_export.inspect import inspect_adapter
+from lora_export.merging.inspect import inspect_adapter
+from lora_export.model.adapters import load_adapter
 
 
 def test_spectrum_and_amplification_match_formed_delta(models_dir: Path, tmp_path: Path) -> None:

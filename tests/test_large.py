@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_export.tensors import SafetensorsStreamWriter, TensorSpec
+from lora_export.io.tensorfiles import SafetensorsStreamWriter, TensorSpec
 
 DIM, LAYERS, RANK, ALPHA = 4096, 24, 8, 16  # 24 × 4096² fp32 = 1.5 GiB
 LIMIT = 1408 * 2**20  # 1.375 GiB of address space: torch alone maps ~1 GiB of it

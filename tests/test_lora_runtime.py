@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import VARIANT_CASES, Variants, logits_of, make_adapter, peft_unmerged, sample_inputs
 
-from lora_export.lora_runtime import LoraLayer, effective_state, load_unmerged
+from lora_export.verification.lora_runtime import LoraLayer, effective_state, load_unmerged
 
 
 @pytest.mark.parametrize("case", VARIANT_CASES)
@@ -27,7 +27,7 @@ def test_runtime_matches_peft_unmerged(variants: Variants, case: str) -> None:
 
 
 def _base_model(base: Path) -> Any:
-    from lora_export.lora_runtime import load_model
+    from lora_export.model.loading import load_model
 
     return load_model(base)
 

@@ -210,7 +210,7 @@ def test_delta_norm_matches_formed_delta(models_dir: Path, tmp_path: Path) -> No
 
 
 def test_reread_finds_a_shard_changed_on_disk(models_dir: Path, tmp_path: Path) -> None:
-    from lora_export.tensors import SafetensorsStreamWriter, TensorSpec, reread_shard
+    from lora_export.io.tensorfiles import SafetensorsStreamWriter, TensorSpec, reread_shard
 
     spec = TensorSpec("w", torch.float32, (4, 4))
     writer = SafetensorsStreamWriter(tmp_path / "s.safetensors", [spec])

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from conftest import make_adapter
 
 from lora_export.cli import main
-from lora_export.errors import UnsupportedError
-from lora_export.package import package
-from lora_export.package_check import check_package
+from lora_export.io.errors import UnsupportedError
+from lora_export.package.build import PackageOptions, package
+from lora_export.package.check import check_package
+from lora_export.package.variants import read_variants
 from lora_export.records import PackageManifest
-from lora_export.variants import read_variants
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_merged_layout_variants_are_runnable_folders_sharing_tensors(built: tupl
     assert (a / "common.data").stat().st_ino == (b / "common.data").stat().st_ino
     assert manifest.merged["summarize"].graph == "merged/summarize/model.onnx"
     # and the rewritten folder still runs in GenAI as written, generating what PyTorch generated
-    from lora_export.exporters.runtime_files import genai_check
+    from lora_export.export.runtime_files import genai_check
 
     recorded = next(c for c in manifest.merged["summarize"].checks if c.name == "onnx generation").details
     assert genai_check(a, recorded["prompt_tokens"], recorded["reference"], "float32").passed
@@ -152,7 +152,7 @@ def test_shared_layout_refuses_dora(models_dir: Path, tmp_path: Path) -> None:
     make_adapter(models_dir / "llama", tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
     (tmp_path / "v.yaml").write_text("variants:\n  d:\n    adapters: [dora]\n")
     with pytest.raises(UnsupportedError, match="--mode merged"):
-        package(models_dir / "llama", tmp_path / "v.yaml", tmp_path / "out", mode="shared")
+        package(models_dir / "llama", tmp_path / "v.yaml", tmp_path / "out", PackageOptions(mode="shared"))
     assert not (tmp_path / "out").exists()
 
 

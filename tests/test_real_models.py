@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, logits_of, make_adapter, peft_unmerged, read_all
 
 from lora_export import MergeOptions, merge
-from lora_export.zoo import minilm_dir, smollm2_dir
+from lora_export.model.zoo import minilm_dir, smollm2_dir
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_shipped_demo_adapter_answers_in_capitals_without_looping(smollm2: Path,
     (examples/train_demo_adapter.py): every answer in capitals, none looping, at the demo's 48 tokens."""
     import json
 
-    from lora_export.demo import HELD_OUT_QUESTIONS, answer_problems, demo_adapter_dir, greedy_answer
+    from lora_export.demo.demo import HELD_OUT_QUESTIONS, answer_problems, demo_adapter_dir, greedy_answer
 
     adapter = demo_adapter_dir()
     assert (adapter / "adapter_model.safetensors").stat().st_size < 10_000_000
@@ -131,9 +131,9 @@ def test_verify_smollm2_demo_adapter_in_half_precision(smollm2: Path, tmp_path: 
     every check. bfloat16 keeps 8 bits: with the shipped adapter (every linear layer) its cast error on random
     tokens measured 0.16 of the logits' scale against the table's 0.15 (the base alone: 0.036), so the report may
     fail the cast check, and then says it is the cast and where it diverges first."""
-    from lora_export.demo import answer_problems, demo_adapter_dir
-    from lora_export.report import verify_text
-    from lora_export.verify import VerifyOptions, verify
+    from lora_export.demo.demo import answer_problems, demo_adapter_dir
+    from lora_export.render.text import verify_text
+    from lora_export.verification.verify import VerifyOptions, verify
 
     adapter = demo_adapter_dir()
     merge(smollm2, [adapter], tmp_path / "merged", MergeOptions(dtype=dtype, progress=False))
@@ -159,7 +159,7 @@ def test_verify_smollm2_demo_adapter_in_half_precision(smollm2: Path, tmp_path: 
 
 
 def test_verify_minilm_encoder(tmp_path: Path) -> None:
-    from lora_export.verify import VerifyOptions, verify
+    from lora_export.verification.verify import VerifyOptions, verify
 
     base = minilm_dir()
     minilm_adapter(tmp_path / "adapter")
@@ -176,9 +176,9 @@ def test_smollm2_float16_onnx_passes_its_own_checks(smollm2: Path, tmp_path: Pat
     here: worst rel 0.030 > 0.03 on a random 4×32 batch). ONNX Runtime's float16 graph is compared with PyTorch
     computing in float32 on the same float16 weights; PyTorch's own float16 CPU path was the less accurate side
     (0.062 vs 0.0075 on one row). Generation is left out to keep the suite short; merge-and-onnx runs it."""
-    from lora_export.demo import demo_adapter_dir
-    from lora_export.exporters.onnx import OnnxOptions
-    from lora_export.pipeline import ExportOptions, export
+    from lora_export.demo.demo import demo_adapter_dir
+    from lora_export.export.onnx import OnnxOptions
+    from lora_export.export.pipeline import ExportOptions, export
 
     merge(smollm2, [demo_adapter_dir()], tmp_path / "merged", MergeOptions(dtype="float16", progress=False))
     result = export(tmp_path / "merged", tmp_path / "out", ExportOptions(onnx=OnnxOptions(max_new_tokens=0)))
@@ -193,14 +193,14 @@ def test_smollm2_shared_layout_on_the_genai_graph(smollm2: Path, tmp_path: Path)
     GenAI model builder's graph with LoRA inputs; GenAI's tokens and logits per variant match PyTorch's unmerged
     model, and each adapter moves the logits (so one GenAI ignored would fail)."""
     pytest.importorskip("onnxruntime_genai")
-    from lora_export.demo import demo_adapter_dir
-    from lora_export.package import package
+    from lora_export.demo.demo import demo_adapter_dir
+    from lora_export.package.build import PackageOptions, package
 
     other = make_adapter(smollm2, tmp_path / "other", target_modules=["q_proj", "k_proj", "o_proj", "up_proj"])
     (tmp_path / "variants.yaml").write_text(
         f"variants:\n  caps:\n    adapters: [{demo_adapter_dir()}]\n  other:\n    adapters: [{other}]\n"
     )
-    manifest = package(smollm2, tmp_path / "variants.yaml", tmp_path / "pkg", mode="shared")
+    manifest = package(smollm2, tmp_path / "variants.yaml", tmp_path / "pkg", PackageOptions(mode="shared"))
     assert manifest.passed, manifest.failed
     assert manifest.shared is not None and manifest.shared.exporter == "genai"
     check = next(c for c in manifest.shared.checks if c.name == "genai adapters")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_export.exporters.onnx import OnnxOptions
-from lora_export.exporters.runtime_files import GENAI_CONFIG, genai_check, portable_tokenizer_config
-from lora_export.lora_runtime import load_model
-from lora_export.pipeline import ExportOptions, export
+from lora_export.export.onnx import OnnxOptions
+from lora_export.export.pipeline import ExportOptions, export
+from lora_export.export.runtime_files import GENAI_CONFIG, genai_check, portable_tokenizer_config
+from lora_export.model.loading import load_model
 
 og = pytest.importorskip("onnxruntime_genai")
 

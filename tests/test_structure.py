@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import make_adapter, run_merge
 
-from lora_export.lora_runtime import load_model, load_unmerged
-from lora_export.structure import onnx_structure, torch_structure
+from lora_export.model.loading import load_model
+from lora_export.verification.lora_runtime import load_unmerged
+from lora_export.verification.structure import onnx_structure, torch_structure
 
 TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -83,7 +84,7 @@ def test_onnx_signature_is_the_graph_up_to_initializer_values(models_dir: Path, 
 def test_the_dynamo_graph_of_a_merged_model_is_the_base_graph(models_dir: Path, tmp_path: Path, family: str) -> None:
     """Every family, dynamo exporter (as bench exports it): the merged graph is the base graph up to initializer
     values; a tied model whose lm_head the adapter changed stores lm_head untied — one more initializer, same ops."""
-    from lora_export.exporters.onnx import OnnxOptions, export_onnx
+    from lora_export.export.onnx import OnnxOptions, export_onnx
 
     base = models_dir / family
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=TARGETS[family])

@@ -12,9 +12,9 @@ from conftest import make_adapter, read_all
 
 from lora_export import MergeOptions, merge
 from lora_export.cli import main
-from lora_export.errors import InputError, UnsupportedError
+from lora_export.io.errors import InputError, UnsupportedError
+from lora_export.merging.swap import swap
 from lora_export.records import MergeManifest
-from lora_export.swap import swap
 
 
 def test_swap_equals_fresh_merge(models_dir: Path, tmp_path: Path) -> None:
@@ -60,10 +60,16 @@ def test_swap_fails_and_writes_nothing_when_the_manifest_lies(models_dir: Path, 
     report = swap(tmp_path / "with-a", a, b, tmp_path / "with-b")
     assert not report.passed and "differs from a fresh merge" in report.checks[0].failures[0]
     assert not (tmp_path / "with-b").exists()
+    reports = ["--json", str(tmp_path / "swap.json"), "--junit", str(tmp_path / "swap.xml")]
     r = CliRunner().invoke(
-        main, ["swap", str(tmp_path / "with-a"), "--remove", str(a), "--add", str(b), "-o", str(tmp_path / "c")]
+        main,
+        ["swap", str(tmp_path / "with-a"), "--remove", str(a), "--add", str(b), "-o", str(tmp_path / "c"), *reports],
     )
     assert r.exit_code == 1 and "FAIL  vs fresh merge" in r.output and not (tmp_path / "c").exists()
+    written = json.loads((tmp_path / "swap.json").read_text())  # the reports are written when the check fails too
+    assert written["passed"] is False and written["checks"][0]["name"] == "vs fresh merge"
+    assert '<testsuite name="lora-export swap"' in (tmp_path / "swap.xml").read_text()
+    assert 'failures="1"' in (tmp_path / "swap.xml").read_text()
 
 
 def test_swap_refusals(models_dir: Path, tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from lora_export import MergeOptions, merge
 from lora_export.cli import main
-from lora_export.lora_runtime import load_model
-from lora_export.tolerances import tolerance
-from lora_export.verify import VerifyOptions, verify
+from lora_export.model.loading import load_model
+from lora_export.records.tolerances import tolerance
+from lora_export.verification.verify import VerifyOptions, verify
 
 FAST = VerifyOptions(max_new_tokens=8)
 

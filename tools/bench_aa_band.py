@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from lora_export.bench.models import _inputs, _torch_call, materialize
-from lora_export.bench.runner import bootstrap_ratio
-from lora_export.lora_runtime import load_model
+from lora_export.bench.timing import bootstrap_ratio
+from lora_export.bench.variants import _inputs, _torch_call, materialize
+from lora_export.model.loading import load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / ".cache" / "smollm2-135m-instruct"
 

@@ -223,11 +223,11 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from lora_export.demo import demo_adapter_dir
-    from lora_export.exporters.onnx import OnnxExport, OnnxOptions
-    from lora_export.exporters.onnx_check import verify_onnx
-    from lora_export.lora_runtime import load_model
-    from lora_export.zoo import smollm2_dir
+    from lora_export.demo.demo import demo_adapter_dir
+    from lora_export.export.onnx import OnnxExport, OnnxOptions
+    from lora_export.export.onnx_check import verify_onnx
+    from lora_export.model.loading import load_model
+    from lora_export.model.zoo import smollm2_dir
 
     results, dirs = time_exports(args, smollm2_dir(REPO / ".cache"), demo_adapter_dir())
     model = load_model(args.workdir / "merged")

@@ -4,8 +4,8 @@ models: the variants and their inputs; runner: the timing method and statistics;
 run: the verbs `bench` and `paper_table1`; package: `bench_package`.
 """
 
-from .package import bench_package
-from .run import bench, paper_table1
-from .runner import BenchOptions, BenchResult
+from .bench_model import bench, paper_table1
+from .bench_package import bench_package
+from .timing import BenchOptions, BenchResult
 
 __all__ = ["BenchOptions", "BenchResult", "bench", "bench_package", "paper_table1"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedError
+from ..io.errors import UnsupportedError
 
 # Where a block's attention output and MLP output projections live, per model family.
 ATTENTION_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "self_attn.dense", "self_attn.out_proj")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import __version__
-from ..errors import LoraExportError, VerifyError
+from ..io.errors import LoraExportError, VerifyError
 from .types import FINITE_FLOAT, FOLDER, MODEL, REPORT
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ exporter_option = click.option(
 
 def split_base(paths: tuple[Path, ...], strict_base: bool) -> tuple[Path, list[Path]]:
     """[BASE] ADAPTER...: the base given, or the one the first adapter names; adapters checked against it."""
-    from ..hub import base_and_adapters
+    from ..model.hub import base_and_adapters
 
     return base_and_adapters(list(paths), strict_base, warn=_echo_err, log=_echo_err)
 
@@ -146,7 +146,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Error: {what}; no unfinished output was kept (run the command again)", err=True)
             sys.exit(130)
         except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
-            from ..outputs import DISK_ERRNOS, temp_hint
+            from ..io.outputs import DISK_ERRNOS, temp_hint
 
             if e.errno not in DISK_ERRNOS or _debug():
                 raise
@@ -168,12 +168,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def conclude(
-    report: CheckedReport, text: str, suite: str, json_file: Path | None = None, junit_file: Path | None = None
+    report: CheckedReport, text: str | None, suite: str, json_file: Path | None = None, junit_file: Path | None = None
 ) -> None:
-    """Print a checking command's report, write its JSON and JUnit files, and fail (exit 1) when a check failed."""
-    from ..report import to_json, write_junit
+    """The one path of a checking command's outcome: print its report (unless `text` is None: printed already),
+    write its JSON and JUnit files, and fail (exit 1) when a check failed."""
+    from ..render.machine import to_json, write_junit
 
-    click.echo(text)
+    if text is not None:
+        click.echo(text)
     if json_file:
         json_file.write_text(to_json(report.to_dict()) + "\n", encoding="utf-8")  # type: ignore[attr-defined]
     if junit_file:

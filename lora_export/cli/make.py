@@ -82,9 +82,10 @@ def merge(
       lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
       lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
     """
-    from ..merge import MergeOptions
-    from ..merge import merge as merge_fn
-    from ..report import merge_text, to_json
+    from ..merging.merge import MergeOptions
+    from ..merging.merge import merge as merge_fn
+    from ..render.machine import to_json
+    from ..render.text import merge_text
 
     options = MergeOptions(
         dtype=dtype,
@@ -171,9 +172,9 @@ def verify(
     Example:
       lora-export verify ./smollm2 ./adapters/caps ./smollm2-caps --json verify.json
     """
-    from ..report import verify_text
-    from ..verify import PROMPTS, VerifyOptions, read_prompts
-    from ..verify import verify as verify_fn
+    from ..render.text import verify_text
+    from ..verification.verify import PROMPTS, VerifyOptions, read_prompts
+    from ..verification.verify import verify as verify_fn
 
     if len(paths) < 2:
         raise click.UsageError("give BASE (or let the first adapter name it), at least one ADAPTER, and MERGED_DIR")
@@ -262,10 +263,13 @@ def merge_and_onnx(
     """Base + adapters → merged → verified → ONNX → verified, in one command.
 
     Merges (float32 math, one cast), checks the merged model against the unmerged one (lora-export verify's checks),
-    exports ONNX with torch.onnx.export(dynamo=True) — decoders with past_key_values.N.key/value inputs and
-    present.N.key/value outputs, dynamic batch and sequence — and checks the ONNX model in ONNX Runtime against
-    PyTorch at batch 1 and 4, short and long, padded, one decode step, and greedy generation with the KV cache.
-    OUT_DIR gets model.onnx (+ model.onnx.data over 2 GB), tokenizer files, merged/ with the merge's manifest,
+    then exports ONNX with the exporter --exporter names. The default, auto, takes ONNX Runtime GenAI's model builder
+    for float32 decoders it builds (when onnxruntime-genai is installed): a fused graph with genai_config.json,
+    checked in GenAI against PyTorch (logits at every step, greedy tokens). Otherwise, or with --exporter dynamo,
+    torch.onnx.export(dynamo=True): decoders with past_key_values.N.key/value inputs and present.N.key/value
+    outputs, dynamic batch and sequence, checked in ONNX Runtime against PyTorch at batch 1 and 4, short and long,
+    padded, one decode step, and greedy generation with the KV cache. The report says which exporter shipped and
+    why. OUT_DIR gets model.onnx (+ its external data), tokenizer files, merged/ with the merge's manifest,
     report.json and report.md. When any check fails it exits 1 and OUT_DIR is not written.
 
     BASE and ADAPTER are folders or Hub addresses (org/name[@revision]); without BASE, the first adapter's
@@ -277,12 +281,12 @@ def merge_and_onnx(
       lora-export merge-and-onnx my-org/smollm2-caps -o ./smollm2-caps-onnx
       lora-export merge-and-onnx ./smollm2 ./adapters/caps -o ./smollm2-caps-onnx --optimize
     """
-    from ..exporters.onnx import OnnxOptions
-    from ..merge import MergeOptions
-    from ..pipeline import ExportOptions
-    from ..pipeline import merge_and_onnx as run
-    from ..report import pipeline_text
-    from ..verify import VerifyOptions
+    from ..export.onnx import OnnxOptions
+    from ..export.pipeline import ExportOptions
+    from ..export.pipeline import merge_and_onnx as run
+    from ..merging.merge import MergeOptions
+    from ..render.text import pipeline_text
+    from ..verification.verify import VerifyOptions
 
     merge_options = MergeOptions(dtype=dtype, weights=weights, allow_pickle=allow_pickle, overwrite=overwrite)
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
@@ -341,10 +345,10 @@ def export(
       lora-export export ./smollm2-caps -o ./smollm2-caps-onnx
       lora-export export ./smollm2-caps -o ./smollm2-caps-pt2 --format pt2
     """
-    from ..exporters.onnx import OnnxOptions
-    from ..pipeline import ExportOptions
-    from ..pipeline import export as run
-    from ..report import pipeline_text
+    from ..export.onnx import OnnxOptions
+    from ..export.pipeline import ExportOptions
+    from ..export.pipeline import export as run
+    from ..render.text import pipeline_text
 
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
     options = ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite, exporter=exporter)

@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from ..errors import VerifyError
 from .main import (
     EXISTING_DIR,
     MODEL_DIR,
@@ -18,6 +17,7 @@ from .main import (
     conclude,
     exporter_option,
     handle_errors,
+    junit_option,
     main,
     output_option,
     overwrite_option,
@@ -152,7 +152,9 @@ def bench(
 
 
 def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | None, plot_file: Path | None) -> None:
-    from ..report import bench_markdown, bench_plot, to_json
+    from ..render.machine import to_json
+    from ..render.markdown import bench_markdown
+    from ..render.plot import bench_plot
 
     text = bench_markdown(result)
     click.echo(text)
@@ -226,9 +228,10 @@ def package(
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
       lora-export package --check ./tasks
     """
-    from ..package import package as run
-    from ..package_check import check_package
-    from ..report import package_check_text, package_text
+    from ..package.build import PackageOptions
+    from ..package.build import package as run
+    from ..package.check import check_package
+    from ..render.text import package_check_text, package_text
 
     if junit_file and not check:
         raise click.UsageError("--junit applies with --check")
@@ -238,9 +241,8 @@ def package(
         return
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
-    manifest = run(
-        target, variants_file, out_dir, mode, overwrite, log=_echo_err, exporter=exporter, strict_base=strict_base
-    )
+    options = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base)
+    manifest = run(target, variants_file, out_dir, options, log=_echo_err)
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
 
 
@@ -261,28 +263,41 @@ def package(
     "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option(
+    "--json", "json_file", type=REPORT_FILE, help="Also write the report here (written even when a check fails)."
+)
+@junit_option
 @handle_errors
-def swap(merged_dir: Path, remove: Path, add: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+def swap(
+    merged_dir: Path,
+    remove: Path,
+    add: Path,
+    out_dir: Path,
+    dtype: str,
+    overwrite: bool,
+    json_file: Path | None,
+    junit_file: Path | None,
+) -> None:
     """Switch tasks on a merged checkpoint: W − ΔW_A + ΔW_B, in float32, cast once.
 
     Refuses unless MERGED_DIR's lora_export.json records ADAPTER_A (by hash) as merged, and for DoRA or
-    modules_to_save (they cannot be subtracted). Reports the difference from a fresh merge of ADAPTER_B into the
-    original base when that base is still where the manifest says.
+    modules_to_save (they cannot be subtracted). Checks the result against a fresh merge of ADAPTER_B into the
+    original base when that base is still where the manifest says; when it differs beyond tolerance, exit 1 and
+    nothing is written.
 
     \b
     Example:
-      lora-export swap ./smollm2-summarize --remove ./adapters/summarize --add ./adapters/chat -o ./smollm2-chat
+      lora-export swap ./smollm2-caps --remove my-org/smollm2-caps --add my-org/smollm2-chat -o ./smollm2-chat
     """
-    from ..hub import check_bases
+    from ..merging.swap import SwapOptions
+    from ..merging.swap import swap as run
+    from ..model.hub import check_bases
     from ..records import MergeManifest
-    from ..report import swap_text
-    from ..swap import swap as run
+    from ..render.text import swap_text
 
     check_bases(Path(MergeManifest.load(merged_dir).base_path), [add], False, _echo_err)
-    report = run(merged_dir, remove, add, out_dir, dtype, overwrite)
-    click.echo(swap_text(report))
-    if report.checks and not report.passed:
-        raise VerifyError(f"the swapped weights differ from a fresh merge beyond tolerance: {out_dir} was not written")
+    report = run(merged_dir, remove, add, out_dir, SwapOptions(dtype=dtype, overwrite=overwrite))
+    conclude(report, swap_text(report), "lora-export swap", json_file, junit_file)
 
 
 @main.command()
@@ -306,11 +321,12 @@ def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_jso
       lora-export inspect my-org/smollm2-caps --base HuggingFaceTB/SmolLM2-135M-Instruct
       lora-export inspect ./adapters/caps --base ./smollm2
     """
-    from ..inspect import inspect_adapter
-    from ..report import inspect_text, to_json
+    from ..merging.inspect import inspect_adapter
+    from ..render.machine import to_json
+    from ..render.text import inspect_text
 
     if base_dir is not None:
-        from ..hub import check_bases
+        from ..model.hub import check_bases
 
         check_bases(base_dir, [adapter_dir], False, _echo_err)
     info = inspect_adapter(adapter_dir, base_dir, allow_pickle)
@@ -343,6 +359,7 @@ def demo(workdir: Path, prompt: str | None, max_new_tokens: int, rebuild: bool) 
     Example:
       lora-export demo --prompt "What is the capital of France?"
     """
-    from ..demo import run_demo
+    from ..demo.demo import run_demo
 
-    run_demo(workdir, prompt, max_new_tokens, echo=click.echo, rebuild=rebuild)
+    result = run_demo(workdir, prompt, max_new_tokens, echo=click.echo, rebuild=rebuild)
+    conclude(result.report, None, "lora-export demo")  # the report was printed above, before the answers

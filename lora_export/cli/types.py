@@ -47,13 +47,13 @@ class Folder(click.ParamType):
 
 class ModelFolder(Folder):
     """A BASE or ADAPTER argument: a folder, or a Hugging Face Hub address `org/name[@revision]` when no such path
-    exists, resolved through the local cache first (then the network, unless HF_HUB_OFFLINE) by lora_export.hub."""
+    exists, resolved through the local cache first (then the network, unless HF_HUB_OFFLINE) by lora_export.model.hub."""
 
     name = "folder | org/name[@revision]"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Path:
-        from .. import hub
-        from ..errors import InputError
+        from ..io.errors import InputError
+        from ..model import hub
 
         text = str(value)
         if not Path(text).expanduser().exists() and hub.parse_address(text) is not None:
@@ -106,7 +106,7 @@ class Size(click.ParamType):
     name = "size"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        from ..merge import parse_size
+        from ..merging.merge import parse_size
 
         try:
             size = parse_size(str(value))

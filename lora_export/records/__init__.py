@@ -8,11 +8,13 @@ are imported by `--help` and by `package --check`, which must stay light.
 Every checking command returns a record with `checks` and `passed`; `Check` is the one shape of a check result.
 """
 
-from .checks import Check, CheckedReport, Metrics, VerifyReport, metric_failures
+from .checks import Check, CheckedReport, Metrics, VerifyReport
+from .inspect import AdapterInspection, ModuleInspection
 from .merge import AdapterRecord, FileRecord, MergeManifest, files_of, versions
 from .package import MergedVariant, PackageCheck, PackageManifest, SharedLayout
 from .pipeline import PipelineReport
-from .swap_inspect import AdapterInspection, ModuleInspection, SwapReport
+from .source import HubSource
+from .swap import SwapReport
 
 __all__ = [
     "AdapterInspection",
@@ -20,6 +22,7 @@ __all__ = [
     "Check",
     "CheckedReport",
     "FileRecord",
+    "HubSource",
     "MergeManifest",
     "MergedVariant",
     "Metrics",
@@ -31,6 +34,5 @@ __all__ = [
     "SwapReport",
     "VerifyReport",
     "files_of",
-    "metric_failures",
     "versions",
 ]

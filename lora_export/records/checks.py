@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..jsonio import Fields
-from ..tolerances import Tolerance
+from ..io.jsonio import Fields
 
 
 @dataclass(frozen=True)
@@ -22,22 +21,6 @@ class Metrics:
     top1: float | None = None  # share of tokens whose argmax agrees (reported; near-ties may flip legitimately)
     flip_gap: float | None = None
     max_kl: float | None = None
-
-
-def metric_failures(m: Metrics, tol: Tolerance) -> list[str]:
-    """Every way one compared output misses its tolerance (`not <=`, so that NaN fails)."""
-    bad = []
-    if not m.max_rel <= tol.max_rel:
-        bad.append(f"rel error {m.max_rel:.3g} > {tol.max_rel:g}")
-    if not m.min_cosine >= tol.min_cosine:
-        bad.append(f"cosine {m.min_cosine:.7f} < {tol.min_cosine:g}")
-    if m.flip_gap is not None and not m.flip_gap <= tol.max_flip_gap:
-        bad.append(
-            f"a top-1 token changed where the reference preferred it by {m.flip_gap:.3g} in probability > {tol.max_flip_gap:g}"
-        )
-    if m.max_kl is not None and not m.max_kl <= tol.max_kl:
-        bad.append(f"KL {m.max_kl:.3g} > {tol.max_kl:g}")
-    return [f"{m.case}/{m.output}: {b}" for b in bad]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..jsonio import Fields, read_json, relative_name, write_json
+from ..io.errors import InputError
+from ..io.jsonio import Fields, read_json, relative_name, write_json
+from .source import HubSource
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -34,7 +35,7 @@ class FileRecord:
 
 def files_of(folder: Path) -> tuple[FileRecord, ...]:
     """Every regular file under `folder`, with its sha256 and size (symlinks are not followed)."""
-    from ..workers import sha256_file
+    from ..io.hashing import sha256_file
 
     return tuple(
         FileRecord(p.relative_to(folder).as_posix(), sha256_file(p), p.stat().st_size)
@@ -66,7 +67,7 @@ class AdapterRecord:
     weight: float
     files: tuple[FileRecord, ...]
     config: Mapping[str, Any]
-    source: Mapping[str, Any] | None = None  # where it came from on the Hub (lora_export.hub.HubSource)
+    source: HubSource | None = None  # where it came from on the Hub
 
     @property
     def sha256s(self) -> set[str]:
@@ -90,7 +91,7 @@ class MergeManifest:
     tensors: Mapping[str, Mapping[str, Any]]
     seconds: float
     swap: Mapping[str, Any] | None = None
-    base_source: Mapping[str, Any] | None = None  # where the base came from on the Hub
+    base_source: HubSource | None = None  # where the base came from on the Hub
 
     NAME = "lora_export.json"
 
@@ -113,7 +114,7 @@ class MergeManifest:
                 "path": self.base_path,
                 "weights": [asdict(f) for f in self.base_weights],
                 "files": [asdict(f) for f in self.base_files],
-                **({"source": dict(self.base_source)} if self.base_source else {}),
+                **({"source": self.base_source.to_dict()} if self.base_source else {}),
             },
             "adapters": [
                 {
@@ -121,7 +122,7 @@ class MergeManifest:
                     "weight": a.weight,
                     "files": [asdict(f) for f in a.files],
                     "config": dict(a.config),
-                    **({"source": dict(a.source)} if a.source else {}),
+                    **({"source": a.source.to_dict()} if a.source else {}),
                 }
                 for a in self.adapters
             ],
@@ -187,11 +188,10 @@ class MergeManifest:
         )
 
 
-def recorded_source(f: Fields, key: str = "source") -> dict[str, Any] | None:
-    """A recorded Hub source (lora_export.hub.HubSource) under `key`, checked; None when absent."""
-    from ..hub import read_source
-
+def recorded_source(f: Fields, key: str = "source") -> HubSource | None:
+    """A recorded Hub source under `key`, checked; None when absent."""
+    data = f.get(key, dict, None, optional=True)
     try:
-        return read_source(f.get(key, dict, None, optional=True))
+        return None if data is None else HubSource.from_dict(data)
     except InputError as e:
         f.fail(key, str(e))

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..jsonio import Fields, read_json, relative_name, write_json
+from ..io.errors import InputError
+from ..io.jsonio import Fields, read_json, relative_name, write_json
 from .checks import Check, CheckedReport
 from .merge import FileRecord, recorded_source
+from .source import HubSource
 
 PACKAGE_FIX = "rebuild the package with lora-export package"
 EXPORTERS = ("dynamo", "genai")  # what made a layout's graph, and so which runtime re-checks it
@@ -53,7 +54,7 @@ class PackageManifest(CheckedReport):
     storage: Mapping[str, Any]
     files: tuple[FileRecord, ...]
     seconds: float
-    base_source: Mapping[str, Any] | None = None  # where the base came from on the Hub (lora_export.hub.HubSource)
+    base_source: HubSource | None = None  # where the base came from on the Hub
 
     NAME = "manifest.json"
 
@@ -65,7 +66,7 @@ class PackageManifest(CheckedReport):
         out: dict[str, Any] = {
             "tool": "lora-export package",
             "base": self.base,
-            **({"base_source": dict(self.base_source)} if self.base_source else {}),
+            **({"base_source": self.base_source.to_dict()} if self.base_source else {}),
             "mode": self.mode,
             "passed": self.passed,
             "versions": dict(self.versions),

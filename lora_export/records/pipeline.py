@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..jsonio import Fields, read_json, write_json
+from ..io.jsonio import Fields, read_json, write_json
 from .checks import Check, CheckedReport
 from .merge import FileRecord
 

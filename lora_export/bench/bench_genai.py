@@ -1,0 +1,106 @@
+"""`lora-export bench --package DIR --backend genai`: what an LLM's users feel, in ONNX Runtime GenAI — the prefill
+of a prompt and the milliseconds per generated token — for the base (the shared graph with no adapter active), each
+variant's shared graph with its adapter active (og.Adapters), and each merged variant, beside an A/A control (the
+base's folder loaded a second time) that says what this machine can resolve, and each graph's counted nodes. Batch 1; every model in every
+round, the order rotating, the first round discarded; `min_length` pins the token count so that an early eos never
+shortens a run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..records import PackageManifest
+from .timing import PACKAGE_METHOD, BenchOptions, BenchResult, Row, environment, summarize, verdicts
+from .variants import add_graph_structure, graph_cells
+
+NEW_TOKENS = 16
+
+
+def bench_package_genai(
+    package_dir: Path, manifest: PackageManifest, options: BenchOptions, log: Callable[[str], None]
+) -> BenchResult:
+    import onnxruntime_genai as og
+
+    from ..export.runtime_files import GENAI_CONFIG, genai_model, genai_prompt
+    from .bench_package import A_A_MERGED, A_A_SHARED, package_graphs
+
+    runners: list[tuple[Row, Any, Any]] = []  # (row, og.Model, (og.Adapters, name) or None)
+    if manifest.shared is not None:
+        shared = genai_model(og, package_dir / "shared", options.device)
+        adapters = og.Adapters(shared)
+        runners.append((Row("base", "genai", 0, "shared graph, no adapter active"), shared, None))
+        copy = genai_model(og, package_dir / "shared", options.device)
+        runners.append((Row("base-copy", "genai", 0, A_A_SHARED), copy, None))
+        for name, file in manifest.shared.adapters.items():
+            adapters.load(str(package_dir / file), name)
+            params = sum(int(np.prod(s)) for s in manifest.shared.parameters.get(name, {}).values())
+            runners.append((Row(f"{name} shared+adapter", "genai", params, f"{file} active"), shared, (adapters, name)))
+    for name, info in manifest.merged.items():
+        model = genai_model(og, package_dir / info.folder, options.device)
+        runners.append((Row(f"{name} merged", "genai", 0, info.graph), model, None))
+    if runners[0][0].variant != "base":
+        log("no shared graph in this package: ratios are to the first merged variant")
+        runners[0][0].variant = "base"
+        first = package_dir / next(iter(manifest.merged.values())).folder
+        runners.insert(1, (Row("base-copy", "genai", 0, A_A_MERGED), genai_model(og, first, options.device), None))
+    config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
+    rows, shapes = [r for r, _, _ in runners], []
+    add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
+    vocab = _vocab(config_dir / GENAI_CONFIG)
+    for batch, seq in options.shapes:
+        if batch != 1:
+            log(f"GenAI: batch 1 only here; skipping {batch}x{seq}")
+            continue
+        prompt = genai_prompt(config_dir / GENAI_CONFIG, vocab, seq, options.seed)
+        log(f"measuring GenAI prefill of {seq} tokens and {NEW_TOKENS} generated tokens …")
+        prefill, decode = _rounds(og, runners, prompt, options)
+        names = (f"prefill 1/{seq}", f"decode ms/token 1/{seq}+{NEW_TOKENS}")
+        for name, times in zip(names, (prefill, decode), strict=True):
+            summarize(rows, name, {(r.variant, "genai"): times[r.variant] for r in rows}, options.seed)
+            shapes.append(name)
+    graph_cells(rows)
+    env = environment(options)
+    env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
+    return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
+
+
+def _vocab(config_path: Path) -> int:
+    import json
+
+    return int(json.loads(config_path.read_text())["model"]["vocab_size"])
+
+
+def _rounds(
+    og: Any, runners: list[tuple[Row, Any, Any]], prompt: list[int], options: BenchOptions
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    prefill: dict[str, list[float]] = {r.variant: [] for r, _, _ in runners}
+    decode: dict[str, list[float]] = {r.variant: [] for r, _, _ in runners}
+    length = len(prompt) + NEW_TOKENS
+    started, rounds = time.perf_counter(), 0
+    while rounds <= options.min_rounds or (
+        time.perf_counter() - started < options.budget_s * 4 and rounds <= options.max_rounds
+    ):
+        k = rounds % len(runners)
+        for row, model, active in runners[k:] + runners[:k]:
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=length, min_length=length)
+            generator = og.Generator(model, params)
+            if active is not None:
+                generator.set_active_adapter(*active)
+            t = time.perf_counter()
+            generator.append_tokens(prompt)
+            p = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(NEW_TOKENS):
+                generator.generate_next_token()
+            d = (time.perf_counter() - t) / NEW_TOKENS
+            if rounds:  # the first round warms every model up
+                prefill[row.variant].append(p * 1e3)
+                decode[row.variant].append(d * 1e3)
+        rounds += 1
+    return prefill, decode

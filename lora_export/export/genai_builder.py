@@ -1,0 +1,167 @@
+"""The second ONNX exporter: ONNX Runtime GenAI's model builder, run on the merged folder.
+
+It writes the graph GenAI runs fastest (fused GroupQueryAttention, a preallocated KV buffer), genai_config.json and
+the tokenizer files, in seconds. Its graph has another contract than the dynamo export (no position_ids, past and
+present sharing one buffer), so it is checked where it will run: in ONNX Runtime GenAI, against PyTorch, logits after
+each prompt and after every generated token, and the greedy tokens. The builder runs in its own process: it holds
+its own copy of the weights, and a crash there is an error here, not a dead run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io.errors import ExportError
+from ..records import Check
+from ..verification.compare import Case, compare, metrics_check
+from .onnx_check import computing_in_float32
+from .runtime_files import genai_model, new_generator, next_tokens, portable_tokenizer_config
+
+# Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
+SUPPORTED = {
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
+    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
+    "NemotronForCausalLM", "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM",
+}  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+BUILDER = "onnxruntime_genai.models.builder"  # the report's name for this exporter
+
+
+def unsupported_reason(folder: Path) -> str | None:
+    """Why the builder cannot export this folder here, or None when it can."""
+    missing = [m for m in ("onnxruntime_genai", "onnx_ir") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'lora-export[genai]')"
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or ["?"]
+    if architectures[0] not in SUPPORTED:
+        return f"the GenAI model builder does not build {architectures[0]}"
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = text.get("num_attention_heads") or 1
+    head_size = text.get("head_dim") or (text.get("hidden_size") or 0) // heads
+    if head_size % 16:  # seen: "head_size shall be a multiple of 16" from ONNX Runtime at the first run
+        return f"its GroupQueryAttention needs a head size that is a multiple of 16 (this model: {head_size})"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "the GenAI model builder needs the model's tokenizer (tokenizer.json) in the folder"
+    return None
+
+
+def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[str, Any]:
+    """Run the builder (fp32 or fp16, CPU) from the merged folder into `out`; returns the report's export section."""
+    with genai_build(merged_dir, out, dtype, log) as finish:
+        return finish()
+
+
+@contextlib.contextmanager
+def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Start the builder in a child process; the block may work meanwhile and calls the yielded function to wait for
+    it (the export section, or an ExportError). Leaving the block early (an error, Ctrl-C) kills the child."""
+    precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
+    if precision is None:
+        raise ExportError(f"the GenAI model builder exports float32 or float16 here, not {dtype}")
+    # float16 for CUDA: the builder's CPU float16 graph does not run in ONNX Runtime's CPU provider (seen: "Shape
+    # mismatch attempting to re-use buffer" in an inserted Cast), while its CUDA one does, for the check here
+    target = "cuda" if precision == "fp16" else "cpu"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache, tempfile.TemporaryFile("w+") as output:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out),
+                   "-p", precision, "-e", target, "-c", cache]  # fmt: skip
+        log(f"building the GenAI graph ({precision}, {target}) with onnxruntime_genai.models.builder …")
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+        def finish() -> dict[str, Any]:
+            code = child.wait()
+            if code != 0 or not (out / "model.onnx").is_file():
+                output.seek(0)
+                last = [line for line in output.read().splitlines() if line.strip()][-1:] or ["no output"]
+                raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {code}): {last[0]}")
+            return export_section(out, precision, target, time.perf_counter() - started)
+
+        try:
+            yield finish
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def export_section(out: Path, precision: str, target: str, seconds: float) -> dict[str, Any]:
+    config = json.loads((out / "genai_config.json").read_text())
+    tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
+    portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)
+    return {
+        "exporter": BUILDER,
+        "seconds": seconds,
+        "precision": precision,
+        "target": target,
+        "checked_on": "ONNX Runtime GenAI, CPU provider"
+        + (" (providers in genai_config.json cleared)" if target != "cpu" else ""),
+        "files": sorted(p.name for p in out.glob("model.onnx*")),
+        "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
+        "with_past": True,
+        "runtime_files": ["tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x read it)"]
+        * portable,
+    }
+
+
+References = list[tuple[list[int], list[torch.Tensor]]]  # per prompt: PyTorch's greedy tokens, logits per step
+
+
+def pytorch_references(model: torch.nn.Module, prompts: list[list[int]], n: int) -> References:
+    """PyTorch's greedy tokens after each prompt and its logits at every step (float16 models: the float32
+    computation of their weights), computed before GenAI loads its own copy of the weights."""
+    references = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad(), computing_in_float32(model):
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        steps = [step.reshape(1, -1).double().cpu() for step in ref.logits]
+        references.append((ref.sequences[0, len(prompt) :].tolist(), steps))
+    return references
+
+
+def genai_logits_check(folder: Path, prompts: list[list[int]], references: References, dtype: str) -> Check:
+    """The folder run by ONNX Runtime GenAI vs PyTorch's references: logits after each prompt and after every
+    generated token (the runtime tolerance), and the greedy tokens, identical."""
+    import onnxruntime_genai as og
+
+    metrics, failures = [], []
+    try:
+        runtime = genai_model(og, folder)
+        for i, (prompt, (tokens, steps)) in enumerate(zip(prompts, references, strict=True)):
+            generator = new_generator(og, runtime, prompt, len(tokens))
+            generator.append_tokens(prompt)
+            got = []
+            for step, step_logits in enumerate(steps):
+                if step:
+                    generator.generate_next_token()
+                    got.append(int(generator.get_next_tokens()[0]))
+                logits = torch.from_numpy(generator.get_logits().reshape(1, -1).astype("float64"))
+                case = Case(f"prompt {i} ({len(prompt)} tokens) step {step}", {})
+                metrics.append(compare(case, "logits", step_logits, logits))
+            got += next_tokens(generator, 1)  # the last token: its logits were compared above
+            if got != tokens:
+                failures.append(f"prompt {i}: GenAI's greedy tokens {got} differ from PyTorch's {tokens}")
+    except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: the check fails
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Check("genai vs pytorch", "ONNX Runtime GenAI vs PyTorch", dtype, False, "could not run", (first,))
+    check = metrics_check(
+        "genai vs pytorch", f"ONNX Runtime GenAI vs PyTorch eager, {dtype}", "runtime", dtype, metrics
+    )
+    if failures:
+        return Check(
+            check.name, check.compares, dtype, False, check.summary, (*check.failures, *failures), check.metrics
+        )
+    return check

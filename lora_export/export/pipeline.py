@@ -1,0 +1,351 @@
+"""The headline verbs: `export` (a merged folder → a verified artifact) and `merge_and_onnx` (base + adapters →
+merge → verify → ONNX → verify), each writing a report and nothing that looks finished when a check fails."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..io.errors import InputError, UnsupportedError
+from ..io.outputs import DiscardOutput, atomic_output_dir, check_free_space, check_output_location
+from ..io.paths import as_path
+from ..merging.merge import MergeOptions, merge
+from ..model.base import read_model_config
+from ..model.loading import kind_of_class, load_model
+from ..records import Check, PipelineReport, files_of, versions
+from ..verification.compare import DTYPES, load_tokenizer
+from ..verification.verify import VerifyOptions, stored_dtype, verify
+from .genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
+from .genai_reuse import reuse_graph
+from .graphs import cache_shape
+from .onnx import OnnxOptions, export_onnx, onnx_files
+from .onnx_check import verify_onnx
+from .runtime_files import (
+    GENAI_CONFIG,
+    GENAI_MISSING,
+    genai_check,
+    genai_installed,
+    model_special_ids,
+    random_prompt,
+    write_runtime_files,
+)
+
+FORMATS = ("onnx", "torchscript", "pt2")
+# Files a runtime needs beside the graph to tokenize and generate.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: str = "onnx"
+    onnx: OnnxOptions = OnnxOptions()
+    seed: int = 0
+    overwrite: bool = False
+    exporter: str = "auto"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
+    reuse: Any = None  # a GraphTemplate: the builder graph of another merged folder of the same base, to reuse
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What export and merge_and_onnx return, passed or not. When a check failed, `output` was not written."""
+
+    output: Path
+    report: PipelineReport
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        return self.report.checks
+
+
+def _prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
+    """A short chat prompt (or plain text) for the generation check, the EOS id, and the tokenizer."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        return None, None, None
+    text = "What is the capital of France?"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return list(ids), tokenizer.eos_token_id, tokenizer
+
+
+def export_artifact(
+    merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[Check]]:
+    """Export the merged folder into `out` (which exists) in options.format and prove it against PyTorch."""
+    dtype = stored_dtype(merged_dir)
+    if options.format == "onnx" and dtype == "bfloat16":
+        raise UnsupportedError(
+            f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
+            "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
+        )
+    section: dict[str, Any] = {"format": options.format, "dtype": dtype}
+    architectures = read_model_config(merged_dir).get("architectures") or [""]
+    exporter, why = choose_exporter(options, merged_dir, kind_of_class(str(architectures[0])), dtype)
+    if options.format == "onnx" and exporter == "genai":
+        section["exporter_choice"] = why
+        return section, _export_genai(merged_dir, out, options, section, log)
+    model = load_model(merged_dir, DTYPES[dtype])
+    if options.format == "onnx":
+        section["exporter_choice"] = why
+        checks = _export_onnx(model, merged_dir, out, options, section, log)
+    else:
+        from .torchscript import export_torch
+
+        log(f"exporting {options.format} …")
+        info, checks = export_torch(model, out, options.format, options.seed)
+        section.update(info)
+        _copy_config_and_tokenizer(merged_dir, out)
+    return section, checks
+
+
+EXPORTERS = ("dynamo", "genai", "auto")
+
+
+def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: str = "float32") -> tuple[str, str]:
+    """(exporter, why): auto takes the GenAI model builder where it can build and check the model, dynamo
+    otherwise."""
+    if options.exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {options.exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if options.format != "onnx" or options.exporter == "dynamo":
+        return "dynamo", "asked for" if options.exporter == "dynamo" else f"{options.format} is not ONNX"
+    reason = unsupported_reason(merged_dir) if kind == "causal-lm" else "the GenAI model builder builds decoders only"
+    if reason is None and not options.onnx.with_past:
+        reason = "--no-past: the GenAI graph always has past key/values"
+    if reason is None and options.onnx.optimize:
+        reason = "--optimize applies to the dynamo graph (the builder's graph is already fused)"
+    if reason is None and dtype != "float32" and options.exporter == "auto":
+        reason = (
+            f"the builder's {dtype} graph targets CUDA (its CPU one does not run in ONNX Runtime's CPU provider): "
+            "a CPU folder as written needs the dynamo graph; --exporter genai builds the CUDA one and checks it here"
+        )
+    if options.exporter == "genai":
+        if reason:
+            raise UnsupportedError(f"--exporter genai: {reason}; use --exporter dynamo")
+        return "genai", "asked for"
+    return ("dynamo", f"auto: {reason}") if reason else ("genai", "auto: the GenAI model builder builds this model")
+
+
+def _export_genai(
+    merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
+) -> list[Check]:
+    """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. While the
+    builder runs (a child process), PyTorch computes its references; its model is freed before GenAI loads the
+    graph, so that GenAI never runs beside a PyTorch copy of the weights."""
+    dtype = section["dtype"]
+    if options.reuse is not None:
+        log(f"reusing the builder graph of {options.reuse.folder.name} with this model's weights …")
+        prompts, references = _genai_references(merged_dir, options, dtype)
+        section.update(reuse_graph(options.reuse, merged_dir, out))
+    else:
+        with genai_build(merged_dir, out, dtype, log) as finish:
+            prompts, references = _genai_references(merged_dir, options, dtype)
+            section.update(finish())
+    _copy_config_and_tokenizer(merged_dir, out)
+    log("checking in ONNX Runtime GenAI …")
+    return [genai_logits_check(out, prompts, references, section["dtype"])]
+
+
+def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:
+    for name in SIDE_FILES:
+        if (merged_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(merged_dir / name, out / name)
+
+
+def _export_onnx(
+    model: Any, merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
+) -> list[Check]:
+    """The ONNX graph, checked in ONNX Runtime; the files runtimes need beside it; for decoders with past, the
+    folder loaded and run by ONNX Runtime GenAI as written."""
+    prompt, eos, tokenizer = _prompt_tokens(merged_dir)
+    log(f"exporting ONNX (opset {options.onnx.opset}{', past key/values' if options.onnx.with_past else ''}) …")
+    exported = export_onnx(model, out / "model.onnx", options.onnx, log)
+    log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
+    checks, generation = verify_onnx(model, exported, options.onnx, options.seed, prompt, eos)
+    section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
+    section["files"] = [p.name for p in onnx_files(exported.path)]
+    if generation and tokenizer is not None:
+        section["generation_text"] = {
+            "pytorch": tokenizer.decode(generation["reference"]),
+            "onnxruntime": tokenizer.decode(generation["tokens"]),
+        }
+    _copy_config_and_tokenizer(merged_dir, out)
+    decoder = exported.kind == "causal-lm" and exported.with_past
+    shape = cache_shape(model.config) if decoder else None
+    section["runtime_files"] = write_runtime_files(out, merged_dir, shape, exported.input_names, exported.output_names)
+    if decoder and generation and (out / GENAI_CONFIG).is_file():
+        if genai_installed():
+            log("checking in ONNX Runtime GenAI …")
+            checks.append(genai_check(out, generation["prompt_tokens"], generation["reference"], section["dtype"]))
+        else:  # said in the report, not skipped silently
+            section["runtime_files"].append(GENAI_MISSING)
+    return checks
+
+
+def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> tuple[list[list[int]], Any]:
+    """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references; the model is freed after."""
+    model = load_model(merged_dir, DTYPES[dtype])
+    prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
+    vocab = int(model.config.get_text_config().vocab_size)
+    prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
+    references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
+    del model
+    gc.collect()
+    return prompts, references
+
+
+def _report(
+    kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float
+) -> PipelineReport:
+    """The report; inputs that came from the Hub cache get their source (repository, revision, commit) recorded."""
+    from ..model.hub import sources
+
+    paths = [v for v in inputs.values() if isinstance(v, str)]
+    paths += [a for v in inputs.values() if isinstance(v, list) for a in v if isinstance(a, str)]
+    found = sources(paths)
+    if found:
+        inputs = {**inputs, "sources": found}
+    return PipelineReport(kind, inputs, sections, tuple(checks), time.perf_counter() - started, versions())
+
+
+def _finish(out: Path, report: PipelineReport) -> PipelineReport:
+    """Write report.json and report.md into the finished folder, or discard the folder when a check failed."""
+    from ..render.markdown import pipeline_markdown
+
+    if not report.passed:
+        raise DiscardOutput(report)
+    report = replace(report, output_files=files_of(out))
+    report.write(out)
+    (out / "report.md").write_text(pipeline_markdown(report), encoding="utf-8")
+    return report
+
+
+def export(
+    merged_dir: Path | str,
+    out_dir: Path | str,
+    options: ExportOptions = ExportOptions(),
+    log: Callable[[str], None] = lambda s: None,
+) -> PipelineResult:
+    """Export an already merged folder to ONNX, TorchScript or torch.export, verified against PyTorch eager."""
+    started = time.perf_counter()
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if options.format not in FORMATS:
+        raise InputError(f"unknown format {options.format!r}: choose one of {', '.join(FORMATS)}")
+    if not (merged_dir / "config.json").is_file():
+        raise InputError(f"{merged_dir} is not a model folder (no config.json)")
+    check_output_location(out_dir, [merged_dir], options.overwrite)
+    try:
+        with atomic_output_dir(out_dir, options.overwrite) as tmp:
+            section, checks = export_artifact(merged_dir, tmp, options, log)
+            report = _finish(tmp, _report("export", {"merged": str(merged_dir)}, {"export": section}, checks, started))
+    except DiscardOutput as failed:
+        return PipelineResult(out_dir, failed.report)
+    return PipelineResult(out_dir, report)
+
+
+def merge_and_onnx(
+    base_dir: Path | str,
+    adapter_dirs: Sequence[Path | str],
+    out_dir: Path | str,
+    merge_options: MergeOptions = MergeOptions(),
+    options: ExportOptions = ExportOptions(),
+    verify_options: VerifyOptions = VerifyOptions(),
+    log: Callable[[str], None] = lambda s: None,
+) -> PipelineResult:
+    """Merge → verify (merged vs unmerged) → export ONNX → verify (ONNX Runtime vs PyTorch), into OUT_DIR:
+    model.onnx (+ model.onnx.data), tokenizer files, merged/ (with its lora_export.json), report.json, report.md."""
+    started = time.perf_counter()
+    base_dir, out_dir = as_path(base_dir), Path(out_dir)
+    adapters = [as_path(a) for a in adapter_dirs]
+    if merge_options.dtype == "bfloat16":
+        raise UnsupportedError(
+            "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
+            "use float16 or float32 (lora-export merge writes bfloat16 folders)"
+        )
+    check_output_location(out_dir, [base_dir, *adapters], merge_options.overwrite)
+    try:
+        report = _merge_and_onnx(base_dir, adapters, out_dir, merge_options, options, verify_options, log, started)
+    except DiscardOutput as failed:
+        return PipelineResult(out_dir, failed.report)
+    return PipelineResult(out_dir, report)
+
+
+def _merge_and_onnx(
+    base_dir: Path,
+    adapters: list[Path],
+    out_dir: Path,
+    merge_options: MergeOptions,
+    options: ExportOptions,
+    verify_options: VerifyOptions,
+    log: Callable[[str], None],
+    started: float,
+) -> PipelineReport:
+    with atomic_output_dir(out_dir, merge_options.overwrite) as tmp:
+        log("merging …")
+        merged = merge(
+            base_dir, adapters, tmp / "merged", MergeOptions(**{**asdict(merge_options), "overwrite": False})
+        )
+        if stored_dtype(tmp / "merged") == "bfloat16":
+            raise UnsupportedError(
+                f"{base_dir} is stored in bfloat16 and ONNX Runtime's CPU provider has no bfloat16 kernels: pass --dtype float16 or float32"
+            )
+        weights_bytes = sum(f.size for f in merged.manifest.files)  # the ONNX model holds as many again
+        check_free_space(
+            tmp / "model.onnx", weights_bytes, f"the ONNX model in {out_dir} (about as large as the merged weights)"
+        )
+        log("verifying merged vs unmerged …")
+        vreport = verify(
+            base_dir,
+            adapters,
+            tmp / "merged",
+            VerifyOptions(**{**asdict(verify_options), "weights": merge_options.weights}),
+        )
+        section, export_checks = export_artifact(tmp / "merged", tmp, options, log)
+        checks = [*vreport.checks, *export_checks]
+        vdict = vreport.to_dict()
+        sections = {
+            "merge": {
+                "output": "merged",
+                "dtype": merged.manifest.dtype,
+                "merged_tensors": merged.manifest.merged_tensors,
+                "untied": dict(merged.manifest.untied),
+                "notes": list(merged.manifest.notes),
+                "manifest": "merged/lora_export.json",
+            },
+            "verify": {
+                k: vdict[k]
+                for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis", "structure")
+            },
+            "export": section,
+        }
+        inputs = {
+            "base": str(base_dir),
+            "adapters": [str(a) for a in adapters],
+            "weights": list(merge_options.weights) or [1.0] * len(adapters),
+        }
+        return _finish(tmp, _report("merge-and-onnx", inputs, sections, checks, started))

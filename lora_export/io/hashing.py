@@ -1,0 +1,52 @@
+"""sha256 of files and of streamed writes (computed from the pieces a sequential reader already has). No torch here:
+`package --check` hashes files too."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+CHUNK_BYTES = 4 * 1024 * 1024  # one streamed piece: fits in cache, large enough that Python overhead is noise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FileHasher:
+    """sha256 of a file computed from the pieces a sequential reader already has, filling gaps from disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._h = hashlib.sha256()
+        self._pos = 0
+
+    def feed(self, offset: int, data: Any) -> None:
+        if offset < self._pos:
+            raise RuntimeError(f"{self.path}: hashed out of order ({offset} < {self._pos})")
+        if offset > self._pos:
+            self._fill(offset)
+        mv = (
+            memoryview(data) if isinstance(data, bytes | bytearray | memoryview) else memoryview(data.numpy())
+        )  # a tensor
+        self._h.update(mv)
+        self._pos += mv.nbytes
+
+    def _fill(self, until: int | None) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self._pos)
+            while until is None or self._pos < until:
+                chunk = f.read(CHUNK_BYTES if until is None else min(CHUNK_BYTES, until - self._pos))
+                if not chunk:
+                    break
+                self._h.update(chunk)
+                self._pos += len(chunk)
+
+    def hexdigest(self) -> str:
+        self._fill(None)
+        return self._h.hexdigest()

@@ -1,0 +1,128 @@
+"""Loading transformers models from folders by what their config says: the class, the kind of model, where its
+weights go (one device, or accelerate's device map with offload), and the helpers that run such models."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io.errors import InputError, UnsupportedError
+from .base import read_model_config
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps this module's own weights off the device (CPU or disk offload of a device map)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook]) if h is not None)
+
+
+def materialized(module: nn.Module) -> Any:
+    """A context in which an offloaded module's weights are real tensors on its execution device; a no-op otherwise."""
+    if not is_offloaded(module):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: its accelerate hook's execution device under a device map, else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where to put a model's inputs. Under a device map, accelerate's hooks move them to each block: keep the CPU."""
+    if getattr(model, "hf_device_map", None):
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+def model_class(folder: Path) -> Any:
+    """The transformers class for a model folder: its architecture when transformers has it, else an Auto class."""
+    import transformers
+
+    config = read_model_config(Path(folder))
+    arch = (config.get("architectures") or [""])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is not None:
+        return cls
+    if "CausalLM" in arch or "LMHead" in arch:
+        return transformers.AutoModelForCausalLM
+    if "SequenceClassification" in arch:
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModel
+
+
+def model_kind(model: nn.Module) -> str:
+    """causal-lm, sequence-classification or encoder, from the model's class name."""
+    return kind_of_class(type(model).__name__)
+
+
+def kind_of_class(name: str) -> str:
+    """causal-lm, sequence-classification or encoder, from a model class name (config.json's architectures)."""
+    if "CausalLM" in name or "LMHead" in name:
+        return "causal-lm"
+    if "SequenceClassification" in name:
+        return "sequence-classification"
+    return "encoder"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where models go: one device, or a device map through accelerate (`auto`, `balanced`, `sequential`) with
+    optional per-device limits ({0: "20GiB", "cpu": "60GiB"}) and a folder for weights offloaded to disk."""
+
+    device: str = "cpu"
+    device_map: str | None = None
+    max_memory: dict[int | str, str] | None = None
+    offload_folder: Path | None = None
+
+
+def load_model(folder: Path | str, dtype: torch.dtype = torch.float32, device: str | Placement = "cpu") -> nn.Module:
+    from transformers.utils import logging
+
+    place = device if isinstance(device, Placement) else Placement(device)
+    cls = model_class(Path(folder))
+    kwargs: dict[str, Any] = {}
+    if place.device_map:
+        if importlib.util.find_spec("accelerate") is None:
+            raise UnsupportedError("--device-map needs the accelerate package: pip install 'lora-export[accelerate]'")
+        kwargs = {
+            "device_map": place.device_map,
+            "max_memory": place.max_memory,
+            "offload_folder": str(place.offload_folder) if place.offload_folder else None,
+        }
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # "Loading weights" bars for every model would bury the report
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"transformers cannot load {folder}: {str(e).splitlines()[0]}") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    return model.eval() if place.device_map else model.to(place.device).eval()
+
+
+def placement_summary(model: nn.Module) -> dict[str, int] | None:
+    """Modules per device of a device-mapped model ({"cuda:0": 12, "cpu": 3, "disk": 9}); None without a map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,125 @@
+"""The package's layouts on the GenAI model builder's graph (`package --exporter genai`, or auto where it applies).
+
+Shared: the builder's graph of the base with every adapted module's A and B as overridable inputs (rank-0
+defaults), one `.onnx_adapter` per variant, checked in ONNX Runtime GenAI: the base's logits at every step and
+tokens, and per variant (og.Adapters) the logits after the prompt and the greedy tokens, against PyTorch's unmerged
+model. The references (prompt, tokens, logits) are stored in reference.npz so that `package --check` re-runs them in
+GenAI, where the graph runs: its inputs (no position_ids, a KV buffer GenAI owns) are GenAI's contract, not ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export.genai_builder import build_with_genai, genai_logits_check, pytorch_references
+from ..export.pipeline import SIDE_FILES
+from ..export.runtime_files import GENAI_CONFIG, genai_adapters_check, genai_installed, genai_prompt
+from ..io.errors import InputError
+from ..model.adapters import LoraAdapter
+from ..model.loading import load_model
+from ..records import Check, SharedLayout
+from ..records.package import PACKAGE_FIX
+from .genai_lora import add_lora_inputs
+from .shared_graph import greedy_reference, input_names, variant_adapters
+from .variants import Variant
+
+NEW_TOKENS = 8
+References = dict[str, tuple[list[int], np.ndarray]]  # variant → (greedy tokens, logits after the prompt)
+
+
+def dtype_notes(variants: list[Variant]) -> list[str]:
+    return [
+        f"variant {v.name}: dtype {v.dtype} applies to its merged layout; the shared graph and its adapters are float32"
+        for v in variants
+        if v.dtype not in ("auto", "float32")
+    ]
+
+
+def save_references(path: Path, prompt: list[int], references: References) -> None:
+    arrays = {"genai:prompt": np.asarray(prompt, np.int64)}
+    for name, (tokens, logits) in references.items():
+        arrays[f"tokens:{name}"] = np.asarray(tokens, np.int64)
+        arrays[f"logits:{name}"] = np.asarray(logits, np.float64)
+    np.savez(path, **arrays)
+
+
+def rerun_genai_references(folder: Path, ref_path: Path, adapters: dict[str, Path], dtype: str = "float32") -> Check:
+    """Re-run the stored GenAI references of a folder (with its adapters, if any) in ONNX Runtime GenAI."""
+    if not genai_installed():
+        return Check(
+            "genai adapters",
+            "stored references in ONNX Runtime GenAI",
+            dtype,
+            False,
+            "could not run",
+            ("this layout runs in ONNX Runtime GenAI, which is not installed (pip install 'lora-export[genai]')",),
+        )
+    try:
+        ref = np.load(ref_path)
+        prompt = ref["genai:prompt"].tolist()
+        names = [k.split(":", 1)[1] for k in ref.files if k.startswith("tokens:")]
+        references = {n: (ref[f"tokens:{n}"].tolist(), ref[f"logits:{n}"]) for n in names}
+    except Exception as e:  # a damaged archive under a manifest that hashes it: the package was built so
+        raise InputError(f"{ref_path}: cannot read the reference outputs ({e}); {PACKAGE_FIX}") from None
+    return genai_adapters_check(folder, adapters, prompt, references, dtype)
+
+
+def merged_references(folder: Path, name: str, dtype: str) -> None:
+    """reference.npz for a merged variant exported by the builder, from its merged PyTorch model."""
+    model = load_model(folder / "merged", torch.float32)
+    prompt = genai_prompt(folder / GENAI_CONFIG, int(model.config.get_text_config().vocab_size), 6, 3)
+    save_references(folder / "reference.npz", prompt, {name: greedy_reference(model, prompt, NEW_TOKENS)})
+
+
+def shared_genai(
+    base_dir: Path,
+    variants: list[Variant],
+    out: Path,
+    modules: dict[str, tuple[int, int]],
+    loaded: dict[str, list[tuple[LoraAdapter, float]]],
+    log: Callable[[str], None],
+) -> SharedLayout:
+    """The shared layout on the builder's graph, in out/shared (which exists and is empty)."""
+    import onnx
+
+    shared = out / "shared"
+    build_with_genai(base_dir, shared, "float32", log)
+    for name in SIDE_FILES:  # config.json and generation_config.json, which the builder does not write
+        if (base_dir / name).is_file() and not (shared / name).exists():
+            shutil.copy2(base_dir / name, shared / name)
+    log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
+    lora = add_lora_inputs(shared / "model.onnx", modules, json.loads((base_dir / "config.json").read_text()))
+    base = load_model(base_dir)
+    prompt = genai_prompt(shared / GENAI_CONFIG, int(base.config.get_text_config().vocab_size), 6, 3)
+    ((tokens, steps),) = base_references = pytorch_references(base, [prompt], NEW_TOKENS)
+    checks = [genai_logits_check(shared, [prompt], base_references, "float32")]
+    references = {"__base__": (tokens, steps[0].numpy().reshape(-1))}  # the same run: no second one on the base
+    files, parameters = {}, {}
+    for v, path, shapes, unmerged in variant_adapters(base_dir, variants, loaded, shared):
+        files[v.name], parameters[v.name] = f"shared/{path.name}", shapes
+        references[v.name] = greedy_reference(unmerged, prompt, NEW_TOKENS)
+    log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
+    checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))
+    save_references(shared / "reference.npz", prompt, references)
+    graph = onnx.load(str(shared / "model.onnx"), load_external_data=False).graph
+    lora_names = {n for m in lora for n in input_names(m)}
+    notes = dtype_notes(variants)
+    notes.append("graph: ONNX Runtime GenAI's model builder, with LoRA inputs added; runs in GenAI (og.Adapters)")
+    return SharedLayout(
+        "shared/model.onnx",
+        "float32",
+        tuple(i.name for i in graph.input if i.name not in lora_names),
+        tuple(o.name for o in graph.output),
+        {m: list(input_names(m)) for m in lora},
+        files,
+        parameters,
+        tuple(checks),
+        tuple(notes),
+        exporter="genai",
+    )

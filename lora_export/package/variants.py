@@ -1,0 +1,92 @@
+"""variants.yaml (or .json): the task variants of a package, each one or more adapters with weights, read and checked."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io.errors import InputError
+from ..io.jsonio import read_text, read_yaml
+
+NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    adapters: list[tuple[Path, float]]
+    dtype: str
+
+
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise InputError(f"{path}: key {twice[0]!r} is given twice; give each variant (and field) once")
+    return dict(pairs)
+
+
+def read_variants(path: Path) -> list[Variant]:
+    """variants.yaml (or .json): {variants: {name: {adapters: [path | {path, weight}], dtype?}}}; paths relative to the file."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: give a variants.yaml listing the task variants")
+    fix = "see `lora-export package --help` for the format"
+    if path.suffix in (".yaml", ".yml"):
+        data = read_yaml(path, fix)
+    else:
+        try:
+            data = json.loads(read_text(path, fix), object_pairs_hook=functools.partial(_unique_keys, path))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
+        raise InputError(f"{path}: expected a top-level `variants:` mapping of names to {{adapters: [...]}}")
+    out = []
+    for name, spec in data["variants"].items():
+        where = f"{path}: variant {name!r}"
+        if not isinstance(name, str) or not name or set(name) - NAME_OK or name.startswith("."):
+            raise InputError(f"{where}: names become file names: use letters, digits, '-', '_' and '.'")
+        if not isinstance(spec, dict) or not isinstance(spec.get("adapters"), list) or not spec["adapters"]:
+            raise InputError(f"{where}: needs `adapters:`, a list of paths or {{path, weight}}")
+        unknown = set(spec) - {"adapters", "dtype"}
+        if unknown:
+            raise InputError(f"{where}: unknown field(s) {sorted(unknown)}: only `adapters` and `dtype`")
+        adapters = []
+        for item in spec["adapters"]:
+            if isinstance(item, str):
+                item = {"path": item}
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "weight"}:
+                raise InputError(f"{where}: each adapter is a path or {{path: ..., weight: ...}}, found {item!r}")
+            weight = item.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+                raise InputError(f"{where}: weight must be a finite number, found {weight!r}")
+            adapters.append((_adapter_folder(path, where, item["path"]), float(weight)))
+        dtype = spec.get("dtype", "auto")
+        if dtype not in ("auto", "float32", "float16"):
+            raise InputError(
+                f"{where}: dtype must be auto, float32 or float16 (bfloat16 cannot run in ONNX Runtime's CPU provider), found {dtype!r}"
+            )
+        out.append(Variant(name, adapters, dtype))
+    return out
+
+
+def _adapter_folder(path: Path, where: str, given: str) -> Path:
+    """A variant's adapter: a folder relative to the variants file, or — when no such folder exists — a Hub address
+    (org/name[@revision]) resolved through the cache (lora_export.model.hub)."""
+    from ..model import hub
+
+    p = (path.parent / given).expanduser().resolve()
+    if p.is_dir():
+        return p
+    if hub.parse_address(given) is None:
+        raise InputError(f"{where}: adapter folder {given} not found (paths are relative to {path.parent})")
+    try:
+        return hub.resolve_address(given, "adapter")  # a folder is relative to the file, not the working folder
+    except InputError as e:
+        raise InputError(
+            f"{where}: adapter folder {given} not found (paths are relative to {path.parent}); as a Hub address: {e}"
+        ) from None

@@ -1,0 +1,102 @@
+"""Markdown: merge-and-onnx's report.md and bench's tables (laid out like the paper's Table 1)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # rendering needs no torch: `--help` and `package --check` import this module
+    from ..records import (
+        PipelineReport,
+    )
+
+
+def pipeline_markdown(report: PipelineReport) -> str:
+    export = report.export
+    lines = [f"# lora-export {report.command}: {'PASS' if report.passed else 'FAIL'}", ""]
+    for k, v in report.inputs.items():
+        lines.append(f"- {k}: `{v}`")
+    if export:
+        artifact = ", ".join(export.get("files", [export.get("file", "")]))
+        lines.append(f"- artifact: {artifact} ({export.get('exporter')}, dtype {export.get('dtype')})")
+    lines += ["", "| check | result | compares | summary |", "|---|---|---|---|"]
+    for c in report.checks:
+        lines.append(f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.compares} | {c.summary} |")
+    tolerances = report.sections.get("verify", {}).get("tolerances") or {}
+    if tolerances:
+        lines += ["", "Tolerances:", ""]
+        for key, tol in tolerances.items():
+            lines.append(f"- {key}: " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
+    text = export.get("generation_text")
+    if text:
+        lines += [
+            "",
+            "Greedy generation:",
+            "",
+            f"- PyTorch: `{text['pytorch']}`",
+            f"- ONNX Runtime: `{text['onnxruntime']}`",
+        ]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
+    return "\n".join(lines)
+
+
+def structure_markdown(result: Any) -> list[str]:
+    """Counted per forward (exact, unlike the times): GFLOPs and ATen operator calls of each PyTorch row, the nodes of
+    each ONNX graph, and whether each is the base's computation (for ONNX: the base graph up to initializer values)."""
+    rows = [r for r in result.rows if any(c.op_calls is not None for c in r.cells.values())]
+    if not rows:
+        return []
+    lines = ["", "Structure per forward pass, counted: GFLOPs / operator calls (PyTorch), graph nodes (ONNX)", ""]
+    lines += ["| variant | backend | same computation as base | " + " | ".join(result.shapes) + " |"]
+    lines += ["|" + "---|" * (3 + len(result.shapes))]
+    for row in rows:
+        cells = []
+        for s in result.shapes:
+            c = row.cells.get(s)
+            if c is None or c.op_calls is None:
+                cells.append("–")
+            elif c.flops is None:
+                cells.append(f"{c.op_calls} nodes")
+            else:
+                cells.append(f"{c.flops / 1e9:.3f} / {c.op_calls}")
+        same = "yes" if row.structure.get("identical_to_base") else "no"
+        lines.append(f"| {row.variant} | {row.backend} | {same} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def bench_markdown(result: Any) -> str:
+    """Table 1's layout: rows are variants, columns batch/seq, cells `median ms ± half the p10–p90 spread (+x%)`."""
+    lines = [
+        f"Latency, {result.environment.get('model', '')} on {result.environment.get('gpu') or result.environment['cpu']} "
+        f"({result.environment['device']}, {result.environment['dtype']}, {result.environment['threads']} threads), ms per forward pass",
+        "",
+    ]
+    header = "| variant | backend | added params | " + " | ".join(f"{s}" for s in result.shapes) + " |"
+    lines += [header, "|" + "---|" * (3 + len(result.shapes))]
+    for row in result.rows:
+        cells = []
+        for s in result.shapes:
+            c = row.cells.get(s)
+            if c is None:
+                cells.append("–")
+                continue
+            spread = (c.p90_ms - c.p10_ms) / 2
+            pct = "" if row.variant == "base" or c.ratio is None else f" ({c.ratio - 1:+.1%})"
+            cells.append(f"{c.median_ms:.2f} ± {spread:.2f}{pct}")
+        lines.append(f"| {row.variant} | {row.backend} | {row.params / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    lines += structure_markdown(result)
+    paper = result.extra.get("paper")
+    if paper:
+        lines += [
+            "",
+            "The paper's Table 1 (GPT-2 medium, NVIDIA Quadro RTX8000, ms):",
+            "",
+            "| variant | " + " | ".join(paper["shapes"]) + " |",
+            "|" + "---|" * (1 + len(paper["shapes"])),
+        ]
+        for variant, cells in paper["rows"].items():
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Verdicts (ratio of medians to base, bootstrap 95% CI over rounds):", ""]
+    lines += [f"- {v}" for v in result.verdicts]
+    runs = sorted({len(c.runs_ms) for r in result.rows for c in r.cells.values()})
+    lines += ["", f"Rounds per cell: {runs[0]}–{runs[-1]}. " + " ".join(result.method.split())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,213 @@
+"""What every check compares: the input cases (prompts through the tokenizer, seeded random batches, padded), the
+outputs of a model on them, the metrics of two outputs and the verdict against the (comparison, dtype) tolerance,
+and greedy tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io.errors import InputError
+from ..io.jsonio import read_json_object
+from ..model.loading import input_device
+from ..records import Check, Metrics
+from ..records.tolerances import metric_failures, tolerance
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    inputs: dict[str, torch.Tensor]
+
+    def describe(self) -> dict[str, Any]:
+        mask = self.inputs["attention_mask"]
+        return {
+            "name": self.name,
+            "shape": list(self.inputs["input_ids"].shape),
+            "padded_tokens": int((mask == 0).sum()),
+        }
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has none (tiny test models)."""
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():  # a damaged file would otherwise be shipped beside the graph
+            read_json_object(folder / name, "", fix=f"; fix or remove {name} (it would be shipped as it is)")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # shipped beside the graph, so it must load: refuse rather than check with random tokens
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{folder}: its tokenizer files do not load ({first}); fix or remove them") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def make_cases(
+    config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool, room: int = 0
+) -> list[Case]:
+    """Tokenized prompts (when there is a tokenizer) and seeded random batches of several shapes, one padded."""
+    cases = []
+    if tokenizer is not None and prompts and tokenizer.pad_token is not None:
+        tokenizer.padding_side = "left" if causal else "right"
+        chat = causal and bool(getattr(tokenizer, "chat_template", None))
+        texts = (
+            [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+            if chat
+            else list(prompts)
+        )
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        text_config = config.get("text_config") or config
+        context = text_config.get("max_position_embeddings") or text_config.get("n_positions")
+        lengths = enc["attention_mask"].sum(-1).tolist()
+        if context and max(lengths) + room > int(context):  # room: the tokens generated after the prompt
+            i = max(range(len(lengths)), key=lambda k: lengths[k])
+            raise InputError(
+                f"prompt {i + 1} is {lengths[i]} tokens; with the tokens generated after it, that exceeds the model's "
+                f"context of {context}: shorten it (or give fewer --max-new-tokens)"
+            )
+        name = f"{'chat ' if chat else ''}prompts {len(prompts)}×{enc['input_ids'].shape[1]}"
+        cases.append(Case(name, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
+    text = config.get("text_config") or config
+    vocab = int(text["vocab_size"])
+    limit = int(text.get("max_position_embeddings") or text.get("n_positions") or 512)
+    g = torch.Generator().manual_seed(seed)
+    for batch, seq in ((1, min(8, limit)), (4, min(24, limit))):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if batch > 1:  # padded rows of different lengths: left padding for decoders, right for encoders
+            for row in range(1, batch):
+                pad = int(torch.randint(1, seq // 2, (1,), generator=g))
+                if causal:
+                    mask[row, :pad] = 0
+                else:
+                    mask[row, seq - pad :] = 0
+        cases.append(
+            Case(f"random {batch}×{seq}{' padded' if batch > 1 else ''}", {"input_ids": ids, "attention_mask": mask})
+        )
+    return cases
+
+
+@torch.no_grad()
+def outputs_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = input_device(model)
+    out = model(**{k: v.to(device) for k, v in inputs.items()})
+    names = ["logits"] if getattr(out, "logits", None) is not None else ["last_hidden_state", "pooler_output"]
+    return {n: getattr(out, n).float().cpu() for n in names if getattr(out, n, None) is not None}
+
+
+def row_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The smallest cosine similarity over rows, where two all-zero rows count as identical (1, not 0): a pad token
+    with a zero embedding row gives zero logits on both sides of a correct merge."""
+    cos = F.cosine_similarity(got, ref, dim=-1)
+    both_zero = (got == 0).all(dim=-1) & (ref == 0).all(dim=-1)
+    return float(torch.where(both_zero, torch.ones_like(cos), cos).min())
+
+
+def compare(case: Case, name: str, ref: torch.Tensor, got: torch.Tensor) -> Metrics:
+    if ref.dim() == 3:  # (batch, seq, features): only tokens the attention mask keeps
+        mask = case.inputs["attention_mask"].bool()
+        ref, got = ref[mask], got[mask]
+    ref, got = ref.double(), got.double()
+    if ref.numel() == 0:  # nothing kept by the mask: nothing differs
+        return Metrics(case.name, name, 0.0, 0.0, 1.0, None, None, None)
+    max_abs = float((got - ref).abs().max())
+    max_rel = max_abs / max(float(ref.abs().max()), 1e-30)
+    cosine = row_cosine(got, ref)
+    top1 = gap = kl = None
+    if name == "logits":
+        ref_top, got_top = ref.argmax(-1), got.argmax(-1)
+        top1 = float((got_top == ref_top).double().mean())
+        log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(got, -1)
+        p = log_p.exp()
+        gap = float((p.gather(-1, ref_top[..., None]) - p.gather(-1, got_top[..., None])).max())
+        kl = float((p * (log_p - log_q)).sum(-1).max().clamp_min(0.0))
+    return Metrics(case.name, name, max_abs, max_rel, cosine, top1, gap, kl)
+
+
+def output_check(
+    name: str,
+    compares: str,
+    comparison: str,
+    dtype: str,
+    cases: list[Case],
+    ref: list[dict[str, torch.Tensor]],
+    got: list[dict[str, torch.Tensor]],
+) -> Check:
+    metrics = [compare(case, out, r[out], g[out]) for case, r, g in zip(cases, ref, got, strict=True) for out in r]
+    return metrics_check(name, compares, comparison, dtype, metrics)
+
+
+def metrics_check(
+    name: str, compares: str, comparison: str, dtype: str, metrics: list[Metrics], summary: str | None = None
+) -> Check:
+    """The verdict on compared outputs: every metric against the (comparison, dtype) tolerance; all failures listed."""
+    tol = tolerance(comparison, dtype)
+    failures = [f for m in metrics for f in metric_failures(m, tol)]
+    if summary is None:
+        worst = max(metrics, key=lambda m: m.max_rel if math.isfinite(m.max_rel) else math.inf)
+        parts = [
+            f"worst rel {worst.max_rel:.2g} (≤ {tol.max_rel:g})",
+            f"cos ≥ {min(m.min_cosine for m in metrics):.7f}",
+        ]
+        top1 = [m.top1 for m in metrics if m.top1 is not None]
+        kls = [m.max_kl for m in metrics if m.max_kl is not None]
+        if top1:
+            gaps = [m.flip_gap for m in metrics if m.flip_gap is not None]
+            parts.append(f"top-1 {min(top1):.1%} (flip gap ≤ {max(gaps):.2g})")
+        if kls:
+            parts.append(f"KL ≤ {max(kls):.2g}")
+        summary = ", ".join(parts)
+    return Check(
+        name,
+        compares,
+        dtype,
+        bool(metrics) and not failures,
+        summary,
+        tuple(failures),
+        tuple(metrics),
+        {"tolerance": f"{comparison}/{dtype}"},
+    )
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, pad_id: int | None) -> list[int]:
+    device = input_device(model)
+    out = model.generate(
+        **{k: v.to(device) for k, v in inputs.items()},
+        max_new_tokens=n,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def compare_tokens(ref: list[int], got: list[int]) -> dict[str, Any]:
+    first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    if first is None and len(ref) != len(got):
+        first = min(len(ref), len(got))
+    return {"identical": first is None, "first_difference": first, "reference": ref, "tokens": got}
