@@ -59,7 +59,7 @@ def test_onnx_export_verified_per_family(merged_models: dict[str, Path], tmp_pat
     expected |= {"genai generation"} if genai and GENAI_INSTALLED else set()  # else the report says it was not run
     assert names == expected
     # every decoder runs in GenAI as written, or the report says why not (tiny GPT-2's eos id lies outside its vocab)
-    notes = result.report.export.get("runtime_files", [])
+    notes = list(result.report.export.runtime_files or ())
     assert genai == (decoder and family != "gpt2"), notes
     assert genai or not decoder or any("genai_config.json not written: eos_token_id 50256" in n for n in notes)
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
@@ -94,7 +94,7 @@ def test_no_past_and_optimize(merged_models: dict[str, Path], tmp_path: Path) ->
     opt = export(
         merged_models["gpt2"], tmp_path / "opt", ExportOptions(onnx=OnnxOptions(optimize=True, max_new_tokens=4))
     )
-    assert opt.passed and opt.report.export["optimized"]
+    assert opt.passed and opt.report.export.optimized
     assert not (tmp_path / "opt" / "model.optimized.onnx").exists()
 
 
@@ -105,9 +105,9 @@ def test_external_data_over_the_limit(
     result = export(
         merged_models["qwen2"], tmp_path / "out", ExportOptions(onnx=OnnxOptions(optimize=True, max_new_tokens=4))
     )
-    assert result.passed and result.report.export["external_data"]
+    assert result.passed and result.report.export.external_data
     assert (tmp_path / "out" / "model.onnx.data").stat().st_size > (tmp_path / "out" / "model.onnx").stat().st_size
-    assert result.report.export["files"] == ["model.onnx", "model.onnx.data"]
+    assert result.report.export.files == ("model.onnx", "model.onnx.data")
 
 
 def test_float16_export(models_dir: Path, tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_float16_export(models_dir: Path, tmp_path: Path) -> None:
         MergeOptions(dtype="float16", progress=False),
         ExportOptions(onnx=OnnxOptions(max_new_tokens=4)),
     )
-    assert result.passed and result.report.export["dtype"] == "float16"
+    assert result.passed and result.report.export.dtype == "float16"
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
@@ -263,7 +263,7 @@ def test_fallback_exporter_is_named_with_its_reason(
         log=logged.append,
     )
     assert result.passed
-    assert result.report.export["exporter"] == "torch.onnx.export(dynamo=False) fallback"
+    assert result.report.export.exporter == "torch.onnx.export(dynamo=False) fallback"
     assert any("simulated dynamo failure" in line for line in logged)
-    assert "simulated dynamo failure" in result.report.export["notes"][0]
+    assert "simulated dynamo failure" in result.report.export.notes[0]
     assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == 18

@@ -153,6 +153,7 @@ def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: P
     import onnx
 
     from lora_export.io.errors import UnsupportedError
+    from lora_export.model.config import ModelConfig
     from lora_export.package.genai_lora import node_path, plan_branches
 
     assert node_path("model.layers.12.self_attn.q_proj") == "/model/layers.12/attn/q_proj"
@@ -160,7 +161,7 @@ def test_lora_inputs_refuse_what_the_graph_does_not_hold(base: Path, tmp_path: P
     r = CliRunner().invoke(main, ["export", str(base), "-o", str(tmp_path / "b"), "--exporter", "genai"])
     assert r.exit_code == 0, r.output
     graph = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
-    config = json.loads((base / "config.json").read_text())
+    config = ModelConfig.load(base)
     plan = plan_branches(graph, {"model.layers.1.self_attn.v_proj": (32, 64)}, config)
     assert [m for m, _, _ in plan["/model/layers.1/attn/qkv_proj/MatMul"]] == [
         f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")

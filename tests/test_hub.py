@@ -300,7 +300,9 @@ def test_a_cached_config_without_weights_is_not_a_model(hf: dict, tmp_path: Path
 def test_a_resolved_address_carries_its_source_and_nothing_is_remembered(hf: dict) -> None:
     """Resolving returns the source with the folder; no module-level state is written, so the same folder reached as a
     plain path later is recorded as that path (revision unknown), whatever was resolved earlier in the process."""
-    state = {k: copy.deepcopy(v) for k, v in vars(hub).items() if isinstance(v, dict | list | set) and not k.startswith("__")}
+    state = {
+        k: copy.deepcopy(v) for k, v in vars(hub).items() if isinstance(v, dict | list | set) and not k.startswith("__")
+    }
     folder = hub.resolve_address("org/adapter@v1", "adapter")
     source = hub.source_of(folder)
     assert source is not None

@@ -149,12 +149,13 @@ def test_verify_smollm2_demo_adapter_in_half_precision(smollm2: Path, tmp_path: 
         assert report.passed, [c.failures for c in report.checks]
     elif not report.passed:
         assert report.failed == ["cast (bfloat16)"] and report.diagnosis is not None
-        assert report.diagnosis["compares"] == "merged in bfloat16 vs merged in float32"
-    gen = report.generation[dtype]
+        assert report.diagnosis.compares == "merged in bfloat16 vs merged in float32"
+    assert report.generation.half is not None and report.generation.half[0] == dtype
+    gen = report.generation.half[1]
     text = verify_text(report)
-    expected = "identical" if gen["identical"] else f"differ from token {gen['first_difference']}"
+    expected = "identical" if gen.identical else f"differ from token {gen.first_difference}"
     assert f"merged {dtype} vs unmerged float32: {expected}" in text
-    answer = report.generation["unmerged_text"].split("<|im_end|>")[0]  # the text before the end-of-turn token
+    answer = report.generation.unmerged_text.split("<|im_end|>")[0]  # the text before the end-of-turn token
     assert answer and not answer_problems(answer), answer  # the demo adapter answers in capitals
 
 

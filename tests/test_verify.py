@@ -64,10 +64,10 @@ def edit_merged(folder: Path, edit: Any) -> None:
 
 def assert_fails_at(report: Any, module: str, layer: str) -> None:
     assert not report.passed
-    first = report.diagnosis["first_divergence"]
+    first = report.diagnosis.first_divergence
     assert first is not None, report.diagnosis
-    assert first["module"] == module, first
-    assert first["layer"] == layer
+    assert first.module == module, first
+    assert first.layer == layer
 
 
 def test_fails_on_wrong_scaling(models_dir: Path, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_fails_on_wrong_scaling(models_dir: Path, tmp_path: Path) -> None:
     assert_fails_at(report, "model.layers.0.self_attn.q_proj", "model.layers.0")
     checks = checks_by_name(report)
     assert not checks["weights (float32)"].passed and not checks["merge (float32)"].passed
-    worst = report.diagnosis["worst_tensors"][0]["tensor"]
+    worst = report.diagnosis.worst_tensors[0]["tensor"]
     assert worst.endswith(("q_proj.weight", "v_proj.weight"))
 
 
@@ -116,7 +116,7 @@ def test_fails_on_one_layer_left_unmerged(models_dir: Path, tmp_path: Path) -> N
     assert_fails_at(report, "model.layers.1.mlp.up_proj", "model.layers.1")
     weights = checks_by_name(report)["weights (float32)"]
     assert len(weights.failures) == 1 and weights.failures[0].startswith(name)
-    assert report.diagnosis["worst_tensors"][0]["tensor"] == name
+    assert report.diagnosis.worst_tensors[0]["tensor"] == name
 
 
 def test_fails_on_adapter_merged_into_another_base(models_dir: Path, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_fails_on_broken_bf16_artifact_and_names_the_tensor(models_dir: Path, tm
     report = verify(base, [adapter], tmp_path / "merged", FAST)
     checks = checks_by_name(report)
     assert not checks["weights (bfloat16)"].passed and checks["merge (float32)"].passed
-    assert report.diagnosis["worst_tensors"][0]["tensor"] == name
+    assert report.diagnosis.worst_tensors[0]["tensor"] == name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,14 +161,15 @@ def test_half_precision_difference_is_the_cast(models_dir: Path, tmp_path: Path,
     cast_err = max(m.max_rel for m in checks[f"cast ({dtype})"].metrics)
     assert merge_err < 1e-5 < cast_err < tolerance("cast", dtype).max_rel  # the cast is where the difference comes from
     # the reported greedy tokens are what the merged model in that dtype generates, and the verdict is theirs
-    gen = report.generation[dtype]
+    assert report.generation.half is not None and report.generation.half[0] == dtype
+    gen = report.generation.half[1]
     model = load_model(tmp_path / "merged", getattr(torch, dtype))
-    prompt = torch.tensor([report.generation["prompt_tokens"]])
+    prompt = torch.tensor([report.generation.prompt_tokens])
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
-    assert gen["tokens"] == out[0, prompt.shape[1] :].tolist()
-    differs = [i for i, (a, b) in enumerate(zip(gen["reference"], gen["tokens"], strict=True)) if a != b]
-    assert gen["first_difference"] == (differs[0] if differs else None)
+    assert list(gen.tokens) == out[0, prompt.shape[1] :].tolist()
+    differs = [i for i, (a, b) in enumerate(zip(gen.reference, gen.tokens, strict=True)) if a != b]
+    assert gen.first_difference == (differs[0] if differs else None)
     assert report.merged_dtype == dtype and set(report.tolerances) == {
         "weights/" + dtype,
         "merge/float32",
@@ -317,3 +318,20 @@ def test_device_map_auto_offloads_and_agrees(models_dir: Path, tmp_path: Path) -
         ],
     )
     assert bad.exit_code == 2 and "DEVICE=SIZE" in bad.output
+
+
+def test_an_unknown_tolerance_key_is_an_internal_error(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check asking for a tolerance the table lacks is a bug in lora-export, not bad input: exit 3 and the
+    report-a-bug line (it was exit 2, as if the user's files were at fault)."""
+    from lora_export.records import tolerances
+
+    base = models_dir / "llama"
+    adapter = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
+    merge(base, [adapter], tmp_path / "m", MergeOptions(progress=False))
+    monkeypatch.delitem(tolerances.TOLERANCES, ("weights", "float32"))
+    r = CliRunner().invoke(main, ["verify", str(base), str(adapter), str(tmp_path / "m"), "--max-new-tokens", "2"])
+    assert r.exit_code == 3, r.output
+    assert "internal error (LookupError: no tolerance for comparing weights in float32" in r.output
+    assert "this is a bug in lora-export" in r.output

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..io.errors import UnsupportedError
+from ..model.loading import text_config
 
 # Where a block's attention output and MLP output projections live, per model family.
 ATTENTION_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "self_attn.dense", "self_attn.out_proj")
@@ -81,7 +82,7 @@ def _find(block: nn.Module, candidates: tuple[str, ...], what: str, model: nn.Mo
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 

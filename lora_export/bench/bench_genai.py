@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.jsonio import read_json_object
 from ..records import PackageManifest
 from .timing import PACKAGE_METHOD, BenchOptions, BenchResult, Row, environment, summarize, verdicts
 from .variants import add_graph_structure, graph_cells
@@ -70,9 +71,9 @@ def bench_package_genai(
 
 
 def _vocab(config_path: Path) -> int:
-    import json
-
-    return int(json.loads(config_path.read_text())["model"]["vocab_size"])
+    return int(
+        read_json_object(config_path, "the package's GenAI graph has no genai_config.json")["model"]["vocab_size"]
+    )
 
 
 def _rounds(

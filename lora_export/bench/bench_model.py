@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ..io.errors import InputError
-from ..io.paths import as_path
 from ..merging.merge import MergeOptions, merge
+from ..model.config import ModelConfig
+from ..model.hub import folder_of
 from .timing import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, torch_threads, verdicts
 from .variants import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variants, graph_cells
 
@@ -38,11 +39,7 @@ def add_structure(variants: list[tuple[Row, Any]], inputs: dict[str, torch.Tenso
 
 def check_shapes_fit(base_dir: Path, shapes: Sequence[tuple[int, int]]) -> None:
     """Every --shapes sequence length within the model's context, before anything is loaded."""
-    from ..model.base import read_model_config
-
-    config = read_model_config(base_dir)
-    text = config.get("text_config") or config
-    context = text.get("max_position_embeddings") or text.get("n_positions")
+    context = ModelConfig.load(base_dir).context
     too_long = [f"{b}x{s}" for b, s in shapes if context and s > int(context)]
     if too_long:
         raise InputError(f"--shapes {', '.join(too_long)}: longer than the model's context of {context} tokens")
@@ -58,8 +55,8 @@ def bench(
     log: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     """Measure every variant at every shape, interleaved; see lora_export.bench.timing for the method."""
-    base_dir = as_path(base_dir)
-    adapters = [as_path(a) for a in adapter_dirs]
+    base_dir = folder_of(base_dir, "base")
+    adapters = [folder_of(a, "adapter") for a in adapter_dirs]
     if not adapters:
         raise InputError("give at least one adapter folder (or use --paper-table1)")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,7 +95,7 @@ def bench(
                 add_structure(variants, inputs, shape_name(shape))
     graph_cells(rows)
     env = environment(options)
-    env["model"] = json.loads((base_dir / "config.json").read_text()).get("architectures", ["?"])[0]
+    env["model"] = ModelConfig.load(base_dir).architecture or "?"
     env["parameters"] = sum(p.numel() for p in variants[0][1].parameters())
     return BenchResult(env, shapes, rows, verdicts(rows, shapes))
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.loading import load_model, model_kind
+from ..model.loading import load_model, model_kind, text_config
 from ..verification.compare import DTYPES
 from ..verification.lora_runtime import LoraLayer, load_unmerged
 from .baselines import insert_adapters, plan_adapters
@@ -84,7 +84,7 @@ def materialize(models: Sequence[nn.Module]) -> None:
 
 
 def _inputs(model: nn.Module, shape: tuple[int, int], seed: int, device: str) -> dict[str, torch.Tensor]:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(config.vocab_size), shape, generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}

@@ -18,58 +18,9 @@ import click
 
 from .. import __version__
 from ..io.errors import LoraExportError, VerifyError
-from .types import FINITE_FLOAT, FOLDER, MODEL, REPORT
 
 if TYPE_CHECKING:
     from ..records import CheckedReport
-
-EXISTING_DIR = FOLDER  # named for history: input folders are checked by the command, output folders may not exist
-REPORT_FILE = REPORT
-MODEL_DIR = MODEL  # a BASE or ADAPTER: a folder, or a Hub address org/name[@revision]
-
-# Options several commands share, defined once.
-output_option = click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=EXISTING_DIR,
-    help="Folder to write (must not exist, unless --overwrite).",
-)
-weights_option = click.option(
-    "-w",
-    "--weight",
-    "weights",
-    multiple=True,
-    type=FINITE_FLOAT,
-    help="Weight of each adapter, in order (default 1.0 each).",
-)
-allow_pickle_option = click.option(
-    "--allow-pickle", is_flag=True, help="Read pickled .bin weights, with torch.load(weights_only=True)."
-)
-overwrite_option = click.option(
-    "--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete and verified)."
-)
-junit_option = click.option(
-    "--junit",
-    "junit_file",
-    type=REPORT_FILE,
-    help="Also write the checks as JUnit XML (written even when a check fails).",
-)
-strict_base_option = click.option(
-    "--strict-base",
-    is_flag=True,
-    help="Refuse an adapter whose adapter_config.json names another base than the one given (default: a warning).",
-)
-exporter_option = click.option(
-    "--exporter",
-    type=click.Choice(["dynamo", "genai", "auto"]),
-    default="auto",
-    show_default=True,
-    help="ONNX exporter: dynamo (torch.onnx, any model; also runs in Optimum), genai (ONNX Runtime GenAI's model "
-    "builder: fused attention, checked in GenAI), auto (genai for float32 decoders the builder builds when "
-    "onnxruntime-genai is installed, dynamo otherwise; the report says which and why).",
-)
 
 
 def split_base(paths: tuple[Path, ...], strict_base: bool) -> tuple[Path, list[Path]]:
@@ -197,5 +148,5 @@ def main(debug: bool) -> None:
 
     \b
     Example:
-      lora-export merge ./base ./adapter -o ./merged
+      lora-export merge ./smollm2 ./adapters/caps -o ./merged
     """

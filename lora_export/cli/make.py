@@ -6,42 +6,25 @@ from pathlib import Path
 
 import click
 
-from .main import (
-    MODEL_DIR,
-    REPORT_FILE,
-    _echo_err,
-    allow_pickle_option,
-    conclude,
-    exporter_option,
-    handle_errors,
-    junit_option,
-    main,
-    output_option,
-    overwrite_option,
-    split_base,
-    strict_base_option,
-    weights_option,
-)
-from .types import DEVICE, FINITE_FLOAT, INPUT_FILE, SIZE
+from . import options
+from .main import _echo_err, conclude, handle_errors, main, split_base
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER...")
-@output_option
-@weights_option
-@strict_base_option
+@click.argument("paths", nargs=-1, required=True, type=options.MODEL_DIR, metavar="[BASE] ADAPTER...")
+@options.output
+@options.weights
+@options.strict_base
+@options.output_dtype
 @click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-    default="auto",
+    "--max-shard-size",
+    type=options.SIZE,
+    default="5GB",
     show_default=True,
-    help="Output dtype of floating tensors; auto keeps the base's.",
-)
-@click.option(
-    "--max-shard-size", type=SIZE, default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB."
+    help="Largest output shard, e.g. 2GB or 500MB.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
-@allow_pickle_option
+@options.allow_pickle
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (lora_export.json) on stdout instead of a summary."
 )
@@ -77,10 +60,10 @@ def merge(
 
     \b
     Examples:
-      lora-export merge HuggingFaceTB/SmolLM2-135M-Instruct my-org/smollm2-caps -o ./smollm2-caps
-      lora-export merge my-org/smollm2-caps@v2 -o ./smollm2-caps      # the base its adapter_config.json names
-      lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps
-      lora-export merge ./base ./a ./b -w 0.7 -w 0.3 --dtype bfloat16 -o ./mixed
+      lora-export merge HuggingFaceTB/SmolLM2-135M-Instruct my-org/smollm2-caps -o ./caps-merged
+      lora-export merge my-org/smollm2-caps@v2 -o ./caps-v2      # the base its adapter_config.json names
+      lora-export merge ./smollm2 ./adapters/caps -o ./caps-local --dtype bfloat16
+      lora-export merge ./smollm2 ./adapters/caps ./adapters/chat -w 0.7 -w 0.3 -o ./mixed
     """
     from ..merging.merge import MergeOptions
     from ..merging.merge import merge as merge_fn
@@ -102,29 +85,26 @@ def merge(
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER... MERGED_DIR")
-@strict_base_option
-@click.option(
-    "-w",
-    "--weight",
-    "weights",
-    multiple=True,
-    type=FINITE_FLOAT,
-    help="Weight of each adapter, in order (as given to merge).",
-)
+@click.argument("paths", nargs=-1, required=True, type=options.MODEL_DIR, metavar="[BASE] ADAPTER... MERGED_DIR")
+@options.strict_base
+@options.weights
 @click.option(
     "--prompts",
     "prompts_file",
-    type=INPUT_FILE,
+    type=options.INPUT_FILE,
     help="Text file, one prompt per line (default: built-in prompts).",
 )
 @click.option(
     "--max-new-tokens", default=32, show_default=True, help="Greedy tokens to generate and compare (causal LMs)."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
-@allow_pickle_option
+@options.allow_pickle
 @click.option(
-    "--device", type=DEVICE, default="cpu", show_default=True, help="Where both models run: cpu, cuda, cuda:1, …"
+    "--device",
+    type=options.DEVICE,
+    default="cpu",
+    show_default=True,
+    help="Where both models run: cpu, cuda, cuda:1, …",
 )
 @click.option(
     "--device-map",
@@ -138,10 +118,8 @@ def merge(
     metavar="DEV=SIZE,...",
     help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
 )
-@click.option("--json", "json_file", type=REPORT_FILE, help="Write the whole report as JSON.")
-@click.option(
-    "--junit", "junit_file", type=REPORT_FILE, help="Write the checks as JUnit XML (one test case per check)."
-)
+@options.json_report
+@options.junit
 @handle_errors
 def verify(
     paths: tuple[Path, ...],
@@ -204,7 +182,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
         device, sep, size = item.strip().partition("=")
         if not sep or not size or not (device.isdigit() or device in ("cpu", "disk", "mps")):
             raise click.BadParameter(
-                f"{item!r}: write DEVICE=SIZE, DEVICE a GPU index, cpu or disk, e.g. 0=20GiB,cpu=64GiB",
+                f"{item!r}: write options.DEVICE=SIZE, options.DEVICE a GPU index, cpu or disk, e.g. 0=20GiB,cpu=64GiB",
                 param_hint="--max-memory",
             )
         limits[int(device) if device.isdigit() else device] = size
@@ -212,10 +190,10 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 
 @main.command("merge-and-onnx")
-@click.argument("paths", nargs=-1, required=True, type=MODEL_DIR, metavar="[BASE] ADAPTER...")
-@output_option
-@weights_option
-@strict_base_option
+@click.argument("paths", nargs=-1, required=True, type=options.MODEL_DIR, metavar="[BASE] ADAPTER...")
+@options.output
+@options.weights
+@options.strict_base
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16"]),
@@ -223,7 +201,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).",
 )
-@exporter_option
+@options.exporter
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option(
     "--optimize",
@@ -237,12 +215,10 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.",
 )
-@overwrite_option
-@allow_pickle_option
-@click.option(
-    "--json", "json_file", type=REPORT_FILE, help="Also write the report here (it is written even when a check fails)."
-)
-@junit_option
+@options.overwrite
+@options.allow_pickle
+@options.json_report
+@options.junit
 @handle_errors
 def merge_and_onnx(
     paths: tuple[Path, ...],
@@ -298,8 +274,8 @@ def merge_and_onnx(
 
 
 @main.command()
-@click.argument("merged_dir", type=MODEL_DIR)
-@output_option
+@click.argument("merged_dir", type=options.MODEL_DIR)
+@options.output
 @click.option(
     "--format",
     "fmt",
@@ -310,16 +286,16 @@ def merge_and_onnx(
     "cannot compile transformers models); pt2: torch.export.export. Decoders in torchscript/pt2 need transformers 5 "
     "(4.x builds masks with torch.vmap, which neither can record).",
 )
-@exporter_option
+@options.exporter
 @click.option("--opset", default=20, show_default=True, help="ONNX opset.")
 @click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
 @click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
 @click.option(
     "--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch."
 )
-@overwrite_option
-@click.option("--json", "json_file", type=REPORT_FILE, help="Also write the report here.")
-@junit_option
+@options.overwrite
+@options.json_report
+@options.junit
 @handle_errors
 def export(
     merged_dir: Path,

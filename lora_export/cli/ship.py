@@ -7,50 +7,34 @@ from typing import Any
 
 import click
 
-from .main import (
-    EXISTING_DIR,
-    MODEL_DIR,
-    REPORT_FILE,
-    Shapes,
-    _echo_err,
-    allow_pickle_option,
-    conclude,
-    exporter_option,
-    handle_errors,
-    junit_option,
-    main,
-    output_option,
-    overwrite_option,
-    split_base,
-    strict_base_option,
-)
-from .types import DEVICE, INPUT_FILE, THREADS
+from . import options
+from .main import Shapes, _echo_err, conclude, handle_errors, main, split_base
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=MODEL_DIR, metavar="[[BASE] ADAPTER...]")
-@strict_base_option
+@click.argument("paths", nargs=-1, type=options.MODEL_DIR, metavar="[[BASE] ADAPTER...]")
+@options.strict_base
 @click.option(
     "--merged",
     "merged_dir",
-    type=MODEL_DIR,
+    type=options.MODEL_DIR,
     help="The merged model, a folder or Hub address (default: merged here, in a temporary folder).",
 )
 @click.option(
     "--onnx",
     "onnx_dir",
-    type=EXISTING_DIR,
+    type=options.EXISTING_DIR,
     help="An exported merged model (folder with model.onnx) for the onnxruntime backend.",
 )
 @click.option(
     "--package",
     "package_dir",
-    type=EXISTING_DIR,
+    type=options.EXISTING_DIR,
     help="Measure a package (lora-export package): per variant, shared graph + adapter vs merged vs base.",
 )
 @click.option(
     "--device",
-    type=DEVICE,
+    type=options.DEVICE,
     default="cpu",
     show_default=True,
     help="cpu or cuda (CUDA events; ONNX Runtime's CUDA provider where installed).",
@@ -77,7 +61,10 @@ from .types import DEVICE, INPUT_FILE, THREADS
 )
 @click.option("--budget", type=float, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5).")
 @click.option(
-    "--threads", type=THREADS, default=None, help="Fix torch's and ONNX Runtime's thread count (recorded either way)."
+    "--threads",
+    type=options.THREADS,
+    default=None,
+    help="Fix torch's and ONNX Runtime's thread count (recorded either way).",
 )
 @click.option("--quick", is_flag=True, help="Small shapes and a short budget: a minute on tiny models (for CI).")
 @click.option(
@@ -85,9 +72,11 @@ from .types import DEVICE, INPUT_FILE, THREADS
     is_flag=True,
     help="The LoRA paper's Table 1: GPT-2 medium (random weights), its adapter sizes, LoRA r=4.",
 )
-@click.option("--json", "json_file", type=REPORT_FILE, help="Write the results and environment as JSON.")
-@click.option("--markdown", "markdown_file", type=REPORT_FILE, help="Write the Markdown table.")
-@click.option("--plot", "plot_file", type=REPORT_FILE, help="Write a PNG chart of the overhead vs base per shape.")
+@click.option("--json", "json_file", type=options.REPORT_FILE, help="Write the results and environment as JSON.")
+@click.option("--markdown", "markdown_file", type=options.REPORT_FILE, help="Write the Markdown table.")
+@click.option(
+    "--plot", "plot_file", type=options.REPORT_FILE, help="Write a PNG chart of the overhead vs base per shape."
+)
 @handle_errors
 def bench(
     paths: tuple[Path, ...],
@@ -120,9 +109,9 @@ def bench(
 
     \b
     Examples:
-      lora-export bench ./smollm2 ./adapters/caps --shapes 1x128,4x128 --plot overhead.png
-      lora-export bench --paper-table1 --shapes 1x128,4x128,8x256 --markdown table1.md
-      lora-export bench --package ./tasks --shapes 1x128
+      lora-export bench ./smollm2 ./adapters/caps --quick --plot overhead.png
+      lora-export bench ./smollm2 ./adapters/caps --backend all --shapes 1x32 --budget 1 --markdown bench.md
+      lora-export bench --package ./smollm2-tasks --quick
     """
     from ..bench import BenchOptions, bench_package
     from ..bench import bench as bench_fn
@@ -167,10 +156,12 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 
 
 @main.command()
-@click.argument("target", type=MODEL_DIR, metavar="BASE | PACKAGE_DIR")
-@click.option("--variants", "variants_file", type=INPUT_FILE, help="variants.yaml (or .json) naming each task variant.")
+@click.argument("target", type=options.MODEL_DIR, metavar="BASE | PACKAGE_DIR")
 @click.option(
-    "-o", "--output", "out_dir", type=EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
+    "--variants", "variants_file", type=options.INPUT_FILE, help="variants.yaml (or .json) naming each task variant."
+)
+@click.option(
+    "-o", "--output", "out_dir", type=options.EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
 )
 @click.option(
     "--mode",
@@ -185,10 +176,10 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
     is_flag=True,
     help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).",
 )
-@overwrite_option
-@exporter_option
-@strict_base_option
-@click.option("--junit", "junit_file", type=REPORT_FILE, help="With --check: write the checks as JUnit XML.")
+@options.overwrite
+@options.exporter
+@options.strict_base
+@click.option("--junit", "junit_file", type=options.REPORT_FILE, help="With --check: write the checks as JUnit XML.")
 @handle_errors
 def package(
     target: Path,
@@ -226,7 +217,7 @@ def package(
     Examples:
       lora-export package HuggingFaceTB/SmolLM2-135M-Instruct --variants variants.yaml -o ./tasks
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
-      lora-export package --check ./tasks
+      lora-export package --check ./smollm2-tasks --junit package-check.xml
     """
     from ..package.build import PackageOptions
     from ..package.build import package as run
@@ -247,26 +238,26 @@ def package(
 
 
 @main.command()
-@click.argument("merged_dir", type=EXISTING_DIR)
+@click.argument("merged_dir", type=options.EXISTING_DIR)
 @click.option(
     "--remove",
     "remove",
     required=True,
-    type=MODEL_DIR,
+    type=options.MODEL_DIR,
     help="The adapter merged into MERGED_DIR (checked by hash against its manifest).",
 )
 @click.option(
-    "--add", "add", required=True, type=MODEL_DIR, help="The adapter to merge in instead (folder or Hub address)."
+    "--add",
+    "add",
+    required=True,
+    type=options.MODEL_DIR,
+    help="The adapter to merge in instead (folder or Hub address).",
 )
-@output_option
-@click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True
-)
+@options.output
+@options.output_dtype
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@click.option(
-    "--json", "json_file", type=REPORT_FILE, help="Also write the report here (written even when a check fails)."
-)
-@junit_option
+@options.json_report
+@options.junit
 @handle_errors
 def swap(
     merged_dir: Path,
@@ -301,14 +292,14 @@ def swap(
 
 
 @main.command()
-@click.argument("adapter_dir", type=MODEL_DIR)
+@click.argument("adapter_dir", type=options.MODEL_DIR)
 @click.option(
     "--base",
     "base_dir",
-    type=MODEL_DIR,
+    type=options.MODEL_DIR,
     help="Check the adapter against this base and compute the amplification factor.",
 )
-@allow_pickle_option
+@options.allow_pickle
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @handle_errors
 def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_json: bool) -> None:

@@ -100,35 +100,48 @@ class ReportFile(click.ParamType):
         return path
 
 
-class Size(click.ParamType):
+class _Parsed(click.ParamType):
+    """A value parsed from its text by `parse`, whose ValueError is the usage error Click prints (exit 2)."""
+
+    def parse(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        try:
+            return self.parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Size(_Parsed):
     """A byte size such as 5GB, 500MB, 2GiB or a plain byte count: finite and positive."""
 
     name = "size"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+    def parse(self, value: Any) -> int:
         from ..merging.merge import parse_size
 
         try:
             size = parse_size(str(value))
         except Exception as e:  # the parser's message names the fix
-            self.fail(str(e), param, ctx)
-        if size < 1 or size >= 2**62:
-            self.fail(f"{value!r} is outside 1 byte … 4 EiB", param, ctx)
+            raise ValueError(str(e)) from None
+        if not 1 <= size < 2**62:
+            raise ValueError(f"{value!r} is outside 1 byte … 4 EiB")
         return size
 
 
-class FiniteFloat(click.ParamType):
+class FiniteFloat(_Parsed):
     """A float that is a number (not nan or inf)."""
 
     name = "float"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+    def parse(self, value: Any) -> float:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
+            raise ValueError(f"{value!r} is not a number") from None
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+            raise ValueError(f"{value!r} is not a finite number")
         return number
 
 

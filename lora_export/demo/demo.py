@@ -132,7 +132,7 @@ def run_demo(
         "base": greedy_answer(base, prompt, max_new_tokens),
         "merged": greedy_answer(out / "merged", prompt, max_new_tokens),
     }
-    builder = report.export.get("exporter") == "onnxruntime_genai.models.builder"
+    builder = report.export is not None and report.export.by_builder
     answers["onnx"] = (genai_generate if builder else onnx_generate)(out, prompt, max_new_tokens)
     echo(f"\nprompt: {prompt}\n")
     echo(f"base model, PyTorch            > {answers['base']}")

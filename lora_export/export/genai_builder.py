@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,10 @@ from typing import Any
 import torch
 
 from ..io.errors import ExportError
+from ..io.jsonio import read_json_object
+from ..model.config import ModelConfig
 from ..records import Check
+from ..records.sections import ExportSection
 from ..verification.compare import Case, compare, metrics_check
 from .onnx_check import computing_in_float32
 from .runtime_files import genai_model, new_generator, next_tokens, portable_tokenizer_config
@@ -43,13 +45,10 @@ def unsupported_reason(folder: Path) -> str | None:
     missing = [m for m in ("onnxruntime_genai", "onnx_ir") if importlib.util.find_spec(m) is None]
     if missing:
         return f"{' and '.join(missing)} not installed (pip install 'lora-export[genai]')"
-    config = json.loads((folder / "config.json").read_text())
-    architectures = config.get("architectures") or ["?"]
-    if architectures[0] not in SUPPORTED:
-        return f"the GenAI model builder does not build {architectures[0]}"
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    heads = text.get("num_attention_heads") or 1
-    head_size = text.get("head_dim") or (text.get("hidden_size") or 0) // heads
+    config = ModelConfig.load(folder)
+    if config.architecture not in SUPPORTED:
+        return f"the GenAI model builder does not build {config.architecture or '?'}"
+    head_size = config.head_size
     if head_size % 16:  # seen: "head_size shall be a multiple of 16" from ONNX Runtime at the first run
         return f"its GroupQueryAttention needs a head size that is a multiple of 16 (this model: {head_size})"
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -64,7 +63,7 @@ def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[
 
 
 @contextlib.contextmanager
-def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[Callable[[], dict[str, Any]]]:
+def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[Callable[[], ExportSection]]:
     """Start the builder in a child process; the block may work meanwhile and calls the yielded function to wait for
     it (the export section, or an ExportError). Leaving the block early (an error, Ctrl-C) kills the child."""
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
@@ -80,13 +79,13 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
         log(f"building the GenAI graph ({precision}, {target}) with onnxruntime_genai.models.builder …")
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
 
-        def finish() -> dict[str, Any]:
+        def finish() -> ExportSection:
             code = child.wait()
             if code != 0 or not (out / "model.onnx").is_file():
                 output.seek(0)
                 last = [line for line in output.read().splitlines() if line.strip()][-1:] or ["no output"]
                 raise ExportError(f"the GenAI model builder failed on {merged_dir} (exit {code}): {last[0]}")
-            return export_section(out, precision, target, time.perf_counter() - started)
+            return export_section(out, dtype, precision, target, time.perf_counter() - started)
 
         try:
             yield finish
@@ -96,23 +95,26 @@ def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[C
                 child.wait()
 
 
-def export_section(out: Path, precision: str, target: str, seconds: float) -> dict[str, Any]:
-    config = json.loads((out / "genai_config.json").read_text())
+def export_section(out: Path, dtype: str, precision: str, target: str, seconds: float) -> ExportSection:
+    """The report's export section for a builder graph in `out` (its tokenizer_config.json made portable)."""
+    config = read_json_object(out / "genai_config.json", "the GenAI model builder wrote no genai_config.json")
     tokenizer_config = out / "tokenizer_config.json"  # the builder saves transformers 5's, which 4.x cannot read
     portable = tokenizer_config.is_file() and portable_tokenizer_config(tokenizer_config, tokenizer_config)
-    return {
-        "exporter": BUILDER,
-        "seconds": seconds,
-        "precision": precision,
-        "target": target,
-        "checked_on": "ONNX Runtime GenAI, CPU provider"
+    return ExportSection(
+        format="onnx",
+        dtype=dtype,
+        exporter=BUILDER,
+        seconds=seconds,
+        precision=precision,
+        target=target,
+        checked_on="ONNX Runtime GenAI, CPU provider"
         + (" (providers in genai_config.json cleared)" if target != "cpu" else ""),
-        "files": sorted(p.name for p in out.glob("model.onnx*")),
-        "past_present_share_buffer": config["search"].get("past_present_share_buffer"),
-        "with_past": True,
-        "runtime_files": ["tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x read it)"]
+        files=tuple(sorted(p.name for p in out.glob("model.onnx*"))),
+        past_present_share_buffer=config.get("search", {}).get("past_present_share_buffer"),
+        with_past=True,
+        runtime_files=("tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x read it)",)
         * portable,
-    }
+    )
 
 
 References = list[tuple[list[int], list[torch.Tensor]]]  # per prompt: PyTorch's greedy tokens, logits per step

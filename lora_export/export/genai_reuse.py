@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,7 @@ def reuse_graph(template: GraphTemplate, merged_dir: Path, out: Path) -> dict[st
     for name in RUNTIME_FILES:
         if (template_dir / name).is_file() and not (out / name).exists():
             shutil.copy2(template_dir / name, out / name)
-    section = export_section(out, "fp32", "cpu", time.perf_counter() - started)
-    return {
-        **section,
-        "reused_graph": f"{template_dir.name}'s builder graph with this model's {len(found)} weight tensors",
-    }
+    section = export_section(out, "float32", "fp32", "cpu", time.perf_counter() - started)
+    return replace(
+        section, reused_graph=f"{template_dir.name}'s builder graph with this model's {len(found)} weight tensors"
+    )

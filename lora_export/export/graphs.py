@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.loading import model_kind
+from ..model.loading import model_kind, text_config
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -54,7 +54,7 @@ class CacheShape:
 
 
 def cache_shape(config: Any) -> CacheShape:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
     heads = getattr(text, "num_attention_heads", None) or text.n_head
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -143,7 +143,7 @@ def build_graph(model: nn.Module, with_past: bool = True) -> Graph:
 
     kind = model_kind(model)
     model.eval()
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = text_config(model.config)
     # learned absolute positions (BERT, GPT-2, OPT) bound the sequence; the exporter needs that bound to be told
     limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     batch, seq = Dim("batch"), Dim("sequence", max=int(limit)) if limit else Dim("sequence")

@@ -13,11 +13,12 @@ from typing import Any
 
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_free_space, check_output_location
-from ..io.paths import as_path
 from ..merging.merge import MergeOptions, merge
-from ..model.base import read_model_config
+from ..model.config import ModelConfig
+from ..model.hub import folder_of
 from ..model.loading import kind_of_class, load_model
 from ..records import Check, PipelineReport, files_of, versions
+from ..records.sections import ExportSection, MergeSection, VerifySection
 from ..verification.compare import DTYPES, load_tokenizer
 from ..verification.verify import VerifyOptions, stored_dtype, verify
 from .genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
@@ -96,7 +97,7 @@ def _prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
 
 def export_artifact(
     merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]
-) -> tuple[dict[str, Any], list[Check]]:
+) -> tuple[ExportSection, list[Check]]:
     """Export the merged folder into `out` (which exists) in options.format and prove it against PyTorch."""
     dtype = stored_dtype(merged_dir)
     if options.format == "onnx" and dtype == "bfloat16":
@@ -104,23 +105,20 @@ def export_artifact(
             f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
-    section: dict[str, Any] = {"format": options.format, "dtype": dtype}
-    architectures = read_model_config(merged_dir).get("architectures") or [""]
-    exporter, why = choose_exporter(options, merged_dir, kind_of_class(str(architectures[0])), dtype)
+    architecture = ModelConfig.load(merged_dir).architecture
+    exporter, why = choose_exporter(options, merged_dir, kind_of_class(architecture), dtype)
     if options.format == "onnx" and exporter == "genai":
-        section["exporter_choice"] = why
-        return section, _export_genai(merged_dir, out, options, section, log)
+        section, checks = _export_genai(merged_dir, out, options, dtype, log)
+        return replace(section, exporter_choice=why), checks
     model = load_model(merged_dir, DTYPES[dtype])
     if options.format == "onnx":
-        section["exporter_choice"] = why
-        checks = _export_onnx(model, merged_dir, out, options, section, log)
-    else:
-        from .torchscript import export_torch
+        section, checks = _export_onnx(model, merged_dir, out, options, dtype, log)
+        return replace(section, exporter_choice=why), checks
+    from .torchscript import export_torch
 
-        log(f"exporting {options.format} …")
-        info, checks = export_torch(model, out, options.format, options.seed)
-        section.update(info)
-        _copy_config_and_tokenizer(merged_dir, out)
+    log(f"exporting {options.format} …")
+    section, checks = export_torch(model, out, options.format, dtype, options.seed)
+    _copy_config_and_tokenizer(merged_dir, out)
     return section, checks
 
 
@@ -152,23 +150,22 @@ def choose_exporter(options: ExportOptions, merged_dir: Path, kind: str, dtype: 
 
 
 def _export_genai(
-    merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
-) -> list[Check]:
+    merged_dir: Path, out: Path, options: ExportOptions, dtype: str, log: Callable[[str], None]
+) -> tuple[ExportSection, list[Check]]:
     """The GenAI model builder's graph, checked where it runs: in ONNX Runtime GenAI against PyTorch. While the
     builder runs (a child process), PyTorch computes its references; its model is freed before GenAI loads the
     graph, so that GenAI never runs beside a PyTorch copy of the weights."""
-    dtype = section["dtype"]
     if options.reuse is not None:
         log(f"reusing the builder graph of {options.reuse.folder.name} with this model's weights …")
         prompts, references = _genai_references(merged_dir, options, dtype)
-        section.update(reuse_graph(options.reuse, merged_dir, out))
+        section = reuse_graph(options.reuse, merged_dir, out)
     else:
         with genai_build(merged_dir, out, dtype, log) as finish:
             prompts, references = _genai_references(merged_dir, options, dtype)
-            section.update(finish())
+            section = finish()
     _copy_config_and_tokenizer(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
-    return [genai_logits_check(out, prompts, references, section["dtype"])]
+    return section, [genai_logits_check(out, prompts, references, dtype)]
 
 
 def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:
@@ -178,8 +175,8 @@ def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:
 
 
 def _export_onnx(
-    model: Any, merged_dir: Path, out: Path, options: ExportOptions, section: dict[str, Any], log: Callable[[str], None]
-) -> list[Check]:
+    model: Any, merged_dir: Path, out: Path, options: ExportOptions, dtype: str, log: Callable[[str], None]
+) -> tuple[ExportSection, list[Check]]:
     """The ONNX graph, checked in ONNX Runtime; the files runtimes need beside it; for decoders with past, the
     folder loaded and run by ONNX Runtime GenAI as written."""
     prompt, eos, tokenizer = _prompt_tokens(merged_dir)
@@ -187,24 +184,41 @@ def _export_onnx(
     exported = export_onnx(model, out / "model.onnx", options.onnx, log)
     log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
     checks, generation = verify_onnx(model, exported, options.onnx, options.seed, prompt, eos)
-    section.update({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(exported).items()})
-    section["files"] = [p.name for p in onnx_files(exported.path)]
+    text = None
     if generation and tokenizer is not None:
-        section["generation_text"] = {
+        text = {
             "pytorch": tokenizer.decode(generation["reference"]),
             "onnxruntime": tokenizer.decode(generation["tokens"]),
         }
     _copy_config_and_tokenizer(merged_dir, out)
     decoder = exported.kind == "causal-lm" and exported.with_past
     shape = cache_shape(model.config) if decoder else None
-    section["runtime_files"] = write_runtime_files(out, merged_dir, shape, exported.input_names, exported.output_names)
+    runtime_files = write_runtime_files(out, merged_dir, shape, exported.input_names, exported.output_names)
     if decoder and generation and (out / GENAI_CONFIG).is_file():
         if genai_installed():
             log("checking in ONNX Runtime GenAI …")
-            checks.append(genai_check(out, generation["prompt_tokens"], generation["reference"], section["dtype"]))
+            checks.append(genai_check(out, generation["prompt_tokens"], generation["reference"], dtype))
         else:  # said in the report, not skipped silently
-            section["runtime_files"].append(GENAI_MISSING)
-    return checks
+            runtime_files.append(GENAI_MISSING)
+    section = ExportSection(
+        format="onnx",
+        dtype=dtype,
+        exporter=exported.exporter,
+        seconds=exported.seconds,
+        path=str(exported.path),
+        files=tuple(p.name for p in onnx_files(exported.path)),
+        kind=exported.kind,
+        with_past=exported.with_past,
+        input_names=tuple(exported.input_names),
+        output_names=tuple(exported.output_names),
+        opset=exported.opset,
+        optimized=exported.optimized,
+        external_data=exported.external_data,
+        notes=tuple(exported.notes),
+        runtime_files=tuple(runtime_files),
+        generation_text=text,
+    )
+    return section, checks
 
 
 def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> tuple[list[list[int]], Any]:
@@ -220,7 +234,11 @@ def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> t
 
 
 def _report(
-    kind: str, inputs: dict[str, Any], sections: dict[str, Any], checks: list[Check], started: float
+    kind: str,
+    inputs: dict[str, Any],
+    stages: tuple[MergeSection | None, VerifySection | None, ExportSection],
+    checks: list[Check],
+    started: float,
 ) -> PipelineReport:
     """The report; inputs that came from the Hub cache get their source (repository, revision, commit) recorded."""
     from ..model.hub import sources
@@ -230,7 +248,7 @@ def _report(
     found = sources(paths)
     if found:
         inputs = {**inputs, "sources": found}
-    return PipelineReport(kind, inputs, sections, tuple(checks), time.perf_counter() - started, versions())
+    return PipelineReport(kind, inputs, *stages, tuple(checks), time.perf_counter() - started, versions())
 
 
 def _finish(out: Path, report: PipelineReport) -> PipelineReport:
@@ -262,7 +280,9 @@ def export(
     try:
         with atomic_output_dir(out_dir, options.overwrite) as tmp:
             section, checks = export_artifact(merged_dir, tmp, options, log)
-            report = _finish(tmp, _report("export", {"merged": str(merged_dir)}, {"export": section}, checks, started))
+            report = _finish(
+                tmp, _report("export", {"merged": str(merged_dir)}, (None, None, section), checks, started)
+            )
     except DiscardOutput as failed:
         return PipelineResult(out_dir, failed.report)
     return PipelineResult(out_dir, report)
@@ -280,8 +300,8 @@ def merge_and_onnx(
     """Merge → verify (merged vs unmerged) → export ONNX → verify (ONNX Runtime vs PyTorch), into OUT_DIR:
     model.onnx (+ model.onnx.data), tokenizer files, merged/ (with its lora_export.json), report.json, report.md."""
     started = time.perf_counter()
-    base_dir, out_dir = as_path(base_dir), Path(out_dir)
-    adapters = [as_path(a) for a in adapter_dirs]
+    base_dir, out_dir = folder_of(base_dir, "base"), Path(out_dir)
+    adapters = [folder_of(a, "adapter") for a in adapter_dirs]
     if merge_options.dtype == "bfloat16":
         raise UnsupportedError(
             "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
@@ -327,25 +347,27 @@ def _merge_and_onnx(
         )
         section, export_checks = export_artifact(tmp / "merged", tmp, options, log)
         checks = [*vreport.checks, *export_checks]
-        vdict = vreport.to_dict()
-        sections = {
-            "merge": {
-                "output": "merged",
-                "dtype": merged.manifest.dtype,
-                "merged_tensors": merged.manifest.merged_tensors,
-                "untied": dict(merged.manifest.untied),
-                "notes": list(merged.manifest.notes),
-                "manifest": "merged/lora_export.json",
-            },
-            "verify": {
-                k: vdict[k]
-                for k in ("model_class", "merged_dtype", "tolerances", "cases", "generation", "diagnosis", "structure")
-            },
-            "export": section,
-        }
+        manifest = merged.manifest
+        merge_section = MergeSection(
+            "merged",
+            manifest.dtype,
+            manifest.merged_tensors,
+            manifest.untied,
+            manifest.notes,
+            "merged/lora_export.json",
+        )
+        verified = VerifySection(
+            vreport.model_class,
+            vreport.merged_dtype,
+            vreport.tolerances,
+            tuple(vreport.cases),
+            vreport.generation,
+            vreport.diagnosis,
+            vreport.structure,
+        )
         inputs = {
             "base": str(base_dir),
             "adapters": [str(a) for a in adapters],
             "weights": list(merge_options.weights) or [1.0] * len(adapters),
         }
-        return _finish(tmp, _report("merge-and-onnx", inputs, sections, checks, started))
+        return _finish(tmp, _report("merge-and-onnx", inputs, (merge_section, verified, section), checks, started))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..io.jsonio import read_json_object, write_json
+from ..model.config import ModelConfig
 from ..records import Check
 from ..records.tolerances import tolerance
 from ..verification.compare import compare_tokens
@@ -32,16 +33,14 @@ GENAI_CONFIG = "genai_config.json"
 
 
 def genai_config(
-    config: dict[str, Any], shape: CacheShape, input_names: list[str], output_names: list[str]
+    config: ModelConfig, shape: CacheShape, input_names: list[str], output_names: list[str]
 ) -> dict[str, Any]:
     """genai_config.json for a graph with our decoder contract (input_ids, attention_mask[, position_ids], past…)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    heads = int(text.get("num_attention_heads") or text.get("n_head"))
-    hidden = int(text.get("hidden_size") or text.get("n_embd"))
-    context = int(text.get("max_position_embeddings") or text.get("n_positions") or 2048)
-    eos = text.get("eos_token_id", config.get("eos_token_id"))
+    text = config.text
+    heads, hidden, context = config.heads, config.hidden_size, config.context or 2048
+    eos = text.get("eos_token_id", config.data.get("eos_token_id"))
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    pad = text.get("pad_token_id", config.get("pad_token_id"))
+    pad = text.get("pad_token_id", config.data.get("pad_token_id"))
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in input_names:
         inputs["position_ids"] = "position_ids"
@@ -70,7 +69,7 @@ def genai_config(
         "type": "decoder",
         "context_length": context,
         "vocab_size": vocab,
-        "bos_token_id": _token(text.get("bos_token_id", config.get("bos_token_id")), 0),
+        "bos_token_id": _token(text.get("bos_token_id", config.data.get("bos_token_id")), 0),
         "eos_token_id": _token(eos, 0),
         "pad_token_id": _token(pad, _token(eos, 0)),
         "decoder": decoder,
@@ -107,7 +106,7 @@ def write_runtime_files(
     ):
         notes.append("tokenizer_config.json names PreTrainedTokenizerFast (transformers 4.x and 5.x both read it)")
     if shape is not None:
-        config = read_json_object(source / "config.json", "the merged folder has no config.json")
+        config = ModelConfig.load(source)
         try:
             write_json(out / GENAI_CONFIG, genai_config(config, shape, input_names, output_names))
         except ValueError as e:

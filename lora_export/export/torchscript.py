@@ -14,7 +14,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from ..io.errors import ExportError, UnsupportedError
 from ..io.tensorfiles import dtype_name as torch_dtype_name
 from ..model.loading import model_kind
 from ..records import Check
+from ..records.sections import ExportSection
 from ..records.tolerances import tolerance
 from ..verification.compare import Case, compare, metrics_check
 from .graphs import build_graph, position_ids_for
@@ -65,7 +65,7 @@ def _cases(kind: str, input_names: list[str], vocab: int, seed: int) -> list[tup
     return cases
 
 
-def export_torch(model: nn.Module, out: Path, fmt: str, seed: int = 0) -> tuple[dict[str, Any], list[Check]]:
+def export_torch(model: nn.Module, out: Path, fmt: str, dtype: str, seed: int = 0) -> tuple[ExportSection, list[Check]]:
     """Write out/model.pt or out/model.pt2; reload it in a fresh Python process; compare with eager."""
     if model_kind(model) == "causal-lm" and _transformers_major() < 5:
         raise UnsupportedError(
@@ -98,16 +98,18 @@ def export_torch(model: nn.Module, out: Path, fmt: str, seed: int = 0) -> tuple[
             f"{fmt} export of {type(model).__name__} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
     seconds = time.perf_counter() - started
-    info = {
-        "file": path.name,
-        "seconds": seconds,
-        "kind": graph.kind,
-        "input_names": graph.input_names,
-        "output_names": graph.output_names,
-        "with_past": False,
-        "exporter": "torch.jit.trace (deprecated in this torch)" if fmt == "torchscript" else "torch.export.export",
-    }
-    return info, [check_torch_artifact(model, fmt, path, seed)]
+    section = ExportSection(
+        format=fmt,
+        dtype=dtype,
+        exporter="torch.jit.trace (deprecated in this torch)" if fmt == "torchscript" else "torch.export.export",
+        seconds=seconds,
+        file=path.name,
+        kind=graph.kind,
+        with_past=False,
+        input_names=tuple(graph.input_names),
+        output_names=tuple(graph.output_names),
+    )
+    return section, [check_torch_artifact(model, fmt, path, seed)]
 
 
 def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) -> Check:

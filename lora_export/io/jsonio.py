@@ -3,6 +3,7 @@ field and the fix. The loaders of lora_export.records are built on it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -26,8 +27,13 @@ def read_json_object(
     return data
 
 
+def json_text(data: Any) -> str:
+    """The JSON text this tool writes for `data` (what write_json puts in a file)."""
+    return json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    path.write_text(json_text(data), encoding="utf-8")
 
 
 class Fields:
@@ -115,6 +121,22 @@ def read_text(path: Path, fix: str) -> str:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); {fix}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+
+
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise InputError(f"{path}: key {twice[0]!r} is given twice; give each variant (and field) once")
+    return dict(pairs)
+
+
+def read_json_strict(path: Path, fix: str) -> Any:
+    """JSON written by a person, with no key given twice (a second definition would silently win), as read_yaml."""
+    try:
+        return json.loads(read_text(path, fix), object_pairs_hook=functools.partial(_unique_keys, path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
 
 
 def read_yaml(path: Path, fix: str) -> Any:

@@ -20,12 +20,12 @@ from .. import __version__
 from ..io.errors import LoraExportError, OutputError, UnsafeInputError
 from ..io.jsonio import write_json
 from ..io.outputs import atomic_output_dir, check_free_space, check_output_location
-from ..io.paths import as_path, checked_link
+from ..io.paths import checked_link
 from ..io.tensorfiles import TensorSpec, WrittenFile, dtype_name, write_index
 from ..model.adapters import LoraAdapter, load_adapter
 from ..model.base import WEIGHT_FILES, BaseModel
-from ..model.hub import source_field
-from ..records import MergeManifest, versions
+from ..model.hub import folder_of, source_of
+from ..records import AdapterRecord, FileRecord, MergeManifest, versions
 from .plan import plan_merge
 from .stream import MergeStream
 
@@ -67,8 +67,8 @@ def merge(
 ) -> MergeResult:
     """Merge PEFT LoRA adapters into a transformers model folder, writing a new folder transformers loads as it is."""
     started = time.perf_counter()
-    base_dir, out_dir = as_path(base_dir), Path(out_dir)
-    adapter_paths = [as_path(a) for a in adapter_dirs]
+    base_dir, out_dir = folder_of(base_dir, "base"), Path(out_dir)
+    adapter_paths = [folder_of(a, "adapter") for a in adapter_dirs]
     weights = adapter_weights(options.weights, len(adapter_paths))
     check_output_location(out_dir, [base_dir, *adapter_paths], options.overwrite)
     base = BaseModel.open(base_dir, options.allow_pickle)
@@ -90,10 +90,9 @@ def merge(
         out_dtypes = {p.out_dtype for p in plans if p.out_dtype.is_floating_point}
         copy_base_files(base.folder, tmp)
         write_config(base.config, tmp, options.dtype, out_dtypes, bool(untied))
-        data = _manifest_data(base, adapters, weights, options, stream, written, untied, notes, out_dtypes)
-        data["seconds"] = round(time.perf_counter() - started, 3)
-        manifest = MergeManifest.from_dict(data, tmp / MANIFEST)  # our own output through the reader's checks
-        manifest.write(tmp)
+        seconds = round(time.perf_counter() - started, 3)
+        manifest = _manifest(base, adapters, weights, options, stream, written, untied, notes, out_dtypes, seconds)
+        manifest.write(tmp)  # re-read through the reader's checks and compared
     return MergeResult(out_dir, manifest)
 
 
@@ -111,7 +110,7 @@ def adapter_weights(given: Sequence[float], adapters: int) -> tuple[float, ...]:
     return weights
 
 
-def _manifest_data(
+def _manifest(
     base: BaseModel,
     adapters: Sequence[LoraAdapter],
     weights: tuple[float, ...],
@@ -121,41 +120,32 @@ def _manifest_data(
     untied: dict[str, str],
     notes: list[str],
     out_dtypes: set[torch.dtype],
-) -> dict[str, Any]:
-    """lora_export.json as written: inputs with their hashes, options, what was written, per-tensor numbers."""
-    input_hashes = stream.input_hashes()
-    weight_files = [
-        {"name": p.name, "sha256": input_hashes[p.name], "size": p.stat().st_size} for p in base.weight_files
-    ]
-    return {
-        "tool": {"name": "lora-export", "version": __version__, "command": "merge"},
-        "versions": versions(),
-        "options": {**asdict(options), "weights": list(weights)},
-        "base": {
-            "path": str(base.folder.resolve()),
-            "weights": weight_files,
-            "files": base.input_files(),
-            **source_field(base.folder),
-        },
-        "adapters": [
-            {
-                "path": str(a.path.resolve()),
-                "weight": w,
-                "files": a.files(),
-                "config": a.config,
-                **source_field(a.path),
-            }
+    seconds: float,
+) -> MergeManifest:
+    """lora_export.json: inputs with their hashes, options, what was written, per-tensor numbers."""
+    hashes = stream.input_hashes()
+    return MergeManifest(
+        tool={"name": "lora-export", "version": __version__, "command": "merge"},
+        versions=versions(),
+        options={**asdict(options), "weights": list(weights)},
+        base_path=str(base.folder.resolve()),
+        base_weights=tuple(FileRecord(p.name, hashes[p.name], p.stat().st_size) for p in base.weight_files),
+        base_files=tuple(FileRecord(**f) for f in base.input_files()),
+        adapters=tuple(
+            AdapterRecord(
+                str(a.path.resolve()), w, tuple(FileRecord(**f) for f in a.files()), a.config, source_of(a.path)
+            )
             for a, w in zip(adapters, weights, strict=True)
-        ],
-        "output": {
-            "dtype": options.dtype if options.dtype != "auto" else sorted(dtype_name(d) for d in out_dtypes),
-            "files": [asdict(f) for f in written],
-            "untied": untied,
-            "tie_word_embeddings": False if untied else base.tie_word_embeddings,
-        },
-        "notes": notes,
-        "tensors": {p.name: stream.stats[p.name] for p in stream.plans if p.name in stream.stats},
-    }
+        ),
+        dtype=options.dtype if options.dtype != "auto" else tuple(sorted(dtype_name(d) for d in out_dtypes)),
+        files=tuple(FileRecord(f.name, f.sha256, f.size) for f in written),
+        untied=untied,
+        tie_word_embeddings=False if untied else base.tie_word_embeddings,
+        notes=tuple(notes),
+        tensors={p.name: stream.stats[p.name] for p in stream.plans if p.name in stream.stats},
+        seconds=seconds,
+        base_source=source_of(base.folder),
+    )
 
 
 def copy_base_files(src: Path, dst: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
-from ..io.paths import as_path
 from ..io.tensorfiles import TensorStore
 from ..model.adapters import load_adapter
+from ..model.hub import folder_of
 from ..records import Check, MergeManifest, SwapReport
 from ..records.tolerances import tolerance
 from .merge import MergeOptions, merge
@@ -76,7 +76,12 @@ def swap(
 ) -> SwapReport:
     """W − w_A·ΔW_A + ΔW_B into OUT_DIR, compared with a fresh merge of B into the original base when it is still
     where the manifest says. When that comparison misses its tolerance, nothing is written and the report fails."""
-    merged_dir, remove, add, out_dir = Path(merged_dir), as_path(remove), as_path(add), Path(out_dir)
+    merged_dir, remove, add, out_dir = (
+        Path(merged_dir),
+        folder_of(remove, "adapter"),
+        folder_of(add, "adapter"),
+        Path(out_dir),
+    )
     dtype, overwrite = options.dtype, options.overwrite
     manifest = MergeManifest.load(merged_dir)
     a = _swappable(remove, "removed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -11,9 +10,10 @@ from typing import Any
 
 from ..io.errors import InputError, UnsafeInputError, UnsupportedError
 from ..io.hashing import sha256_file
-from ..io.jsonio import Fields, read_json_object
+from ..io.jsonio import read_json_object
 from ..io.paths import as_path, checked_link, safe_child
 from ..io.tensorfiles import TensorStore
+from .config import ModelConfig, text_part
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -35,7 +35,7 @@ class BaseModel:
         folder = as_path(folder)
         if not folder.is_dir():
             raise InputError(f"base model folder {folder} does not exist")
-        config = read_model_config(folder)
+        config = dict(ModelConfig.load(folder).data)
         if config.get("quantization_config"):
             method = config["quantization_config"].get("quant_method", "?")
             raise UnsupportedError(
@@ -47,7 +47,7 @@ class BaseModel:
         return cls(folder, config, store, files)
 
     def text_config(self) -> dict[str, Any]:
-        return self.config.get("text_config") or self.config
+        return text_part(self.config)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -133,41 +133,6 @@ class BaseModel:
         return {dst: src}
 
 
-CONFIG_OBJECTS = ("text_config", "quantization_config", "rope_scaling", "rope_parameters", "vision_config")
-CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
-                "n_positions")  # fmt: skip
-CONFIG_FIX = "fix config.json or save the model again with save_pretrained"
-
-
-def read_model_config(folder: Path) -> dict[str, Any]:
-    """config.json of a model folder, its fields checked where the tool reads them: nested configs are objects,
-    sizes positive integers, token ids integers, architectures strings. One error naming the file and the field."""
-    path = folder / "config.json"
-    config = read_json_object(path, f"is {folder} a transformers model folder (saved with save_pretrained)?")
-    fields = Fields(config, path, fix=CONFIG_FIX)
-    _check_config(fields)
-    text = fields.get("text_config", dict, None, optional=True)
-    if text is not None:
-        _check_config(fields.child(text, "text_config"))
-    return config
-
-
-def _check_config(f: Fields) -> None:
-    for key in CONFIG_OBJECTS:
-        f.get(key, dict, None, optional=True)
-    for key in CONFIG_SIZES:
-        if f.get(key, int, None, optional=True) is not None and f.data[key] < 1:
-            f.fail(key, f"must be a positive integer, found {f.data[key]}")
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = f.get(key, (int, list), None, optional=True)
-        if isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            f.fail(key, "must be an integer or a list of integers")
-    f.get("tie_word_embeddings", bool, None, optional=True)
-    if f.data.get("architectures") is not None:
-        f.strings("architectures")
-
-
 def open_weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], TensorStore]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
@@ -231,15 +196,11 @@ def check_index_agrees(index: Path, weight_map: dict[str, Any], store: TensorSto
 
 def read_index(index: Path) -> tuple[list[Path], dict[str, Any]]:
     """The shard files an index names (each a checked plain file in its folder) and its weight map."""
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
-        raise InputError(
-            f"{index}: not a valid index ({type(e).__name__}: {e}): download or save the model again"
-        ) from None
+    fix = ": download or save the model again"
+    data = read_json_object(index, "the index names the model's shards", fix=f" (not a valid index){fix}")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: not a valid index (its weight_map is not an object){fix}")
     files: list[Path] = []
     for name in dict.fromkeys(weight_map.values()):
         path = safe_child(index.parent, str(name), str(index))

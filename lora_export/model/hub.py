@@ -84,6 +84,12 @@ def resolve(text: str, kind: str = "base", log: Any = None) -> Path:
     return path if path.exists() else resolve_address(text, kind, log)
 
 
+def folder_of(value: Path | str, kind: str = "base") -> Path:
+    """A library argument as a folder: a Path as given (a HubFolder keeps its source), a string as `resolve` reads a
+    command-line argument — the path when it exists, else a Hub address through the cache."""
+    return value if isinstance(value, Path) else resolve(value, kind)
+
+
 def resolve_address(text: str, kind: str = "base", log: Any = None) -> Path:
     """A Hub address `org/name[@revision]` resolved through the cache (then the network, unless offline), whatever
     folders exist; InputError naming what was tried and the fix."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..io.errors import InputError, UnsupportedError
-from .base import read_model_config
+from .config import ModelConfig
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -53,8 +53,7 @@ def model_class(folder: Path) -> Any:
     """The transformers class for a model folder: its architecture when transformers has it, else an Auto class."""
     import transformers
 
-    config = read_model_config(Path(folder))
-    arch = (config.get("architectures") or [""])[0]
+    arch = ModelConfig.load(Path(folder)).architecture
     cls = getattr(transformers, arch, None)
     if cls is not None:
         return cls
@@ -126,3 +125,9 @@ def placement_summary(model: nn.Module) -> dict[str, int] | None:
         key = f"cuda:{where}" if isinstance(where, int) else str(where)
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def text_config(config: Any) -> Any:
+    """The language model's part of a loaded transformers config (a multimodal model's text config), like
+    ModelConfig.text for config.json."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

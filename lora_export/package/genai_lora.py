@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.errors import UnsupportedError
+from ..model.config import ModelConfig
 
 PACKED = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # order of the builder's packed qkv_proj columns
 
@@ -27,16 +28,13 @@ def node_path(module: str) -> str:
     return "/" + module.replace(".", "/").replace("/layers/", "/layers.")
 
 
-def _packed_widths(config: dict[str, Any]) -> tuple[int, int, int]:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    heads = int(text["num_attention_heads"])
-    kv = int(text.get("num_key_value_heads") or heads)
-    head = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    return heads * head, kv * head, kv * head
+def _packed_widths(config: ModelConfig) -> tuple[int, int, int]:
+    """The q, k and v widths of the builder's packed qkv_proj."""
+    return config.heads * config.head_size, config.kv_heads * config.head_size, config.kv_heads * config.head_size
 
 
 def plan_branches(
-    graph: Any, modules: dict[str, tuple[int, int]], config: dict[str, Any]
+    graph: Any, modules: dict[str, tuple[int, int]], config: ModelConfig
 ) -> dict[str, list[tuple[str, int, int]]]:
     """MatMul node name → [(module, out, in)] in the order of its output columns; refuses what it cannot place."""
     nodes = {n.name: n for n in graph.node if n.op_type == "MatMul"}
@@ -64,7 +62,7 @@ def plan_branches(
     return plan
 
 
-def add_lora_inputs(path: Path, modules: dict[str, tuple[int, int]], config: dict[str, Any]) -> list[str]:
+def add_lora_inputs(path: Path, modules: dict[str, tuple[int, int]], config: ModelConfig) -> list[str]:
     """Rewrite the builder graph at `path` (its external data untouched) with a LoRA branch per module; returns the
     modules that have inputs (q, k and v of a packed MatMul all do)."""
     import numpy as np

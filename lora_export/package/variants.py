@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..io.errors import InputError
-from ..io.jsonio import read_text, read_yaml
+from ..io.jsonio import read_json_strict, read_yaml
 
 NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -23,14 +20,6 @@ class Variant:
     dtype: str
 
 
-def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise InputError(f"{path}: key {twice[0]!r} is given twice; give each variant (and field) once")
-    return dict(pairs)
-
-
 def read_variants(path: Path) -> list[Variant]:
     """variants.yaml (or .json): {variants: {name: {adapters: [path | {path, weight}], dtype?}}}; paths relative to the file."""
     if not path.is_file():
@@ -39,10 +28,7 @@ def read_variants(path: Path) -> list[Variant]:
     if path.suffix in (".yaml", ".yml"):
         data = read_yaml(path, fix)
     else:
-        try:
-            data = json.loads(read_text(path, fix), object_pairs_hook=functools.partial(_unique_keys, path))
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+        data = read_json_strict(path, fix)
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict) or not data["variants"]:
         raise InputError(f"{path}: expected a top-level `variants:` mapping of names to {{adapters: [...]}}")
     out = []

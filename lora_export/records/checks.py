@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..io.jsonio import Fields
+from .sections import Diagnosis, Generation, StructureSummary
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,15 @@ class VerifyReport(CheckedReport):
     tolerances: dict[str, dict[str, float]]
     cases: list[dict[str, Any]]
     checks: tuple[Check, ...]
-    generation: dict[str, Any] | None
-    diagnosis: dict[str, Any] | None
+    generation: Generation | None
+    diagnosis: Diagnosis | None
     placement: dict[str, dict[str, int]] | None = None  # modules per device of each device-mapped model
-    structure: dict[str, Any] | None = None  # counted per forward: the merged model's, and what unmerged LoRA adds
+    structure: StructureSummary | None = None  # counted per forward: the merged model's, what unmerged LoRA adds
     sources: dict[str, Any] | None = None  # {path: Hub source} for the inputs that came from the Hub cache
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "checks": [c.to_dict() for c in self.checks], "passed": self.passed}
+        typed = {k: None if v is None else v.to_dict() for k, v in self.sections().items()}
+        return {**asdict(self), **typed, "checks": [c.to_dict() for c in self.checks], "passed": self.passed}
+
+    def sections(self) -> dict[str, Generation | Diagnosis | StructureSummary | None]:
+        return {"generation": self.generation, "diagnosis": self.diagnosis, "structure": self.structure}

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..io.errors import InputError
-from ..io.jsonio import Fields, read_json, relative_name, write_json
+from ..io.jsonio import Fields, relative_name
 from .source import HubSource
+from .stored import StoredRecord
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -75,7 +76,7 @@ class AdapterRecord:
 
 
 @dataclass(frozen=True)
-class MergeManifest:
+class MergeManifest(StoredRecord):
     tool: Mapping[str, Any]
     versions: Mapping[str, str]
     options: Mapping[str, Any]
@@ -94,6 +95,8 @@ class MergeManifest:
     base_source: HubSource | None = None  # where the base came from on the Hub
 
     NAME = "lora_export.json"
+    FIX = MERGE_FIX
+    MISSING = "only folders merged by lora-export record what was merged"
 
     @property
     def merged_tensors(self) -> int:
@@ -139,16 +142,6 @@ class MergeManifest:
         if self.swap is not None:
             out["swap"] = dict(self.swap)
         return out
-
-    def write(self, folder: Path) -> None:
-        write_json(folder / self.NAME, self.to_dict())
-
-    @classmethod
-    def load(cls, folder: Path) -> MergeManifest:
-        path = folder / cls.NAME
-        if not path.is_file():
-            raise InputError(f"{folder} has no {cls.NAME}: only folders merged by lora-export record what was merged")
-        return cls.from_dict(read_json(path, MERGE_FIX), path)
 
     @classmethod
     def from_dict(cls, data: Any, path: Path) -> MergeManifest:

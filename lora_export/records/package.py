@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.errors import InputError
-from ..io.jsonio import Fields, read_json, relative_name, write_json
+from ..io.jsonio import Fields, relative_name
 from .checks import Check, CheckedReport
 from .merge import FileRecord, recorded_source
 from .source import HubSource
+from .stored import StoredRecord
 
 PACKAGE_FIX = "rebuild the package with lora-export package"
 EXPORTERS = ("dynamo", "genai")  # what made a layout's graph, and so which runtime re-checks it
@@ -42,7 +42,7 @@ class MergedVariant:
 
 
 @dataclass(frozen=True)
-class PackageManifest(CheckedReport):
+class PackageManifest(CheckedReport, StoredRecord):
     base: str
     mode: str
     versions: Mapping[str, str]
@@ -57,6 +57,8 @@ class PackageManifest(CheckedReport):
     base_source: HubSource | None = None  # where the base came from on the Hub
 
     NAME = "manifest.json"
+    FIX = PACKAGE_FIX
+    MISSING = f"is it a lora-export package? {PACKAGE_FIX}"
 
     @property
     def checks(self) -> tuple[Check, ...]:  # type: ignore[override]
@@ -99,16 +101,6 @@ class PackageManifest(CheckedReport):
             out["merged_sharing"] = dict(self.merged_sharing)
         out.update(storage=dict(self.storage), files=[asdict(f) for f in self.files], seconds=self.seconds)
         return out
-
-    def write(self, folder: Path) -> None:
-        write_json(folder / self.NAME, self.to_dict())
-
-    @classmethod
-    def load(cls, folder: Path) -> PackageManifest:
-        path = folder / cls.NAME
-        if not path.is_file():
-            raise InputError(f"{folder} has no {cls.NAME}: is it a lora-export package? {PACKAGE_FIX}")
-        return cls.from_dict(read_json(path, PACKAGE_FIX), path)
 
     @classmethod
     def from_dict(cls, data: Any, path: Path) -> PackageManifest:

@@ -7,58 +7,61 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.jsonio import Fields, read_json, write_json
+from ..io.jsonio import Fields
 from .checks import Check, CheckedReport
 from .merge import FileRecord
+from .sections import ExportSection, MergeSection, VerifySection
+from .stored import StoredRecord
 
 REPORT_FIX = "run lora-export merge-and-onnx or export again"
 
 
 @dataclass(frozen=True)
-class PipelineReport(CheckedReport):
+class PipelineReport(CheckedReport, StoredRecord):
+    """report.json: the inputs, what each stage did (merge and verify for merge-and-onnx; export for both), every
+    check, and the files written."""
+
     command: str
     inputs: Mapping[str, Any]
-    sections: Mapping[str, Mapping[str, Any]]  # merge, verify, export: what each stage did
+    merge: MergeSection | None
+    verify: VerifySection | None
+    export: ExportSection | None
     checks: tuple[Check, ...]
     seconds: float
     versions: Mapping[str, str]
     output_files: tuple[FileRecord, ...] = ()
 
     NAME = "report.json"
-    SECTIONS = ("merge", "verify", "export")
-
-    @property
-    def export(self) -> Mapping[str, Any]:
-        return self.sections.get("export", {})
+    FIX = REPORT_FIX
 
     def to_dict(self) -> dict[str, Any]:
+        stages = {"merge": self.merge, "verify": self.verify, "export": self.export}
         return {
             "tool": "lora-export",
             "command": self.command,
             "passed": self.passed,
             "inputs": dict(self.inputs),
-            **{k: dict(v) for k, v in self.sections.items()},
+            **{k: v.to_dict() for k, v in stages.items() if v is not None},
             "checks": [c.to_dict() for c in self.checks],
             "seconds": self.seconds,
             "versions": dict(self.versions),
             "output_files": [asdict(f) for f in self.output_files],
         }
 
-    def write(self, folder: Path) -> None:
-        write_json(folder / self.NAME, self.to_dict())
-
-    @classmethod
-    def load(cls, folder: Path) -> PipelineReport:
-        path = folder / cls.NAME
-        return cls.from_dict(read_json(path, REPORT_FIX), path)
-
     @classmethod
     def from_dict(cls, data: Any, path: Path) -> PipelineReport:
         f = Fields(data, path, fix=REPORT_FIX, label="damaged report")
+
+        def stage(key: str, record: Any) -> Any:
+            section = f.sub(key, None)
+            return None if section is None else record.from_fields(section)
+
         report = cls(
             command=f.get("command", str),
             inputs=f.get("inputs", dict, {}),
-            sections={k: f.get(k, dict) for k in cls.SECTIONS if k in f.data},
+            merge=stage("merge", MergeSection),
+            verify=stage("verify", VerifySection),
+            export=stage("export", ExportSection),
             checks=tuple(Check.from_fields(c) for c in f.items("checks")),
             seconds=f.get("seconds", float, 0.0),
             versions=f.get("versions", dict, {}),

@@ -15,18 +15,18 @@ def pipeline_markdown(report: PipelineReport) -> str:
     lines = [f"# lora-export {report.command}: {'PASS' if report.passed else 'FAIL'}", ""]
     for k, v in report.inputs.items():
         lines.append(f"- {k}: `{v}`")
-    if export:
-        artifact = ", ".join(export.get("files", [export.get("file", "")]))
-        lines.append(f"- artifact: {artifact} ({export.get('exporter')}, dtype {export.get('dtype')})")
+    if export is not None:
+        artifact = ", ".join(export.files or (export.file or "",))
+        lines.append(f"- artifact: {artifact} ({export.exporter}, dtype {export.dtype})")
     lines += ["", "| check | result | compares | summary |", "|---|---|---|---|"]
     for c in report.checks:
         lines.append(f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.compares} | {c.summary} |")
-    tolerances = report.sections.get("verify", {}).get("tolerances") or {}
+    tolerances = report.verify.tolerances if report.verify is not None else {}
     if tolerances:
         lines += ["", "Tolerances:", ""]
         for key, tol in tolerances.items():
             lines.append(f"- {key}: " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
-    text = export.get("generation_text")
+    text = export.generation_text if export is not None else None
     if text:
         lines += [
             "",

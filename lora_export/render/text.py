@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # rendering needs no torch: `--help` and `package --check` import this module
+if TYPE_CHECKING:
     from ..merging.merge import MergeResult
     from ..records import (
         AdapterInspection,
@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # rendering needs no torch: `--help` and `package --check` im
         PipelineReport,
         SwapReport,
         VerifyReport,
+    )
+    from ..records.sections import (  # rendering needs no torch: `--help` and `package --check` import this module
+        Diagnosis,
+        ExportSection,
+        StructureSummary,
     )
 
 
@@ -67,17 +72,26 @@ def tolerance_text(key: str, tol: dict[str, float]) -> str:
     return f"  tolerance {key}: {', '.join(parts)}"
 
 
-def structure_lines(structure: dict[str, Any] | None) -> list[str]:
+def structure_lines(structure: StructureSummary | None) -> list[str]:
     """One line: the merged model's counted forward, and what unmerged LoRA would add to it."""
-    if not structure:
+    if structure is None:
         return []
-    m, added = structure["merged"], structure["unmerged_adds"]
-    share = f" (+{added['flops'] / m['flops']:.2%})" if m["flops"] else ""
+    m, added = structure.merged, structure.unmerged_adds
+    share = f" (+{added.flops / m.flops:.2%})" if m.flops else ""
     return [
-        f"  info  per forward ({structure['case']}): merged {m['flops'] / 1e9:.4g} GFLOPs, {m['op_calls']} operator "
-        f"calls; LoRA applied unmerged would add {added['flops'] / 1e9:.4g} GFLOPs{share} and "
-        f"{added['op_calls']} calls"
+        f"  info  per forward ({structure.case}): merged {m.flops / 1e9:.4g} GFLOPs, {m.op_calls} operator "
+        f"calls; LoRA applied unmerged would add {added.flops / 1e9:.4g} GFLOPs{share} and {added.op_calls} calls"
     ]
+
+
+def diagnosis_line(d: Diagnosis) -> str:
+    first = d.first_divergence
+    where = (
+        f"{first.module} (layer {first.layer}), rel error {first.rel_error:.3g}"
+        if first
+        else "no module beyond tolerance"
+    )
+    return f"  diagnosis ({d.compares}, {d.case}): first divergence at {where}"
 
 
 def verify_text(report: VerifyReport) -> str:
@@ -95,30 +109,22 @@ def verify_text(report: VerifyReport) -> str:
         lines.extend(f"        {f}" for f in check.failures[:5])
         if len(check.failures) > 5:
             lines.append(f"        … {len(check.failures) - 5} more in the JSON report")
-    gen = report.generation or {}
-    if report.merged_dtype != "float32" and report.merged_dtype in gen:
-        g = gen[report.merged_dtype]
-        verdict = "identical" if g["identical"] else f"differ from token {g['first_difference']}"
-        lines.append(
-            f"  info  greedy tokens, merged {report.merged_dtype} vs unmerged float32: {verdict} (of {gen['max_new_tokens']})"
-        )
+    gen = report.generation
+    if gen is not None and gen.half is not None:
+        dtype, g = gen.half
+        verdict = "identical" if g.identical else f"differ from token {g.first_difference}"
+        lines.append(f"  info  greedy tokens, merged {dtype} vs unmerged float32: {verdict} (of {gen.max_new_tokens})")
     lines += [tolerance_text(key, tol) for key, tol in report.tolerances.items()]
     lines += structure_lines(report.structure)
     d = report.diagnosis
-    if d:
-        first = d["first_divergence"]
-        where = (
-            f"{first['module']} (layer {first['layer']}), rel error {first['rel_error']:.3g}"
-            if first
-            else "no module beyond tolerance"
-        )
-        lines.append(f"  diagnosis ({d['compares']}, {d['case']}): first divergence at {where}")
+    if d is not None:
+        lines.append(diagnosis_line(d))
         weights = report.checks[0]
         if weights.passed:
             lines.append(
                 "        every merged tensor is within tolerance of W0 + ΔW: the difference arises in the computation"
             )
-        for t in d["worst_tensors"][:3] if not weights.passed else []:
+        for t in d.worst_tensors[:3] if not weights.passed else []:
             lines.append(
                 f"        tensor {t['tensor']}: max |Δ| = {t['max_rel']:.3g}·max|W| (beyond tolerance by {t['excess_over_tolerance']:.3g}·max|W|)"
             )
@@ -138,37 +144,38 @@ def check_lines(checks: Sequence[Check], width: int = 22) -> list[str]:
 
 def pipeline_text(report: PipelineReport) -> str:
     """merge-and-onnx / export: what was written, a PASS/FAIL line per check, the generated text when there is one."""
-    export = report.export
     lines = [f"{report.command}: {'PASS' if report.passed else 'FAIL'}"]
-    if export.get("format") == "onnx" and "opset" not in export:  # the GenAI model builder's graph
-        lines.append(
-            f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, {export.get('precision')}, "
-            f"{export['seconds']:.1f} s; {export.get('exporter_choice', '')})"
-        )
-    elif export.get("format") == "onnx":
-        flags = f"{', optimized' if export.get('optimized') else ''}{', with past' if export.get('with_past') else ''}"
-        lines.append(
-            f"  onnx     {', '.join(export.get('files', []))}  ({export['exporter']}, opset {export['opset']}, "
-            f"{export['seconds']:.1f} s{flags})"
-        )
-    elif export:
-        lines.append(f"  {export['format']:<8} {export['file']}  ({export['exporter']}, {export['seconds']:.1f} s)")
+    export = report.export
+    if export is not None:
+        lines.append(export_line(export))
     lines += check_lines(report.checks)
-    lines += [f"  note     {note}" for note in export.get("runtime_files", [])]
-    text = export.get("generation_text")
+    lines += [f"  note     {note}" for note in (export.runtime_files or ()) if export is not None]
+    text = export.generation_text if export is not None else None
     if text:
         lines.append(f"  pytorch     {text['pytorch']!r}")
         lines.append(f"  onnxruntime {text['onnxruntime']!r}")
-    lines += structure_lines(report.sections.get("verify", {}).get("structure"))
-    diagnosis = report.sections.get("verify", {}).get("diagnosis")
-    if diagnosis and diagnosis.get("first_divergence"):
-        d = diagnosis["first_divergence"]
-        lines.append(f"  diagnosis: first divergence at {d['module']} (rel error {d['rel_error']:.3g})")
+    if report.verify is not None:
+        lines += structure_lines(report.verify.structure)
+        d = report.verify.diagnosis
+        if d is not None and d.first_divergence is not None:
+            first = d.first_divergence
+            lines.append(f"  diagnosis: first divergence at {first.module} (rel error {first.rel_error:.3g})")
     if report.passed:
         lines.append(f"  report   report.json, report.md  ({report.seconds:.1f} s)")
     else:
         lines.append("  nothing was written to the output folder")
     return "\n".join(lines)
+
+
+def export_line(export: ExportSection) -> str:
+    """The artifact, its exporter and how long it took (and for the builder's graph, why auto chose it)."""
+    files, seconds = ", ".join(export.files or ()), export.seconds or 0.0
+    if export.format == "onnx" and export.by_builder:
+        return f"  onnx     {files}  ({export.exporter}, {export.precision}, {seconds:.1f} s; {export.exporter_choice or ''})"
+    if export.format == "onnx":
+        flags = f"{', optimized' if export.optimized else ''}{', with past' if export.with_past else ''}"
+        return f"  onnx     {files}  ({export.exporter}, opset {export.opset}, {seconds:.1f} s{flags})"
+    return f"  {export.format:<8} {export.file}  ({export.exporter}, {seconds:.1f} s)"
 
 
 def package_text(manifest: PackageManifest, out_dir: Path) -> str:

@@ -16,8 +16,10 @@ from torch import nn
 
 from ..io.errors import InputError
 from ..io.jsonio import read_json_object
+from ..model.config import ModelConfig
 from ..model.loading import input_device
 from ..records import Check, Metrics
+from ..records.sections import TokenComparison
 from ..records.tolerances import metric_failures, tolerance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +61,7 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def make_cases(
-    config: dict[str, Any], tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool, room: int = 0
+    config: ModelConfig, tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool, room: int = 0
 ) -> list[Case]:
     """Tokenized prompts (when there is a tokenizer) and seeded random batches of several shapes, one padded."""
     cases = []
@@ -77,8 +79,7 @@ def make_cases(
             else list(prompts)
         )
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-        text_config = config.get("text_config") or config
-        context = text_config.get("max_position_embeddings") or text_config.get("n_positions")
+        context = config.context
         lengths = enc["attention_mask"].sum(-1).tolist()
         if context and max(lengths) + room > int(context):  # room: the tokens generated after the prompt
             i = max(range(len(lengths)), key=lambda k: lengths[k])
@@ -88,9 +89,8 @@ def make_cases(
             )
         name = f"{'chat ' if chat else ''}prompts {len(prompts)}×{enc['input_ids'].shape[1]}"
         cases.append(Case(name, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
-    text = config.get("text_config") or config
-    vocab = int(text["vocab_size"])
-    limit = int(text.get("max_position_embeddings") or text.get("n_positions") or 512)
+    vocab = config.vocab_size
+    limit = config.context or 512
     g = torch.Generator().manual_seed(seed)
     for batch, seq in ((1, min(8, limit)), (4, min(24, limit))):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -207,7 +207,5 @@ def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, pad_id: in
 
 
 def compare_tokens(ref: list[int], got: list[int]) -> dict[str, Any]:
-    first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-    if first is None and len(ref) != len(got):
-        first = min(len(ref), len(got))
-    return {"identical": first is None, "first_difference": first, "reference": ref, "tokens": got}
+    """A token comparison as a check's details (records.sections.TokenComparison)."""
+    return TokenComparison.of(ref, got).to_dict()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..records import Check
+from ..records.sections import Diagnosis, Divergence
 from ..records.tolerances import metric_failures, tolerance
 from .compare import Case, outputs_of
 
@@ -52,7 +54,7 @@ def layer_of(module: str) -> str:
     return m.group(1) if m else module
 
 
-def diagnose(ref: nn.Module, other: nn.Module, case: Case, tol: float) -> dict[str, Any]:
+def diagnose(ref: nn.Module, other: nn.Module, case: Case, tol: float, compares: str) -> Diagnosis:
     a, b = module_outputs(ref, case.inputs), module_outputs(other, case.inputs)
     rows = []
     for name, ra in a.items():
@@ -63,14 +65,8 @@ def diagnose(ref: nn.Module, other: nn.Module, case: Case, tol: float) -> dict[s
         rows.append((name, rel))
     first = next(((n, r) for n, r in rows if not r <= tol), None)
     worst = sorted(rows, key=lambda r: -r[1] if math.isfinite(r[1]) else -math.inf)[:5]
-    return {
-        "case": case.name,
-        "tolerance": tol,
-        "first_divergence": None
-        if first is None
-        else {"module": first[0], "layer": layer_of(first[0]), "rel_error": first[1]},
-        "worst_modules": [{"module": n, "rel_error": r} for n, r in worst],
-    }
+    divergence = None if first is None else Divergence(first[0], layer_of(first[0]), first[1])
+    return Diagnosis(case.name, tol, divergence, tuple(worst), compares)
 
 
 def diagnose_failure(
@@ -80,7 +76,7 @@ def diagnose_failure(
     merged32: nn.Module,
     merged: nn.Module | None,
     dtype: str,
-) -> dict[str, Any] | None:
+) -> Diagnosis | None:
     """When a check failed: the first module whose output diverges, on the first case that failed."""
     failed = [c for c in checks if not c.passed]
     if not failed:
@@ -91,9 +87,6 @@ def diagnose_failure(
     tol = tolerance("cast", dtype) if at_dtype else tolerance("merge", "float32")
     failing = {m.case for m in outputs_failed.metrics if metric_failures(m, tol)} if outputs_failed else set()
     case = next((c for c in cases if c.name in failing), cases[0])
-    diagnosis = diagnose(*pair, case, tol.max_rel)
-    diagnosis["compares"] = (
-        f"merged in {dtype} vs merged in float32" if at_dtype else "merged in float32 vs unmerged in float32"
-    )
-    diagnosis["worst_tensors"] = checks[0].details["worst_tensors"]
-    return diagnosis
+    compares = f"merged in {dtype} vs merged in float32" if at_dtype else "merged in float32 vs unmerged in float32"
+    diagnosis = diagnose(*pair, case, tol.max_rel, compares)
+    return replace(diagnosis, worst_tensors=tuple(checks[0].details["worst_tensors"]))

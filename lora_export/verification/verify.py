@@ -22,15 +22,15 @@ from torch import nn
 
 from ..io.errors import InputError
 from ..io.jsonio import read_text
-from ..io.paths import as_path
 from ..io.tensorfiles import TensorStore
 from ..merging.merge import MergeOptions, adapter_weights, merge
-from ..model.base import read_model_config
-from ..model.hub import sources
+from ..model.config import ModelConfig
+from ..model.hub import folder_of, sources
 from ..model.loading import Placement, load_model, model_kind, placement_summary
 from ..records import Check, VerifyReport
+from ..records.sections import Counted, Generation, StructureSummary, TokenComparison
 from ..records.tolerances import tolerance, tolerances_for
-from .compare import DTYPES, Case, compare_tokens, greedy, load_tokenizer, make_cases, output_check, outputs_of
+from .compare import DTYPES, Case, greedy, load_tokenizer, make_cases, output_check, outputs_of
 from .diagnose import diagnose_failure
 from .lora_runtime import iter_effective_state, load_unmerged
 from .structure import Structure, torch_structure
@@ -148,12 +148,12 @@ def verify(
 ) -> VerifyReport:
     """Check MERGED_DIR against the base with the adapters applied at run time. Never raises for a failed check:
     the report says what failed (`report.passed`)."""
-    base_dir, merged_dir = as_path(base_dir), Path(merged_dir)
-    adapter_paths = [as_path(a) for a in adapter_dirs]
+    base_dir, merged_dir = folder_of(base_dir, "base"), Path(merged_dir)
+    adapter_paths = [folder_of(a, "adapter") for a in adapter_dirs]
     for folder in (base_dir, merged_dir, *adapter_paths):
         if not folder.is_dir():
             raise InputError(f"{folder} does not exist or is not a folder")
-    config = read_model_config(merged_dir)
+    config = ModelConfig.load(merged_dir)
     weights = adapter_weights(options.weights, len(adapter_paths))
     dtype = stored_dtype(merged_dir)
     with tempfile.TemporaryDirectory(prefix="lora-export-verify-") as tmp:  # lives as long as the models: offloaded
@@ -165,12 +165,13 @@ def verify(
             return _verify(base_dir, adapter_paths, merged_dir, config, weights, dtype, options, place, Path(tmp))
 
 
-def generation_prompt(case: Case, tokenizer: Any, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+def generation_prompt(case: Case, tokenizer: Any, config: ModelConfig) -> tuple[dict[str, torch.Tensor], int]:
     """The first case's first row without its padding, and the pad id greedy decoding uses."""
     keep = case.inputs["attention_mask"][0].bool()
     prompt = {k: v[:1, keep] for k, v in case.inputs.items()}
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = pad if pad is not None else (config.get("eos_token_id") if isinstance(config.get("eos_token_id"), int) else 0)
+    eos = config.data.get("eos_token_id")
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
     return prompt, pad
 
 
@@ -183,40 +184,42 @@ def generation_check(
     pad: int,
     tokenizer: Any,
     n: int,
-) -> tuple[Check, dict[str, Any]]:
+) -> tuple[Check, Generation]:
     """Greedy tokens of merged float32 vs unmerged float32's (a check); of merged in its dtype, reported."""
-    g32 = compare_tokens(ref_tokens, greedy(merged32, prompt, n, pad))
-    ok = g32["identical"]
+    g32 = TokenComparison.of(ref_tokens, greedy(merged32, prompt, n, pad))
     check = Check(
         "generation (float32)",
         f"{n} greedy tokens, merged float32 vs unmerged float32",
         "float32",
-        ok,
-        "identical" if ok else f"first difference at token {g32['first_difference']}",
-        () if ok else (f"greedy tokens differ from token {g32['first_difference']}",),
-        details=g32,
+        g32.identical,
+        "identical" if g32.identical else f"first difference at token {g32.first_difference}",
+        () if g32.identical else (f"greedy tokens differ from token {g32.first_difference}",),
+        details=g32.to_dict(),
     )
-    generation: dict[str, Any] = {"prompt_tokens": prompt["input_ids"][0].tolist(), "max_new_tokens": n, "float32": g32}
-    if tokenizer is not None:
-        generation["prompt"] = tokenizer.decode(prompt["input_ids"][0])
-        generation["unmerged_text"] = tokenizer.decode(ref_tokens)
-    if merged is not None:  # reported, not a check: a half dtype may legitimately pick another token after a while
-        generation[dtype] = compare_tokens(ref_tokens, greedy(merged, prompt, n, pad))
-    return check, generation
+    ids = prompt["input_ids"][0]
+    text = (tokenizer.decode(ids), tokenizer.decode(ref_tokens)) if tokenizer is not None else (None, None)
+    # reported, not a check: a half dtype may legitimately pick another token after a while
+    half = (dtype, TokenComparison.of(ref_tokens, greedy(merged, prompt, n, pad))) if merged is not None else None
+    return check, Generation(tuple(ids.tolist()), n, g32, *text, half)
 
 
-def structure_summary(case: Case, unmerged: Structure, merged: Structure) -> dict[str, Any]:
+def structure_summary(case: Case, unmerged: Structure, merged: Structure) -> StructureSummary:
     """Counted per forward on one case: the merged model's FLOPs, operator calls and bytes, and what unmerged LoRA
     adds to them (the merged model runs the base's computation: tests/test_structure.py, bench's structure table)."""
-    summary = {k: v for k, v in merged.to_dict().items() if k != "ops"}
-    return {"case": case.name, "merged": summary, "unmerged_adds": unmerged.added_over(merged)}
+    counted = merged.to_dict()
+    adds = unmerged.added_over(merged)
+    return StructureSummary(
+        case.name,
+        Counted(counted["flops"], counted["op_calls"], counted["param_bytes"]),
+        Counted(adds["flops"], adds["op_calls"], adds["param_bytes"], adds["ops"]),
+    )
 
 
 def _verify(
     base_dir: Path,
     adapter_paths: list[Path],
     merged_dir: Path,
-    config: dict[str, Any],
+    config: ModelConfig,
     weights: tuple[float, ...],
     dtype: str,
     options: VerifyOptions,
