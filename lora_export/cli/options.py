@@ -53,7 +53,8 @@ exporter = click.option(
     show_default=True,
     help="ONNX exporter: dynamo (torch.onnx, any model; also runs in Optimum), genai (ONNX Runtime GenAI's model "
     "builder: fused attention, checked in GenAI), auto (genai for float32 decoders the builder builds when "
-    "onnxruntime-genai is installed, dynamo otherwise; the report says which and why).",
+    "onnxruntime-genai is installed; when the builder fails or its graph fails its check here, dynamo with the same "
+    "checks; the report says which shipped and why).",
 )
 json_report = click.option(
     "--json",

@@ -51,8 +51,32 @@ def unsupported_reason(folder: Path) -> str | None:
     head_size = config.head_size
     if head_size % 16:  # seen: "head_size shall be a multiple of 16" from ONNX Runtime at the first run
         return f"its GroupQueryAttention needs a head size that is a multiple of 16 (this model: {head_size})"
+    known = known_failure(config)
+    if known:
+        return known
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return "the GenAI model builder needs the model's tokenizer (tokenizer.json) in the folder"
+    return None
+
+
+def known_failure(config: ModelConfig) -> str | None:
+    """Configurations whose builder graph is known to fail here (tools/repro_builder.py reproduces each, builder alone,
+    no adapter), so that auto does not spend a build on them."""
+    text, context = config.text, config.context or 0
+    original = text.get("original_max_position_embeddings")
+    scaling = text.get("rope_scaling") or {}
+    if config.architecture == "Phi3ForCausalLM" and isinstance(original, int) and context < original:
+        if not (isinstance(scaling, dict) and scaling.get("type", scaling.get("rope_type")) == "longrope"):
+            return (
+                f"the builder fails on Phi-3 whose context ({context}) is below original_max_position_embeddings "
+                f"({original}) without LongRoPE factors (KeyError: 'multi_cache')"
+            )
+    window = text.get("sliding_window")
+    if isinstance(window, int) and context and window > context:
+        return (
+            f"its sliding window ({window}) is longer than its context ({context}): ONNX Runtime's GroupQueryAttention "
+            "needs a KV buffer at least as long as the window"
+        )
     return None
 
 
@@ -143,7 +167,7 @@ def genai_logits_check(folder: Path, prompts: list[list[int]], references: Refer
     try:
         runtime = genai_model(og, folder)
         for i, (prompt, (tokens, steps)) in enumerate(zip(prompts, references, strict=True)):
-            generator = new_generator(og, runtime, prompt, len(tokens))
+            generator = new_generator(og, runtime, prompt, len(tokens), folder)
             generator.append_tokens(prompt)
             got = []
             for step, step_logits in enumerate(steps):

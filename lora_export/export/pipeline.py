@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..io.errors import InputError, UnsupportedError
+from ..io.errors import ExportError, InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_free_space, check_output_location
 from ..merging.merge import MergeOptions, merge
 from ..model.config import ModelConfig
@@ -19,9 +19,9 @@ from ..model.hub import folder_of
 from ..model.loading import kind_of_class, load_model
 from ..records import Check, PipelineReport, files_of, versions
 from ..records.sections import ExportSection, MergeSection, VerifySection
-from ..verification.compare import DTYPES, load_tokenizer
+from ..verification.compare import DTYPES
 from ..verification.verify import VerifyOptions, stored_dtype, verify
-from .genai_builder import genai_build, genai_logits_check, pytorch_references, unsupported_reason
+from .genai_builder import BUILDER, genai_build, genai_logits_check, pytorch_references, unsupported_reason
 from .genai_reuse import reuse_graph
 from .graphs import cache_shape
 from .onnx import OnnxOptions, export_onnx, onnx_files
@@ -32,6 +32,7 @@ from .runtime_files import (
     genai_check,
     genai_installed,
     model_special_ids,
+    prompt_tokens,
     random_prompt,
     write_runtime_files,
 )
@@ -79,22 +80,6 @@ class PipelineResult:
         return self.report.checks
 
 
-def _prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
-    """A short chat prompt (or plain text) for the generation check, the EOS id, and the tokenizer."""
-    tokenizer = load_tokenizer(folder)
-    if tokenizer is None:
-        return None, None, None
-    text = "What is the capital of France?"
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(text)["input_ids"]
-    return list(ids), tokenizer.eos_token_id, tokenizer
-
-
 def export_artifact(
     merged_dir: Path, out: Path, options: ExportOptions, log: Callable[[str], None]
 ) -> tuple[ExportSection, list[Check]]:
@@ -107,13 +92,17 @@ def export_artifact(
         )
     architecture = ModelConfig.load(merged_dir).architecture
     exporter, why = choose_exporter(options, merged_dir, kind_of_class(architecture), dtype)
+    rejected = None
     if options.format == "onnx" and exporter == "genai":
-        section, checks = _export_genai(merged_dir, out, options, dtype, log)
-        return replace(section, exporter_choice=why), checks
+        section, checks, rejected = _try_genai(merged_dir, out, options, dtype, log)
+        if rejected is None:
+            return replace(section, exporter_choice=why), checks
+        why = "auto: the GenAI model builder's graph failed here (see rejected); the dynamo graph was exported instead"
+        log(f"{rejected}; exporting with the dynamo exporter instead …")
     model = load_model(merged_dir, DTYPES[dtype])
     if options.format == "onnx":
         section, checks = _export_onnx(model, merged_dir, out, options, dtype, log)
-        return replace(section, exporter_choice=why), checks
+        return replace(section, exporter_choice=why, rejected=(rejected,) if rejected else None), checks
     from .torchscript import export_torch
 
     log(f"exporting {options.format} …")
@@ -168,6 +157,31 @@ def _export_genai(
     return section, [genai_logits_check(out, prompts, references, dtype)]
 
 
+def _try_genai(
+    merged_dir: Path, out: Path, options: ExportOptions, dtype: str, log: Callable[[str], None]
+) -> tuple[ExportSection, list[Check], str | None]:
+    """The builder's graph and its checks; with auto, a builder that fails or a graph that fails its check in GenAI
+    is not the end: what it wrote is removed and the reason comes back, for the dynamo exporter to take over."""
+    before = set(out.iterdir())
+    try:
+        section, checks = _export_genai(merged_dir, out, options, dtype, log)
+    except ExportError as e:
+        if options.exporter != "auto":
+            raise
+        section, checks, problem = ExportSection("onnx", dtype), [], str(e)
+    else:
+        failed = [c for c in checks if not c.passed]
+        if not failed or options.exporter != "auto":
+            return section, checks, None
+        problem = "; ".join(f"{c.name}: {c.summary}" + (f" ({c.failures[0]})" if c.failures else "") for c in failed)
+    for path in set(out.iterdir()) - before:  # the builder's files: the dynamo export starts from the same folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return section, checks, f"{BUILDER}: {problem}"
+
+
 def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (merged_dir / name).is_file() and not (out / name).exists():
@@ -179,7 +193,7 @@ def _export_onnx(
 ) -> tuple[ExportSection, list[Check]]:
     """The ONNX graph, checked in ONNX Runtime; the files runtimes need beside it; for decoders with past, the
     folder loaded and run by ONNX Runtime GenAI as written."""
-    prompt, eos, tokenizer = _prompt_tokens(merged_dir)
+    prompt, eos, tokenizer = prompt_tokens(merged_dir)
     log(f"exporting ONNX (opset {options.onnx.opset}{', past key/values' if options.onnx.with_past else ''}) …")
     exported = export_onnx(model, out / "model.onnx", options.onnx, log)
     log(f"exported in {exported.seconds:.1f} s; checking in ONNX Runtime …")
@@ -224,7 +238,7 @@ def _export_onnx(
 def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> tuple[list[list[int]], Any]:
     """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references; the model is freed after."""
     model = load_model(merged_dir, DTYPES[dtype])
-    prompt, _eos, _tokenizer = _prompt_tokens(merged_dir)
+    prompt, _eos, _tokenizer = prompt_tokens(merged_dir)
     vocab = int(model.config.get_text_config().vocab_size)
     prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
     references = pytorch_references(model, prompts, options.onnx.max_new_tokens)

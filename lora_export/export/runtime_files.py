@@ -26,7 +26,7 @@ from ..io.jsonio import read_json_object, write_json
 from ..model.config import ModelConfig
 from ..records import Check
 from ..records.tolerances import tolerance
-from ..verification.compare import compare_tokens
+from ..verification.compare import compare_tokens, load_tokenizer
 from .graphs import CacheShape
 
 GENAI_CONFIG = "genai_config.json"
@@ -154,6 +154,22 @@ def random_prompt(vocab: int, excluded: set[int], n: int, seed: int) -> list[int
     return allowed[torch.randint(0, len(allowed), (n,), generator=torch.Generator().manual_seed(seed))].tolist()
 
 
+def prompt_tokens(folder: Path) -> tuple[list[int] | None, int | None, Any]:
+    """A short chat prompt (or plain text) for the generation check, the EOS id, and the tokenizer."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        return None, None, None
+    text = "What is the capital of France?"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return list(ids), tokenizer.eos_token_id, tokenizer
+
+
 def genai_prompt(config_path: Path, vocab: int, n: int, seed: int) -> list[int]:
     return random_prompt(vocab, genai_special_ids(config_path), n, seed)
 
@@ -169,11 +185,23 @@ def genai_model(og: Any, folder: Path, device: str = "cpu") -> Any:
     return og.Model(config)
 
 
-def new_generator(og: Any, model: Any, prompt: list[int], new_tokens: int) -> Any:
-    """A greedy og.Generator for `prompt` that may add `new_tokens`; the prompt is not yet appended."""
+def new_generator(og: Any, model: Any, prompt: list[int], new_tokens: int, folder: Path | None = None) -> Any:
+    """A greedy og.Generator for `prompt` that may add `new_tokens`; the prompt is not yet appended. A graph with
+    sliding-window attention gets a KV buffer of at least the window (GenAI refuses a smaller one: "KV cache capacity
+    must be at least local_window_size"), where its context allows it."""
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    params.set_search_options(do_sample=False, max_length=max(len(prompt) + new_tokens, window_length(folder)))
     return og.Generator(model, params)
+
+
+def window_length(folder: Path | None) -> int:
+    """The sliding window of a GenAI folder's graph when its context can hold it, else 0."""
+    if folder is None or not (folder / GENAI_CONFIG).is_file():
+        return 0
+    model = read_json_object(folder / GENAI_CONFIG, "genai_config.json was not written").get("model", {})
+    window = (model.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0
+    context = model.get("context_length") or 0
+    return int(window) if isinstance(window, int) and isinstance(context, int) and window <= context else 0
 
 
 def next_tokens(generator: Any, n: int) -> list[int]:
@@ -195,7 +223,7 @@ def genai_generate(folder: Path, prompt: str, max_new_tokens: int) -> str:
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    generator = new_generator(og, genai_model(og, folder), ids, max_new_tokens)
+    generator = new_generator(og, genai_model(og, folder), ids, max_new_tokens, folder)
     generator.append_tokens(ids)
     return tokenizer.decode(next_tokens(generator, max_new_tokens), skip_special_tokens=True).strip()
 
@@ -207,7 +235,7 @@ def genai_check(folder: Path, prompt: list[int], reference: list[int], dtype: st
     name, compares = "genai generation", f"{len(reference)} greedy tokens, ONNX Runtime GenAI vs PyTorch"
 
     try:
-        generator = new_generator(og, genai_model(og, folder), prompt, len(reference))
+        generator = new_generator(og, genai_model(og, folder), prompt, len(reference), folder)
         generator.append_tokens(prompt)
         tokens = next_tokens(generator, len(reference))
     except Exception as e:  # GenAI reports a folder it cannot run as a RuntimeError: that is the check failing
@@ -257,7 +285,7 @@ def genai_adapters_check(
         for variant, path in adapters.items():
             loaded.load(str(path), variant)
         for variant, (reference, ref_logits) in references.items():
-            generator = new_generator(og, model, prompt, len(reference))
+            generator = new_generator(og, model, prompt, len(reference), folder)
             if variant in adapters:
                 generator.set_active_adapter(loaded, variant)
             generator.append_tokens(prompt)

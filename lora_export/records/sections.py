@@ -181,6 +181,7 @@ class ExportSection:
     format: str  # onnx, torchscript, pt2
     dtype: str
     exporter_choice: str | None = None  # onnx: why this exporter (auto's reason, or "asked for")
+    rejected: tuple[str, ...] | None = None  # auto: the exporter whose output failed here first, and how
     exporter: str | None = None
     seconds: float | None = None
     path: str | None = None  # dynamo: the graph's path when it was exported
@@ -242,7 +243,7 @@ class ExportSection:
 
 _TEXT = {"exporter_choice", "exporter", "path", "file", "kind", "precision", "target", "checked_on", "reused_graph"}
 _FLAGS = {"with_past", "optimized", "external_data", "past_present_share_buffer"}
-_LISTS = {"files", "input_names", "output_names", "notes", "runtime_files"}
+_LISTS = {"files", "input_names", "output_names", "notes", "runtime_files", "rejected"}
 
 
 @dataclass(frozen=True)

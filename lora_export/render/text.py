@@ -148,6 +148,7 @@ def pipeline_text(report: PipelineReport) -> str:
     export = report.export
     if export is not None:
         lines.append(export_line(export))
+        lines += [f"  rejected {why}" for why in export.rejected or ()]
     lines += check_lines(report.checks)
     lines += [f"  note     {note}" for note in (export.runtime_files or ()) if export is not None]
     text = export.generation_text if export is not None else None

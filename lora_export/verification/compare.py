@@ -61,7 +61,13 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def make_cases(
-    config: ModelConfig, tokenizer: Any, prompts: Sequence[str], seed: int, causal: bool, room: int = 0
+    config: ModelConfig,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    seed: int,
+    causal: bool,
+    room: int = 0,
+    source: Path | str | None = None,
 ) -> list[Case]:
     """Tokenized prompts (when there is a tokenizer) and seeded random batches of several shapes, one padded."""
     cases = []
@@ -80,7 +86,14 @@ def make_cases(
         )
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
         context = config.context
-        lengths = enc["attention_mask"].sum(-1).tolist()
+        lengths = enc["attention_mask"].sum(-1).tolist() if enc["input_ids"].numel() else [0] * len(texts)
+        if min(lengths) == 0:  # nothing to run: a tokenizer that does not encode this text (seen: a vocabulary the
+            i = lengths.index(0)  # tokenizer class transformers picks for the model type reads otherwise)
+            raise InputError(
+                f"{source or getattr(tokenizer, 'name_or_path', 'the model folder')}: its tokenizer ({type(tokenizer).__name__}) "
+                f"encodes prompt {i + 1} ({prompts[i][:40]!r}) to no tokens: fix the tokenizer files, or give "
+                "--prompts that it encodes"
+            )
         if context and max(lengths) + room > int(context):  # room: the tokens generated after the prompt
             i = max(range(len(lengths)), key=lambda k: lengths[k])
             raise InputError(

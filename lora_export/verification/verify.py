@@ -232,7 +232,8 @@ def _verify(
     kind, model_class, placement = model_kind(unmerged), type(unmerged).__name__, placement_summary(unmerged)
     tokenizer = load_tokenizer(merged_dir) or load_tokenizer(base_dir)
     room = options.max_new_tokens if kind == "causal-lm" else 0
-    cases = make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm", room)
+    causal = kind == "causal-lm"
+    cases = make_cases(config, tokenizer, options.prompts, options.seed, causal, room, source=base_dir)
     checks = [weights_check(merged_dir, iter_effective_state(unmerged), dtype)]
     ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
     generate = kind == "causal-lm" and options.max_new_tokens > 0
