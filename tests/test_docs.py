@@ -23,7 +23,7 @@ from lora_export.cli import main
 
 sys.path.insert(0, str(REPO / "tools"))
 from cli_reference import reference  # noqa: E402  (tools/ is not a package)
-from make_tiny_model import cache_repo, save_tokenizer  # noqa: E402
+from make_tiny_model import cache_repo, tiny_decoder  # noqa: E402
 
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]
 NOT_RUN = ("./run-demo", "./run-tests", "lora-export demo")
@@ -55,23 +55,8 @@ def help_examples() -> list[tuple[str, str]]:
 
 def _tiny_smollm2(folder: Path) -> Path:
     """A random LLaMA with SmolLM2's head size (64) and a tokenizer: small, and a model the GenAI builder builds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    save_tokenizer(folder, config.vocab_size)
-    return folder
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+    return tiny_decoder(folder, max_position_embeddings=128, **shape)
 
 
 def _name_base(adapter: Path, base: str) -> Path:

@@ -5,13 +5,13 @@ sliding-window graphs get a KV buffer GenAI accepts; a tokenizer that encodes no
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import make_adapter
+from conftest import REPO, make_adapter
 
 from lora_export.cli import main
 from lora_export.export import genai_builder
@@ -19,28 +19,17 @@ from lora_export.io.errors import ExportError
 from lora_export.model.config import ModelConfig
 from lora_export.records import Check
 
+sys.path.insert(0, str(REPO / "tools"))
+from make_tiny_model import tiny_decoder  # noqa: E402  (tools/ is not a package)
+
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnx_ir")
 
-SMALL = dict(vocab_size=96, num_hidden_layers=2, pad_token_id=3, bos_token_id=1, eos_token_id=2, hidden_size=256,
-             intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
 def tiny(folder: Path, family: str, **settings: Any) -> Path:
-    """A random decoder of `family` with a word-level tokenizer (what the builder needs beside the weights)."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    config = getattr(transformers, f"{family}Config")(**{**SMALL, **settings})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="w0", bos_token="w1", eos_token="w2", pad_token="w3"
-    ).save_pretrained(folder)
-    return folder
+    return tiny_decoder(folder, family, **{**SMALL, **settings})
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def save_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -35,23 +35,29 @@ def save_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
-def main(out: Path) -> None:
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+TINY = dict(vocab_size=96, num_hidden_layers=2, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_decoder(folder: Path, family: str = "Llama", seed: int = 0, **settings: Any) -> Path:
+    """A random decoder of a transformers family ({family}Config, {family}ForCausalLM), 96 ids and 2 layers unless
+    `settings` say otherwise, saved with the word-level tokenizer: a folder the GenAI model builder builds."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(**{**TINY, **settings})
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(out / "base")
-    save_tokenizer(out / "base", config.vocab_size)
+        torch.manual_seed(seed)
+        getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
+    save_tokenizer(folder, config.vocab_size)
+    return folder
+
+
+def main(out: Path) -> None:
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    tiny_decoder(out / "base", max_position_embeddings=128, pad_token_id=None, **shape)  # as it always was
+    layers = TINY["num_hidden_layers"]
     g = torch.Generator().manual_seed(1)
     tensors = {}
-    for i in range(config.num_hidden_layers):
+    for i in range(layers):
         for proj, width in (("q_proj", 64), ("v_proj", 32)):  # v_proj: 2 kv heads × head dim 16
             prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, 64, generator=g) * 0.1
