@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..io.tensorfiles import dtype_name as torch_dtype_name
+from ..model.loading import context_of
 from ..records import Check
 from ..records.tolerances import tolerance
 from ..verification.compare import Case, compare, compare_tokens, metrics_check
@@ -31,11 +32,14 @@ def session(path: Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _cases(graph: Graph, vocab: int, seed: int, dtype: torch.dtype) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    """(name, inputs in graph order) for batch 1 and 4, short and long, padded; a decode step."""
+def _cases(
+    graph: Graph, vocab: int, seed: int, dtype: torch.dtype, context: int | None = None
+) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """(name, inputs in graph order) for batch 1 and 4, short and long, padded, within the model's context (one
+    position left for the decode step)."""
     g = torch.Generator().manual_seed(seed)
     cases = []
-    for batch, seq in ((1, 6), (4, 32)):
+    for batch, seq in ((1, min(6, context - 1 if context else 6)), (4, min(32, context - 1 if context else 32))):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         mask = torch.ones(batch, seq, dtype=torch.long)
         for row in range(1, batch):
@@ -101,12 +105,12 @@ def verify_onnx(
         expected = f"expected {graph.input_names} → {graph.output_names}, found {found}"
         failure = f"input/output names differ from the contract: {found}"
         return [Check("onnx names", "graph input and output names", dtype_name, False, expected, (failure,))], None
-    vocab = int(model.config.get_text_config().vocab_size)
+    vocab, context = int(model.config.get_text_config().vocab_size), context_of(model.config)
     # A half-precision graph is compared with PyTorch computing in float32 on the same (rounded) weights: PyTorch's
     # own float16 CPU path rounds between ops and measured 8× further from that than ONNX Runtime (SmolLM2, one
     # random 4×32 row: 0.062 vs 0.0075 of the logits' scale), so it is the worse reference for the artifact.
     with computing_in_float32(model):
-        checks = [_outputs_check(graph, sess, vocab, seed, dtype)]
+        checks = [_outputs_check(graph, sess, vocab, seed, dtype, context)]
     generation = None
     if graph.kind == "causal-lm" and graph.with_past and options.max_new_tokens > 0:
         prompt = prompt or torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(seed + 2)).tolist()
@@ -139,12 +143,12 @@ def _reference_run(reference: Graph, inputs: tuple[torch.Tensor, ...]) -> tuple[
         return _as_tuple(reference.module(*[t.to(dtype) if t.is_floating_point() else t for t in inputs]))
 
 
-def _outputs_check(graph: Graph, sess: Any, vocab: int, seed: int, dtype: torch.dtype) -> Check:
+def _outputs_check(graph: Graph, sess: Any, vocab: int, seed: int, dtype: torch.dtype, context: int | None) -> Check:
     """Every output at every case, then one decode step on top of the padded prefill's cache."""
     dtype_name = torch_dtype_name(dtype)
     metrics = []
     decode_from = None
-    for name, inputs in _cases(graph, vocab, seed, dtype):
+    for name, inputs in _cases(graph, vocab, seed, dtype, context):
         ref = _reference_run(graph, inputs)
         feeds = {n: _to_numpy(t) for n, t in zip(graph.input_names, inputs, strict=True)}
         got = sess.run(graph.output_names, feeds)  # by name, not position

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..io.errors import ExportError, UnsupportedError
 from ..io.tensorfiles import dtype_name as torch_dtype_name
-from ..model.loading import model_kind
+from ..model.loading import context_of, model_kind
 from ..records import Check
 from ..records.sections import ExportSection
 from ..records.tolerances import tolerance
@@ -46,10 +46,12 @@ torch.save(results, out_path)
 """
 
 
-def _cases(kind: str, input_names: list[str], vocab: int, seed: int) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+def _cases(
+    kind: str, input_names: list[str], vocab: int, seed: int, context: int | None = None
+) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
     g = torch.Generator().manual_seed(seed)
     cases = []
-    for batch, seq in ((1, 7), (3, 19)):
+    for batch, seq in ((1, min(7, context or 7)), (3, min(19, context or 19))):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         mask = torch.ones(batch, seq, dtype=torch.long)
         if batch > 1:
@@ -118,7 +120,7 @@ def check_torch_artifact(model: nn.Module, fmt: str, path: Path, seed: int = 0) 
     dtype = next(model.parameters()).dtype
     dtype_name = torch_dtype_name(dtype)
     vocab = int(model.config.get_text_config().vocab_size)
-    cases = _cases(graph.kind, graph.input_names, vocab, seed)
+    cases = _cases(graph.kind, graph.input_names, vocab, seed, context_of(model.config))
     with torch.no_grad():
         expected = [
             [t for t in ((o,) if isinstance(o, torch.Tensor) else o)]

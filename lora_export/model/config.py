@@ -17,6 +17,22 @@ CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 CONFIG_FIX = "fix config.json or save the model again with save_pretrained"
 
 
+# Families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids): a sequence
+# holds max_position_embeddings − pad_token_id − 1 tokens; one more indexes past the position table.
+POSITIONS_AFTER_PADDING = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "roberta-prelayernorm", "longformer",
+}  # fmt: skip
+
+
+def usable_context(model_type: Any, positions: Any, pad_token_id: Any) -> int | None:
+    """How many tokens one sequence may hold, from the position table's size (None when the config has none)."""
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if model_type in POSITIONS_AFTER_PADDING and isinstance(pad_token_id, int):
+        return positions - pad_token_id - 1
+    return positions
+
+
 def text_part(config: Mapping[str, Any]) -> Mapping[str, Any]:
     """The language model's fields: a multimodal config's nested text_config, else the config itself."""
     text = config.get("text_config")
@@ -60,8 +76,9 @@ class ModelConfig:
     @property
     def context(self) -> int | None:
         """The longest sequence the positions allow, when the config says."""
-        n = self.text.get("max_position_embeddings") or self.text.get("n_positions")
-        return int(n) if n else None
+        text = self.text
+        positions = text.get("max_position_embeddings") or text.get("n_positions")
+        return usable_context(text.get("model_type", self.data.get("model_type")), positions, text.get("pad_token_id"))
 
     @property
     def heads(self) -> int:

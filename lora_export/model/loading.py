@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..io.errors import InputError, UnsupportedError
-from .config import ModelConfig
+from .config import ModelConfig, usable_context
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -131,3 +131,11 @@ def text_config(config: Any) -> Any:
     """The language model's part of a loaded transformers config (a multimodal model's text config), like
     ModelConfig.text for config.json."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_of(config: Any) -> int | None:
+    """How many tokens one sequence may hold for a loaded transformers config (ModelConfig.context for config.json)."""
+    text = text_config(config)
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
+    return usable_context(model_type, positions, getattr(text, "pad_token_id", None))
