@@ -80,7 +80,7 @@ def known_failure(config: ModelConfig) -> str | None:
     return None
 
 
-def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> dict[str, Any]:
+def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> ExportSection:
     """Run the builder (fp32 or fp16, CPU) from the merged folder into `out`; returns the report's export section."""
     with genai_build(merged_dir, out, dtype, log) as finish:
         return finish()

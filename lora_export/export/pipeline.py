@@ -94,9 +94,10 @@ def export_artifact(
     exporter, why = choose_exporter(options, merged_dir, kind_of_class(architecture), dtype)
     rejected = None
     if options.format == "onnx" and exporter == "genai":
-        section, checks, rejected = _try_genai(merged_dir, out, options, dtype, log)
-        if rejected is None:
-            return replace(section, exporter_choice=why), checks
+        built = _try_genai(merged_dir, out, options, dtype, log)
+        if not isinstance(built, str):
+            return replace(built[0], exporter_choice=why), built[1]
+        rejected = built
         why = "auto: the GenAI model builder's graph failed here (see rejected); the dynamo graph was exported instead"
         log(f"{rejected}; exporting with the dynamo exporter instead …")
     model = load_model(merged_dir, DTYPES[dtype])
@@ -159,27 +160,27 @@ def _export_genai(
 
 def _try_genai(
     merged_dir: Path, out: Path, options: ExportOptions, dtype: str, log: Callable[[str], None]
-) -> tuple[ExportSection, list[Check], str | None]:
+) -> tuple[ExportSection, list[Check]] | str:
     """The builder's graph and its checks; with auto, a builder that fails or a graph that fails its check in GenAI
-    is not the end: what it wrote is removed and the reason comes back, for the dynamo exporter to take over."""
+    is not the end: what it wrote is removed and the reason comes back instead, for the dynamo exporter to take over."""
     before = set(out.iterdir())
     try:
         section, checks = _export_genai(merged_dir, out, options, dtype, log)
     except ExportError as e:
         if options.exporter != "auto":
             raise
-        section, checks, problem = ExportSection("onnx", dtype), [], str(e)
+        problem = str(e)
     else:
         failed = [c for c in checks if not c.passed]
         if not failed or options.exporter != "auto":
-            return section, checks, None
+            return section, checks
         problem = "; ".join(f"{c.name}: {c.summary}" + (f" ({c.failures[0]})" if c.failures else "") for c in failed)
     for path in set(out.iterdir()) - before:  # the builder's files: the dynamo export starts from the same folder
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    return section, checks, f"{BUILDER}: {problem}"
+    return f"{BUILDER}: {problem}"
 
 
 def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:

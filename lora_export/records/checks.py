@@ -97,8 +97,10 @@ class VerifyReport(CheckedReport):
     sources: dict[str, Any] | None = None  # {path: Hub source} for the inputs that came from the Hub cache
 
     def to_dict(self) -> dict[str, Any]:
-        typed = {k: None if v is None else v.to_dict() for k, v in self.sections().items()}
-        return {**asdict(self), **typed, "checks": [c.to_dict() for c in self.checks], "passed": self.passed}
-
-    def sections(self) -> dict[str, Generation | Diagnosis | StructureSummary | None]:
-        return {"generation": self.generation, "diagnosis": self.diagnosis, "structure": self.structure}
+        typed = {"generation": self.generation, "diagnosis": self.diagnosis, "structure": self.structure}
+        return {
+            **asdict(self),
+            **{k: None if v is None else v.to_dict() for k, v in typed.items()},
+            "checks": [c.to_dict() for c in self.checks],
+            "passed": self.passed,
+        }

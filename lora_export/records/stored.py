@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from ..io.errors import InputError, OutputError
-from ..io.jsonio import json_text, read_json, write_json
+from ..io.jsonio import json_text, read_json
 
 R = TypeVar("R", bound="StoredRecord")
 
@@ -32,7 +32,7 @@ class StoredRecord:
         does not survive its own reader is never left looking finished."""
         path = Path(folder) / self.NAME
         text = json_text(self.to_dict())
-        write_json(path, self.to_dict())
+        path.write_text(text, encoding="utf-8")
         if json_text(type(self).load(folder).to_dict()) != text:
             raise OutputError(f"{path} does not read back as written (a faulty disk, or a file changed meanwhile?)")
 
