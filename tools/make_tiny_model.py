@@ -51,6 +51,25 @@ def tiny_decoder(folder: Path, family: str = "Llama", seed: int = 0, **settings:
     return folder
 
 
+# Encoder-decoders: (config class, model class, settings, the attention's LoRA targets); 2 + 2 layers, 4 heads of 16
+SEQ2SEQ: dict[str, tuple[str, str, dict[str, Any], list[str]]] = {
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), ["q", "v", "o"]),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64), ["q_proj", "v_proj", "out_proj"]),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", dict(vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), ["q_proj", "v_proj", "out_proj"]),
+}  # fmt: skip
+
+
+def tiny_seq2seq(folder: Path, family: str, seed: int = 0) -> Path:
+    """A random encoder-decoder of SEQ2SEQ (no tokenizer: checks use seeded ids, or features for Whisper)."""
+    import transformers
+
+    config_class, model_class, settings, _ = SEQ2SEQ[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).save_pretrained(folder)
+    return folder
+
+
 def main(out: Path) -> None:
     shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     tiny_decoder(out / "base", max_position_embeddings=128, pad_token_id=None, **shape)  # as it always was

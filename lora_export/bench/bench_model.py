@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..io.errors import InputError
+from ..io.errors import InputError, UnsupportedError
 from ..merging.merge import MergeOptions, merge
 from ..model.config import ModelConfig
 from ..model.hub import folder_of
@@ -61,6 +61,11 @@ def bench(
         raise InputError("give at least one adapter folder (or use --paper-table1)")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible to PyTorch here")
+    if ModelConfig.load(base_dir).encoder_decoder:
+        raise UnsupportedError(
+            f"{base_dir} is an encoder-decoder: bench times decoders and encoders (its inputs are token ids alone); "
+            "`lora-export verify` reports what unmerged LoRA adds to an encoder-decoder's FLOPs and operator calls"
+        )
     check_shapes_fit(base_dir, options.shapes)
     with torch_threads(options.threads), tempfile.TemporaryDirectory(prefix="lora-export-bench-") as tmp:
         work = Path(tmp)

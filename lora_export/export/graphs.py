@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..io.errors import UnsupportedError
+from ..model.config import ModelConfig
 from ..model.loading import model_kind, text_config
 
 
@@ -198,3 +201,17 @@ def _encoder_graph(model: nn.Module, kind: str, ids: torch.Tensor, batch: Any, s
     dyn: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     dyn["rest"] = ({0: batch, 1: seq},) if token_types else ()
     return Graph(Encoder(model, outputs, token_types), kind, False, inputs, outputs, example, dyn)
+
+
+def refuse_encoder_decoder(folder: Path, what: str) -> None:
+    """Encoder-decoders (T5, BART, Whisper) merge and verify, but lora-export's exporters build decoders and encoders:
+    an encoder-decoder needs an encoder graph and a decoder-with-past graph that reads the encoder's output."""
+    config = ModelConfig.load(folder)
+    if config.encoder_decoder:
+        task = "automatic-speech-recognition" if config.speech_input else "text2text-generation"
+        raise UnsupportedError(
+            f"{folder} is an encoder-decoder ({config.architecture or config.data.get('model_type')}): {what} builds "
+            "decoders and encoders, not yet an encoder graph with a decoder-with-past graph. `lora-export merge` and "
+            "`lora-export verify` handle it; export the verified merged folder with Optimum "
+            f"(optimum-cli export onnx --model MERGED_DIR --task {task}-with-past OUT)"
+        )

@@ -23,7 +23,7 @@ from ..verification.compare import DTYPES
 from ..verification.verify import VerifyOptions, stored_dtype, verify
 from .genai_builder import BUILDER, genai_build, genai_logits_check, pytorch_references, unsupported_reason
 from .genai_reuse import reuse_graph
-from .graphs import cache_shape
+from .graphs import cache_shape, refuse_encoder_decoder
 from .onnx import OnnxOptions, export_onnx, onnx_files
 from .onnx_check import verify_onnx
 from .runtime_files import (
@@ -90,8 +90,10 @@ def export_artifact(
             f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
-    architecture = ModelConfig.load(merged_dir).architecture
-    exporter, why = choose_exporter(options, merged_dir, kind_of_class(architecture), dtype)
+    config = ModelConfig.load(merged_dir)
+    exporter, why = choose_exporter(
+        options, merged_dir, kind_of_class(config.architecture, config.encoder_decoder), dtype
+    )
     rejected = None
     if options.format == "onnx" and exporter == "genai":
         built = _try_genai(merged_dir, out, options, dtype, log)
@@ -291,6 +293,7 @@ def export(
         raise InputError(f"unknown format {options.format!r}: choose one of {', '.join(FORMATS)}")
     if not (merged_dir / "config.json").is_file():
         raise InputError(f"{merged_dir} is not a model folder (no config.json)")
+    refuse_encoder_decoder(merged_dir, f"export to {options.format}")
     check_output_location(out_dir, [merged_dir], options.overwrite)
     try:
         with atomic_output_dir(out_dir, options.overwrite) as tmp:
@@ -322,6 +325,7 @@ def merge_and_onnx(
             "--dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so the ONNX model could not be verified; "
             "use float16 or float32 (lora-export merge writes bfloat16 folders)"
         )
+    refuse_encoder_decoder(base_dir, "merge-and-onnx")
     check_output_location(out_dir, [base_dir, *adapters], merge_options.overwrite)
     try:
         report = _merge_and_onnx(base_dir, adapters, out_dir, merge_options, options, verify_options, log, started)

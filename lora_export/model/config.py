@@ -13,7 +13,7 @@ from ..io.jsonio import Fields, read_json_object
 CONFIG_OBJECTS = ("text_config", "quantization_config", "rope_scaling", "rope_parameters", "vision_config")
 CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
-                "n_positions")  # fmt: skip
+                "n_positions", "num_mel_bins", "max_source_positions", "max_target_positions")  # fmt: skip
 CONFIG_FIX = "fix config.json or save the model again with save_pretrained"
 
 
@@ -81,6 +81,34 @@ class ModelConfig:
         return usable_context(text.get("model_type", self.data.get("model_type")), positions, text.get("pad_token_id"))
 
     @property
+    def encoder_decoder(self) -> bool:
+        """T5, BART, Whisper: an encoder and a decoder that attends to it (config.json's is_encoder_decoder)."""
+        return self.data.get("is_encoder_decoder") is True
+
+    @property
+    def decoder_context(self) -> int | None:
+        """How many tokens an encoder-decoder's decoder may hold (Whisper's max_target_positions), when it says."""
+        positions = self.data.get("max_target_positions")
+        return positions if isinstance(positions, int) and positions > 0 else self.context
+
+    @property
+    def speech_input(self) -> tuple[int, int] | None:
+        """A speech encoder's input (mel bins, frames): Whisper's log-mel features, two frames per encoder position."""
+        bins, positions = self.data.get("num_mel_bins"), self.data.get("max_source_positions")
+        if isinstance(bins, int) and isinstance(positions, int) and bins > 0 and positions > 0:
+            return bins, 2 * positions
+        return None
+
+    @property
+    def decoder_start(self) -> int:
+        """The token an encoder-decoder's decoder starts from (decoder_start_token_id, else pad, else 0)."""
+        for key in ("decoder_start_token_id", "pad_token_id", "bos_token_id"):
+            value = self.data.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
+
+    @property
     def heads(self) -> int:
         return int(self.text.get("num_attention_heads") or self.text.get("n_head") or 1)
 
@@ -103,7 +131,7 @@ def _check_config(f: Fields) -> None:
     for key in CONFIG_SIZES:
         if f.get(key, int, None, optional=True) is not None and f.data[key] < 1:
             f.fail(key, f"must be a positive integer, found {f.data[key]}")
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         value = f.get(key, (int, list), None, optional=True)
         if isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             f.fail(key, "must be an integer or a list of integers")

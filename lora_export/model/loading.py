@@ -53,24 +53,31 @@ def model_class(folder: Path) -> Any:
     """The transformers class for a model folder: its architecture when transformers has it, else an Auto class."""
     import transformers
 
-    arch = ModelConfig.load(Path(folder)).architecture
+    config = ModelConfig.load(Path(folder))
+    arch = config.architecture
     cls = getattr(transformers, arch, None)
     if cls is not None:
         return cls
     if "CausalLM" in arch or "LMHead" in arch:
         return transformers.AutoModelForCausalLM
+    if config.encoder_decoder:
+        return transformers.AutoModelForSeq2SeqLM
     if "SequenceClassification" in arch:
         return transformers.AutoModelForSequenceClassification
     return transformers.AutoModel
 
 
 def model_kind(model: nn.Module) -> str:
-    """causal-lm, sequence-classification or encoder, from the model's class name."""
-    return kind_of_class(type(model).__name__)
+    """causal-lm, seq2seq-lm, sequence-classification or encoder, from the model's class name."""
+    return kind_of_class(type(model).__name__, bool(getattr(model.config, "is_encoder_decoder", False)))
 
 
-def kind_of_class(name: str) -> str:
-    """causal-lm, sequence-classification or encoder, from a model class name (config.json's architectures)."""
+def kind_of_class(name: str, encoder_decoder: bool = False) -> str:
+    """causal-lm, seq2seq-lm (T5, BART, Whisper: an encoder and a decoder that attends to it), sequence-classification
+    or encoder, from a model class name (config.json's architectures) and whether the config is an encoder-decoder
+    (multimodal decoders such as LLaVA are also ...ForConditionalGeneration)."""
+    if encoder_decoder:
+        return "seq2seq-lm"
     if "CausalLM" in name or "LMHead" in name:
         return "causal-lm"
     if "SequenceClassification" in name:

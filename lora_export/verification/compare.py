@@ -31,12 +31,24 @@ class Case:
     inputs: dict[str, torch.Tensor]
 
     def describe(self) -> dict[str, Any]:
-        mask = self.inputs["attention_mask"]
-        return {
+        first = self.inputs.get("input_ids", next(iter(self.inputs.values())))
+        mask = self.inputs.get("attention_mask")
+        described = {
             "name": self.name,
-            "shape": list(self.inputs["input_ids"].shape),
-            "padded_tokens": int((mask == 0).sum()),
+            "shape": list(first.shape),
+            "padded_tokens": int((mask == 0).sum()) if mask is not None else 0,
         }
+        if "decoder_input_ids" in self.inputs:
+            described["decoder_shape"] = list(self.inputs["decoder_input_ids"].shape)
+        return described
+
+    @property
+    def output_mask(self) -> torch.Tensor | None:
+        """Which positions of a (batch, seq, …) output count: the attention mask's tokens; an encoder-decoder's
+        outputs are the decoder's positions, all of them (its tokens are not padded)."""
+        if "decoder_input_ids" in self.inputs:
+            return self.inputs.get("decoder_attention_mask")
+        return self.inputs.get("attention_mask")
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -138,9 +150,9 @@ def row_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compare(case: Case, name: str, ref: torch.Tensor, got: torch.Tensor) -> Metrics:
-    if ref.dim() == 3:  # (batch, seq, features): only tokens the attention mask keeps
-        mask = case.inputs["attention_mask"].bool()
-        ref, got = ref[mask], got[mask]
+    mask = case.output_mask
+    if ref.dim() == 3 and mask is not None:  # (batch, seq, features): only tokens the attention mask keeps
+        ref, got = ref[mask.bool()], got[mask.bool()]
     ref, got = ref.double(), got.double()
     if ref.numel() == 0:  # nothing kept by the mask: nothing differs
         return Metrics(case.name, name, 0.0, 0.0, 1.0, None, None, None)

@@ -33,6 +33,7 @@ from ..records.tolerances import tolerance, tolerances_for
 from .compare import DTYPES, Case, greedy, load_tokenizer, make_cases, output_check, outputs_of
 from .diagnose import diagnose_failure
 from .lora_runtime import iter_effective_state, load_unmerged
+from .seq2seq import encoder_inputs, seq2seq_cases, seq2seq_greedy
 from .structure import Structure, torch_structure
 
 PROMPTS = (
@@ -165,14 +166,27 @@ def verify(
             return _verify(base_dir, adapter_paths, merged_dir, config, weights, dtype, options, place, Path(tmp))
 
 
-def generation_prompt(case: Case, tokenizer: Any, config: ModelConfig) -> tuple[dict[str, torch.Tensor], int]:
-    """The first case's first row without its padding, and the pad id greedy decoding uses."""
+def generation_prompt(
+    case: Case, tokenizer: Any, config: ModelConfig, kind: str = "causal-lm"
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The first case's first row without its padding, and the pad id greedy decoding uses (an encoder-decoder's
+    decoder start token)."""
+    if kind == "seq2seq-lm":
+        return {k: v[:1] for k, v in encoder_inputs(case.inputs).items()}, config.decoder_start
     keep = case.inputs["attention_mask"][0].bool()
     prompt = {k: v[:1, keep] for k, v in case.inputs.items()}
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     eos = config.data.get("eos_token_id")
     pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
     return prompt, pad
+
+
+def greedy_tokens(model: nn.Module, prompt: dict[str, torch.Tensor], n: int, pad: int) -> list[int]:
+    """n greedy tokens: `generate` for decoders; the decoder's own argmax loop for encoder-decoders (`pad` is then
+    the decoder's start token)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return seq2seq_greedy(model, prompt, n, pad)
+    return greedy(model, prompt, n, pad)
 
 
 def generation_check(
@@ -186,7 +200,7 @@ def generation_check(
     n: int,
 ) -> tuple[Check, Generation]:
     """Greedy tokens of merged float32 vs unmerged float32's (a check); of merged in its dtype, reported."""
-    g32 = TokenComparison.of(ref_tokens, greedy(merged32, prompt, n, pad))
+    g32 = TokenComparison.of(ref_tokens, greedy_tokens(merged32, prompt, n, pad))
     check = Check(
         "generation (float32)",
         f"{n} greedy tokens, merged float32 vs unmerged float32",
@@ -196,10 +210,12 @@ def generation_check(
         () if g32.identical else (f"greedy tokens differ from token {g32.first_difference}",),
         details=g32.to_dict(),
     )
-    ids = prompt["input_ids"][0]
+    ids = prompt["input_ids"][0] if "input_ids" in prompt else torch.zeros(0, dtype=torch.long)  # Whisper: features
     text = (tokenizer.decode(ids), tokenizer.decode(ref_tokens)) if tokenizer is not None else (None, None)
     # reported, not a check: a half dtype may legitimately pick another token after a while
-    half = (dtype, TokenComparison.of(ref_tokens, greedy(merged, prompt, n, pad))) if merged is not None else None
+    half = (
+        (dtype, TokenComparison.of(ref_tokens, greedy_tokens(merged, prompt, n, pad))) if merged is not None else None
+    )
     return check, Generation(tuple(ids.tolist()), n, g32, *text, half)
 
 
@@ -213,6 +229,14 @@ def structure_summary(case: Case, unmerged: Structure, merged: Structure) -> Str
         Counted(counted["flops"], counted["op_calls"], counted["param_bytes"]),
         Counted(adds["flops"], adds["op_calls"], adds["param_bytes"], adds["ops"]),
     )
+
+
+def cases_for(kind: str, config: ModelConfig, tokenizer: Any, options: VerifyOptions, source: Path) -> list[Case]:
+    """The input cases for the model's kind; a decoder's leave room for the tokens generated after the prompt."""
+    if kind == "seq2seq-lm":
+        return seq2seq_cases(config, tokenizer, options.prompts, options.seed, source=source)
+    room = options.max_new_tokens if kind == "causal-lm" else 0
+    return make_cases(config, tokenizer, options.prompts, options.seed, kind == "causal-lm", room, source=source)
 
 
 def _verify(
@@ -231,14 +255,12 @@ def _verify(
     unmerged = load_unmerged(base_dir, adapter_paths, weights, torch.float32, options.allow_pickle, place)
     kind, model_class, placement = model_kind(unmerged), type(unmerged).__name__, placement_summary(unmerged)
     tokenizer = load_tokenizer(merged_dir) or load_tokenizer(base_dir)
-    room = options.max_new_tokens if kind == "causal-lm" else 0
-    causal = kind == "causal-lm"
-    cases = make_cases(config, tokenizer, options.prompts, options.seed, causal, room, source=base_dir)
+    cases = cases_for(kind, config, tokenizer, options, base_dir)
     checks = [weights_check(merged_dir, iter_effective_state(unmerged), dtype)]
     ref_out = [outputs_of(unmerged, c.inputs) for c in cases]
-    generate = kind == "causal-lm" and options.max_new_tokens > 0
-    prompt, pad = generation_prompt(cases[0], tokenizer, config)
-    ref_tokens = greedy(unmerged, prompt, options.max_new_tokens, pad) if generate else []
+    generate = kind in ("causal-lm", "seq2seq-lm") and options.max_new_tokens > 0
+    prompt, pad = generation_prompt(cases[0], tokenizer, config, kind)
+    ref_tokens = greedy_tokens(unmerged, prompt, options.max_new_tokens, pad) if generate else []
     unmerged_structure = torch_structure(unmerged, cases[0].inputs)
     del unmerged
     gc.collect()
