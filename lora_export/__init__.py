@@ -3,8 +3,9 @@
 The public API, re-exported lazily: each name below is imported on first use (PEP 562), so `import lora_export` — and
 `lora-export --help` — loads no torch or transformers. The stages live in subpackages, imports running only downward
 (pyproject.toml's import-linter contract states the order): io → records → model → merging → verification → render
-→ export → package → bench → demo → cli. `merge` and `verify` are the public functions; their stages are named
-merging/ and verification/ so that no submodule shadows them.
+→ exporting → package → bench → demo → cli. `merge`, `verify` and `export` are the public functions; their stages
+are named merging/, verification/ and exporting/ so that no submodule shadows them (importing a submodule sets it
+as an attribute of its package).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ _EXPORTS = {
     "VerifyOptions": "verification.verify",
     "VerifyReport": "verification.verify",
     "verify": "verification.verify",
-    "ExportOptions": "export.pipeline",
-    "PipelineResult": "export.pipeline",
-    "export": "export.pipeline",
-    "merge_and_onnx": "export.pipeline",
+    "ExportOptions": "exporting.pipeline",
+    "PipelineResult": "exporting.pipeline",
+    "export": "exporting.pipeline",
+    "merge_and_onnx": "exporting.pipeline",
 }
 
 __all__ = [
@@ -90,7 +91,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .export.pipeline import ExportOptions, PipelineResult, export, merge_and_onnx
+    from .exporting.pipeline import ExportOptions, PipelineResult, export, merge_and_onnx
     from .io.errors import (
         AdapterError,
         InputError,

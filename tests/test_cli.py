@@ -108,15 +108,20 @@ def test_help_imports_no_heavy_library(args: list[str]) -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
 
 
-def test_public_api_is_lazy_and_merge_stays_the_function() -> None:
-    """`import lora_export` is light; `lora_export.merge` and `lora_export.verify` are the functions, also after their
-    stages' modules were imported (the stages live in merging/ and verification/, so no submodule shadows them)."""
+def test_public_api_is_lazy_and_no_submodule_shadows_a_name() -> None:
+    """`import lora_export` is light; every public name (merge, verify, export, …) stays what it is after every
+    submodule was imported, in either order: importing a submodule sets it as an attribute of its package, so a stage
+    named like a public function would replace the function (seen: `from lora_export import export` gave the
+    export/ package once merge_and_onnx had been imported)."""
     code = (
-        "import sys, importlib, lora_export\nassert 'torch' not in sys.modules\n"
-        "from lora_export import merge, verify, merge_and_onnx, MergeOptions\n"
-        "importlib.import_module('lora_export.merging.merge')\nimport lora_export.verification.verify\n"
-        "assert callable(lora_export.merge) and lora_export.merge is merge and lora_export.verify is verify\n"
-        "assert lora_export.merging.merge.merge is merge and lora_export.merge_and_onnx is merge_and_onnx\n"
+        "import sys, importlib, pkgutil, types, lora_export\nassert 'torch' not in sys.modules\n"
+        "from lora_export import merge, verify\n"
+        "for m in pkgutil.walk_packages(lora_export.__path__, 'lora_export.'):\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+        "assert lora_export.merge is merge and lora_export.verify is verify\n"
+        "shadowed = [n for n in lora_export.__all__ if isinstance(getattr(lora_export, n), types.ModuleType)]\n"
+        "assert not shadowed, shadowed\n"
+        "from lora_export import export\nassert callable(export) and not isinstance(export, types.ModuleType)\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -153,7 +158,7 @@ def test_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
     assert expected - names == set(), f"missing from the wheel: {sorted(expected - names)}"
-    assert {"lora_export/bench/timing.py", "lora_export/export/onnx.py", "lora_export/py.typed"} <= names
+    assert {"lora_export/bench/timing.py", "lora_export/exporting/onnx.py", "lora_export/py.typed"} <= names
     import lora_export
 
     (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]

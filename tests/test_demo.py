@@ -38,7 +38,7 @@ def test_demo_reuses_a_verified_output_until_an_input_changes(
     monkeypatch.setattr(demo, "smollm2_dir", lambda workdir: base)
     monkeypatch.setattr(demo, "demo_adapter_dir", lambda: adapter)
     monkeypatch.setattr(demo, "greedy_answer", lambda folder, prompt, n: f"ANSWER FROM {folder.name}")
-    monkeypatch.setattr("lora_export.export.onnx_check.onnx_generate", lambda folder, prompt, n: "ONNX ANSWER")
+    monkeypatch.setattr("lora_export.exporting.onnx_check.onnx_generate", lambda folder, prompt, n: "ONNX ANSWER")
 
     def run() -> list[str]:
         lines: list[str] = []

@@ -14,12 +14,12 @@ from conftest import make_adapter
 
 from lora_export import MergeOptions, merge
 from lora_export.cli import main
-from lora_export.export import onnx as onnx_exporter
-from lora_export.export.onnx import OnnxOptions, export_onnx
-from lora_export.export.onnx_check import verify_onnx
-from lora_export.export.pipeline import ExportOptions, export, merge_and_onnx
-from lora_export.export.runtime_files import genai_installed
-from lora_export.export.torchscript import check_torch_artifact
+from lora_export.exporting import onnx as onnx_exporter
+from lora_export.exporting.onnx import OnnxOptions, export_onnx
+from lora_export.exporting.onnx_check import verify_onnx
+from lora_export.exporting.pipeline import ExportOptions, export, merge_and_onnx
+from lora_export.exporting.runtime_files import genai_installed
+from lora_export.exporting.torchscript import check_torch_artifact
 from lora_export.io.errors import ExportError, UnsupportedError
 from lora_export.model.loading import load_model
 from lora_export.records import PipelineReport
@@ -200,7 +200,7 @@ def test_merge_and_onnx_failure_writes_nothing(
     def export_the_base(model: torch.nn.Module, path: Path, options: OnnxOptions, log: object = None) -> object:
         return real_export(load_model(base), path, options)
 
-    monkeypatch.setattr("lora_export.export.pipeline.export_onnx", export_the_base)
+    monkeypatch.setattr("lora_export.exporting.pipeline.export_onnx", export_the_base)
     failed = merge_and_onnx(
         base,
         [adapter],

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import REPO, make_adapter
 
 from lora_export.cli import main
-from lora_export.export import genai_builder
+from lora_export.exporting import genai_builder
 from lora_export.io.errors import ExportError
 from lora_export.model.config import ModelConfig
 from lora_export.records import Check
@@ -49,7 +49,7 @@ def test_auto_ships_dynamo_when_the_builder_fails(
     def fails(*args: Any) -> Any:
         raise ExportError("the GenAI model builder failed on X (exit 1): KeyError: 'simulated'")
 
-    monkeypatch.setattr("lora_export.export.pipeline.genai_build", fails)
+    monkeypatch.setattr("lora_export.exporting.pipeline.genai_build", fails)
     r = CliRunner().invoke(main, ["merge-and-onnx", *map(str, llama), "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     export = report_of(tmp_path / "out")["export"]
@@ -70,7 +70,7 @@ def test_auto_ships_dynamo_when_the_builder_graph_fails_its_check(
     def wrong(folder: Path, prompts: Any, references: Any, dtype: str) -> Check:
         return Check("genai vs pytorch", "GenAI vs PyTorch", dtype, False, "worst rel 2 (≤ 0.001)", ("top-1 0%",))
 
-    monkeypatch.setattr("lora_export.export.pipeline.genai_logits_check", wrong)
+    monkeypatch.setattr("lora_export.exporting.pipeline.genai_logits_check", wrong)
     r = CliRunner().invoke(main, ["merge-and-onnx", *map(str, llama), "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     report = report_of(tmp_path / "out")

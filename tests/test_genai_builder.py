@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import make_adapter
 
 from lora_export.cli import main
-from lora_export.export.genai_builder import genai_logits_check, pytorch_references
+from lora_export.exporting.genai_builder import genai_logits_check, pytorch_references
 from lora_export.model.loading import load_model
 
 pytest.importorskip("onnxruntime_genai")
@@ -97,7 +97,7 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     are builder graphs too; package --check re-runs all of it in GenAI; swapped references fail."""
     import numpy as np
 
-    from lora_export.export.runtime_files import genai_adapters_check
+    from lora_export.exporting.runtime_files import genai_adapters_check
     from lora_export.records import PackageManifest
 
     one = make_adapter(base, tmp_path / "one", target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])
@@ -177,7 +177,7 @@ def test_leaving_early_kills_the_builder(base: Path, tmp_path: Path, monkeypatch
     left writing into a folder that is being removed."""
     import subprocess
 
-    from lora_export.export import genai_builder
+    from lora_export.exporting import genai_builder
 
     children = []
     real = subprocess.Popen
@@ -197,7 +197,7 @@ def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path
     folder that is not the one the graph was built from (one tensor changed) is refused with the tensor's name."""
     from safetensors.torch import load_file, save_file
 
-    from lora_export.export.genai_reuse import recipes
+    from lora_export.exporting.genai_reuse import recipes
 
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "o_proj"])
     out = tmp_path / "out"

@@ -101,7 +101,7 @@ def test_merged_layout_variants_are_runnable_folders_sharing_tensors(built: tupl
     assert (a / "common.data").stat().st_ino == (b / "common.data").stat().st_ino
     assert manifest.merged["summarize"].graph == "merged/summarize/model.onnx"
     # and the rewritten folder still runs in GenAI as written, generating what PyTorch generated
-    from lora_export.export.runtime_files import genai_check
+    from lora_export.exporting.runtime_files import genai_check
 
     recorded = next(c for c in manifest.merged["summarize"].checks if c.name == "onnx generation").details
     assert genai_check(a, recorded["prompt_tokens"], recorded["reference"], "float32").passed

@@ -178,8 +178,8 @@ def test_smollm2_float16_onnx_passes_its_own_checks(smollm2: Path, tmp_path: Pat
     computing in float32 on the same float16 weights; PyTorch's own float16 CPU path was the less accurate side
     (0.062 vs 0.0075 on one row). Generation is left out to keep the suite short; merge-and-onnx runs it."""
     from lora_export.demo.demo import demo_adapter_dir
-    from lora_export.export.onnx import OnnxOptions
-    from lora_export.export.pipeline import ExportOptions, export
+    from lora_export.exporting.onnx import OnnxOptions
+    from lora_export.exporting.pipeline import ExportOptions, export
 
     merge(smollm2, [demo_adapter_dir()], tmp_path / "merged", MergeOptions(dtype="float16", progress=False))
     result = export(tmp_path / "merged", tmp_path / "out", ExportOptions(onnx=OnnxOptions(max_new_tokens=0)))

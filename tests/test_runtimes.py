@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_export.export.onnx import OnnxOptions
-from lora_export.export.pipeline import ExportOptions, export
-from lora_export.export.runtime_files import GENAI_CONFIG, genai_check, portable_tokenizer_config
+from lora_export.exporting.onnx import OnnxOptions
+from lora_export.exporting.pipeline import ExportOptions, export
+from lora_export.exporting.runtime_files import GENAI_CONFIG, genai_check, portable_tokenizer_config
 from lora_export.model.loading import load_model
 
 og = pytest.importorskip("onnxruntime_genai")

@@ -84,7 +84,7 @@ def test_onnx_signature_is_the_graph_up_to_initializer_values(models_dir: Path, 
 def test_the_dynamo_graph_of_a_merged_model_is_the_base_graph(models_dir: Path, tmp_path: Path, family: str) -> None:
     """Every family, dynamo exporter (as bench exports it): the merged graph is the base graph up to initializer
     values; a tied model whose lm_head the adapter changed stores lm_head untied — one more initializer, same ops."""
-    from lora_export.export.onnx import OnnxOptions, export_onnx
+    from lora_export.exporting.onnx import OnnxOptions, export_onnx
 
     base = models_dir / family
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=TARGETS[family])

@@ -224,8 +224,8 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from lora_export.demo.demo import demo_adapter_dir
-    from lora_export.export.onnx import OnnxExport, OnnxOptions
-    from lora_export.export.onnx_check import verify_onnx
+    from lora_export.exporting.onnx import OnnxExport, OnnxOptions
+    from lora_export.exporting.onnx_check import verify_onnx
     from lora_export.model.loading import load_model
     from lora_export.model.zoo import smollm2_dir
 

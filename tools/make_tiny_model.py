@@ -59,14 +59,16 @@ SEQ2SEQ: dict[str, tuple[str, str, dict[str, Any], list[str]]] = {
 }  # fmt: skip
 
 
-def tiny_seq2seq(folder: Path, family: str, seed: int = 0) -> Path:
-    """A random encoder-decoder of SEQ2SEQ (no tokenizer: checks use seeded ids, or features for Whisper)."""
+def tiny_seq2seq(folder: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
+    """A random encoder-decoder of SEQ2SEQ, `overrides` on its settings (no tokenizer: checks use seeded ids, or
+    features for Whisper)."""
     import transformers
 
     config_class, model_class, settings, _ = SEQ2SEQ[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).save_pretrained(folder)
+        config = getattr(transformers, config_class)(**{**settings, **overrides})
+        getattr(transformers, model_class)(config).save_pretrained(folder)
     return folder
 
 

@@ -27,7 +27,7 @@ def bench_package_genai(
 ) -> BenchResult:
     import onnxruntime_genai as og
 
-    from ..export.runtime_files import GENAI_CONFIG, genai_model, genai_prompt
+    from ..exporting.runtime_files import GENAI_CONFIG, genai_model, genai_prompt
     from .bench_package import A_A_MERGED, A_A_SHARED, package_graphs
 
     runners: list[tuple[Row, Any, Any]] = []  # (row, og.Model, (og.Adapters, name) or None)

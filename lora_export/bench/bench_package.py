@@ -84,7 +84,7 @@ def _ort_runners(
     """(row, session, (run options, adapter) or None) for base, its A/A copy, each shared+adapter and each merged."""
     import onnxruntime as ort
 
-    from ..export.onnx_check import session
+    from ..exporting.onnx_check import session
 
     runners: list[tuple[Row, Any, Any]] = []  # (row, session, run options)
     if manifest.shared is not None:

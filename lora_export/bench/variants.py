@@ -110,7 +110,7 @@ def _ort_calls(
     """Each torch variant exported (no past) and opened in ONNX Runtime; `onnx_dir` replaces the merged export."""
     import onnxruntime as ort
 
-    from ..export.onnx import OnnxOptions, export_onnx
+    from ..exporting.onnx import OnnxOptions, export_onnx
     from ..verification.structure import onnx_structure
 
     providers = (
@@ -157,7 +157,7 @@ def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
 def _ort_feeds(session: Any, inputs: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
     """Feeds for an exported graph; `model` is a loaded model or just its config (for the cache's shape)."""
 
-    from ..export.graphs import cache_shape, position_ids_for
+    from ..exporting.graphs import cache_shape, position_ids_for
 
     ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
     feeds: dict[str, Any] = {}

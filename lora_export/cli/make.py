@@ -257,9 +257,9 @@ def merge_and_onnx(
       lora-export merge-and-onnx my-org/smollm2-caps -o ./smollm2-caps-onnx
       lora-export merge-and-onnx ./smollm2 ./adapters/caps -o ./smollm2-caps-onnx --optimize
     """
-    from ..export.onnx import OnnxOptions
-    from ..export.pipeline import ExportOptions
-    from ..export.pipeline import merge_and_onnx as run
+    from ..exporting.onnx import OnnxOptions
+    from ..exporting.pipeline import ExportOptions
+    from ..exporting.pipeline import merge_and_onnx as run
     from ..merging.merge import MergeOptions
     from ..render.text import pipeline_text
     from ..verification.verify import VerifyOptions
@@ -321,9 +321,9 @@ def export(
       lora-export export ./smollm2-caps -o ./smollm2-caps-onnx
       lora-export export ./smollm2-caps -o ./smollm2-caps-pt2 --format pt2
     """
-    from ..export.onnx import OnnxOptions
-    from ..export.pipeline import ExportOptions
-    from ..export.pipeline import export as run
+    from ..exporting.onnx import OnnxOptions
+    from ..exporting.pipeline import ExportOptions
+    from ..exporting.pipeline import export as run
     from ..render.text import pipeline_text
 
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)

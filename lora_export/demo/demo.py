@@ -97,10 +97,10 @@ def run_demo(
     the merged model (PyTorch) and the exported ONNX model (ONNX Runtime, KV cache). A verified output from an
     earlier run with the same inputs (file hashes), tool version and options is reused, and the demo says so.
     When a check fails, the failed report comes back with no answers."""
-    from ..export.onnx import OnnxOptions
-    from ..export.onnx_check import onnx_generate
-    from ..export.pipeline import ExportOptions, merge_and_onnx
-    from ..export.runtime_files import genai_generate
+    from ..exporting.onnx import OnnxOptions
+    from ..exporting.onnx_check import onnx_generate
+    from ..exporting.pipeline import ExportOptions, merge_and_onnx
+    from ..exporting.runtime_files import genai_generate
     from ..render.text import pipeline_text
 
     prompt = prompt or DEFAULT_PROMPT

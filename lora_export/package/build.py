@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..export.genai_reuse import GraphTemplate, recipes
-from ..export.graphs import build_graph, position_ids_for
-from ..export.onnx import OnnxOptions
-from ..export.onnx_check import session
-from ..export.pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
-from ..export.runtime_files import genai_adapters_check
+from ..exporting.genai_reuse import GraphTemplate, recipes
+from ..exporting.graphs import build_graph, position_ids_for
+from ..exporting.onnx import OnnxOptions
+from ..exporting.onnx_check import session
+from ..exporting.pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
+from ..exporting.runtime_files import genai_adapters_check
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
 from ..merging.merge import MergeOptions

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..export.onnx_check import session
+from ..exporting.onnx_check import session
 from ..io.errors import InputError
 from ..records import Check, MergedVariant
 from ..records.package import PACKAGE_FIX

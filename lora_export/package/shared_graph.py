@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..export.graphs import build_graph, cache_shape
-from ..export.onnx import OnnxExport, OnnxOptions, export_onnx
-from ..export.onnx_check import greedy_loop
-from ..export.runtime_files import GENAI_CONFIG, GENAI_MISSING, genai_installed, genai_prompt, write_runtime_files
+from ..exporting.graphs import build_graph, cache_shape
+from ..exporting.onnx import OnnxExport, OnnxOptions, export_onnx
+from ..exporting.onnx_check import greedy_loop
+from ..exporting.runtime_files import GENAI_CONFIG, GENAI_MISSING, genai_installed, genai_prompt, write_runtime_files
 from ..io.errors import UnsupportedError
 from ..model.adapters import LoraAdapter, LoraModule, load_adapter
 from ..model.loading import load_model
