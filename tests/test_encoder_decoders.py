@@ -5,6 +5,7 @@ which lora-export does not build)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def test_verify_fails_another_adapters_merge(seq2seq: tuple[Path, Path, Path, An
     assert report.diagnosis is not None and report.diagnosis.first_divergence is not None
 
 
-@pytest.mark.parametrize("command", ["merge-and-onnx", "export", "bench"])
+@pytest.mark.parametrize("command", ["merge-and-onnx", "export", "bench", "package"])
 def test_exporters_refuse_in_one_line(seq2seq: tuple[Path, Path, Path, Any], tmp_path: Path, command: str) -> None:
     base, a, _, _ = seq2seq
     out = tmp_path / "out"
@@ -89,7 +90,9 @@ def test_exporters_refuse_in_one_line(seq2seq: tuple[Path, Path, Path, Any], tmp
         "merge-and-onnx": [str(base), str(a), "-o", str(out)],
         "export": [str(base), "-o", str(out)],
         "bench": [str(base), str(a), "--shapes", "1x8", "--budget", "0.1"],
+        "package": [str(base), "--variants", str(tmp_path / "variants.json"), "-o", str(out), "--mode", "shared"],
     }[command]
+    (tmp_path / "variants.json").write_text(json.dumps({"variants": {"a": {"adapters": [str(a)]}}}))
     r = CliRunner().invoke(main, [command, *args])
     assert r.exit_code == 2, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("Error:")]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,17 +56,22 @@ def failed_checks(checks: Any) -> str:
 
 
 def cell_merge(w: Work) -> tuple[bool, str]:
-    from safetensors.torch import load_file
+    """Our merged folder loaded by transformers against PEFT's merge_and_unload, tensor by tensor (both by the names
+    transformers gives them in memory: GPT-NeoX's embed_out is lm_head there)."""
+    import transformers
 
     from lora_export import MergeOptions, merge
+    from lora_export.model.config import ModelConfig
 
     theirs = w.peft_model.merge_and_unload().state_dict()
     result = merge(w.base, [w.adapters[0]], w.root / "merged", MergeOptions(progress=False))
-    ours = {k: v for f in sorted(result.output.glob("*.safetensors")) for k, v in load_file(f).items()}
+    architecture = ModelConfig.load(result.output).architecture
+    ours = getattr(transformers, architecture).from_pretrained(result.output).state_dict()
+    if set(ours) != set(theirs):
+        return False, f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:4]}"
     worst = max(float((v - theirs[k]).abs().max()) for k, v in ours.items())
     changed = result.manifest.merged_tensors
-    ok = worst <= 1e-6 and changed > 0 and set(ours) <= set(theirs)
-    return ok, f"{changed} tensors folded, max |ours − PEFT| = {worst:.1e}"
+    return worst <= 1e-6 and changed > 0, f"{changed} tensors folded, max |ours − PEFT| = {worst:.1e}"
 
 
 def cell_verify(w: Work) -> tuple[bool, str]:
@@ -133,12 +139,15 @@ def cell_shared_ort(w: Work) -> tuple[bool, str]:
 
 def cell_torch(w: Work) -> tuple[bool, str]:
     from lora_export import ExportOptions, export
+    from lora_export.io.errors import LoraExportError
 
     parts, ok = [], True
     for fmt in ("torchscript", "pt2"):
         try:
             result = export(w.root / "merged", w.root / fmt, ExportOptions(format=fmt))
-        except Exception as e:  # one format's refusal is that format's cell part
+        except LoraExportError as e:
+            if fmt == "torchscript":  # refused for the model, not the format: the cell is a refusal
+                raise
             ok, _ = False, parts.append(f"{fmt}: {first_line(e)}")
             continue
         ok &= result.passed
@@ -150,13 +159,16 @@ def cell_optimum(w: Work) -> tuple[bool, str]:
     if not OPTIMUM_PYTHON.is_file():
         raise NotRun("no Optimum environment here (tools/test_transformers4.sh makes one)")
     if not (w.root / "onnx" / "model.onnx").is_file():
-        return False, "no dynamo ONNX folder to load (see the dynamo column)"
+        raise Refused("lora-export wrote no ONNX folder for it (see the dynamo column)")
     done = subprocess.run(
         [str(OPTIMUM_PYTHON), __file__, "--optimum", str(w.root / "onnx"), FAMILIES[w.family]["task"]],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    lines = (done.stdout.strip() or done.stderr.strip() or "no output").splitlines()
-    return done.returncode == 0, lines[-1][:300]
+    if done.returncode == 0:
+        return True, done.stdout.strip().splitlines()[-1][:300]
+    lines = (done.stdout + done.stderr).strip().splitlines() or ["no output"]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Fail)\w*: ", line)]  # the exception
+    return False, (raised[-1] if raised else lines[-1])[:300]
 
 
 CELLS: dict[str, Callable[[Work], tuple[bool, str]]] = {
@@ -167,6 +179,10 @@ CELLS: dict[str, Callable[[Work], tuple[bool, str]]] = {
 
 class NotRun(Exception):
     """A cell this machine cannot run (recorded as not run, neither ✅ nor ✗)."""
+
+
+class Refused(Exception):
+    """A cell whose input lora-export does not produce for this family (recorded as refused, with the reason)."""
 
 
 class Work:
@@ -202,11 +218,14 @@ def run_family(family: str, columns: list[str]) -> dict[str, Any]:
                 status = "ok" if ok else "failed"
             except NotRun as e:
                 status, why = "not run", str(e)
+            except Refused as e:
+                status, why = "refused", str(e)
             except LoraExportError as e:  # a refusal: the tool says why it does not do this
                 status, why = "refused", first_line(e).split(": ", 1)[1]
             except Exception as e:  # noqa: BLE001  an internal error is a finding of the matrix
                 status, why = "failed", "internal error: " + first_line(e)
                 traceback.print_exc()
+            why = why.replace(f"{tmp}/", "")  # the scratch folder's name would change every run
             cells[column] = {"status": status, "why": why, "seconds": round(time.perf_counter() - started, 1)}
             print(f"{family:26} {column:13} {status:8} {why[:110]}", flush=True)
     return cells
@@ -227,13 +246,16 @@ def optimum_check(folder: Path, task: str) -> int:
                "sequence-classification": ("ORTModelForSequenceClassification", "AutoModelForSequenceClassification")}  # fmt: skip
     ort_name, torch_name = classes[task]
     kwargs = {"use_cache": True, "use_io_binding": False} if task == "causal-lm" else {}
-    model = getattr(ortm, ort_name).from_pretrained(folder, **kwargs)
     reference = getattr(transformers, torch_name).from_pretrained(folder / "merged").eval()
     ids = torch.tensor([[5, 17, 33, 8, 61, 40]])
     mask = torch.ones_like(ids)
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask).logits.numpy()
-    got = model(input_ids=ids, attention_mask=mask).logits
+    try:
+        got = getattr(ortm, ort_name).from_pretrained(folder, **kwargs)(input_ids=ids, attention_mask=mask).logits
+    except Exception as e:  # what Optimum says is the cell's reason, on one line
+        print(f"Failed: {ort_name} on {reference.config.model_type}: {' '.join(str(e).split())[:260]}")
+        return 1
     got = got.numpy() if hasattr(got, "numpy") else np.asarray(got)
     rel = float(np.abs(got - want).max() / np.abs(want).max())
     print(f"{ort_name}: logits rel {rel:.1e} against PyTorch (transformers {transformers.__version__})")

@@ -199,7 +199,8 @@ def _encoder_graph(model: nn.Module, kind: str, ids: torch.Tensor, batch: Any, s
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
     example = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if token_types else ())
     dyn: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    dyn["rest"] = ({0: batch, 1: seq},) if token_types else ()
+    if token_types:  # torch.export wants keys for the arguments there are: no `rest` when nothing fills it
+        dyn["rest"] = ({0: batch, 1: seq},)
     return Graph(Encoder(model, outputs, token_types), kind, False, inputs, outputs, example, dyn)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..exporting.genai_reuse import GraphTemplate, recipes
-from ..exporting.graphs import build_graph, position_ids_for
+from ..exporting.graphs import build_graph, position_ids_for, refuse_encoder_decoder
 from ..exporting.onnx import OnnxOptions
 from ..exporting.onnx_check import session
 from ..exporting.pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
@@ -244,6 +244,7 @@ def package(
     variants = read_variants(variants_file)
     adapters = list(dict.fromkeys(p for v in variants for p, _ in v.adapters))
     check_bases(base_dir, adapters, options.strict_base, log)
+    refuse_encoder_decoder(base_dir, "package")
     check_output_location(out_dir, [base_dir, *adapters], options.overwrite)
     try:
         with atomic_output_dir(out_dir, options.overwrite) as tmp:
