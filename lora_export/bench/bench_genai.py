@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.errors import InputError
 from ..io.jsonio import read_json_object
 from ..records import PackageManifest
 from .timing import PACKAGE_METHOD, BenchOptions, BenchResult, Row, environment, summarize, verdicts
@@ -52,8 +53,13 @@ def bench_package_genai(
     config_dir = package_dir / ("shared" if manifest.shared else next(iter(manifest.merged.values())).folder)
     rows, shapes = [r for r, _, _ in runners], []
     add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
-    vocab = _vocab(config_dir / GENAI_CONFIG)
+    vocab, context = _vocab(config_dir / GENAI_CONFIG)
     for batch, seq in options.shapes:
+        if seq + NEW_TOKENS > context:
+            raise InputError(
+                f"--shapes {batch}x{seq}: {seq} prompt tokens and {NEW_TOKENS} generated exceed the package's context "
+                f"of {context} ({config_dir / GENAI_CONFIG}): give a prompt of at most {context - NEW_TOKENS} tokens"
+            )
         if batch != 1:
             log(f"GenAI: batch 1 only here; skipping {batch}x{seq}")
             continue
@@ -70,10 +76,10 @@ def bench_package_genai(
     return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
 
 
-def _vocab(config_path: Path) -> int:
-    return int(
-        read_json_object(config_path, "the package's GenAI graph has no genai_config.json")["model"]["vocab_size"]
-    )
+def _vocab(config_path: Path) -> tuple[int, int]:
+    """The vocabulary size and the context length genai_config.json gives the model."""
+    model = read_json_object(config_path, "the package's GenAI graph has no genai_config.json")["model"]
+    return int(model["vocab_size"]), int(model.get("context_length") or 1 << 31)
 
 
 def _rounds(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -189,6 +190,16 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
+def precision_dtype(precision: str | None, dtype: str) -> str:
+    """--dtype from --precision: fp32/fp16 are float32/float16 graphs; int8/int4 quantize the float32 merge."""
+    wanted = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}.get(precision or "")
+    if wanted is None or dtype == wanted:
+        return dtype
+    if dtype != "auto":
+        raise click.UsageError(f"--precision {precision} writes a {wanted} merge: drop --dtype {dtype}")
+    return wanted
+
+
 @main.command("merge-and-onnx")
 @click.argument("paths", nargs=-1, required=True, type=options.MODEL_DIR, metavar="[BASE] ADAPTER...")
 @options.output
@@ -215,6 +226,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     show_default=True,
     help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.",
 )
+@options.quantization
 @options.overwrite
 @options.allow_pickle
 @options.json_report
@@ -235,6 +247,7 @@ def merge_and_onnx(
     allow_pickle: bool,
     json_file: Path | None,
     junit_file: Path | None,
+    **quantization: Any,
 ) -> None:
     """Base + adapters → merged → verified → ONNX → verified, in one command.
 
@@ -246,10 +259,8 @@ def merge_and_onnx(
     outputs, dynamic batch and sequence, checked in ONNX Runtime against PyTorch at batch 1 and 4, short and long,
     padded, one decode step, and greedy generation with the KV cache. The report says which exporter shipped and
     why. OUT_DIR gets model.onnx (+ its external data), tokenizer files, merged/ with the merge's manifest,
-    report.json and report.md. When any check fails it exits 1 and OUT_DIR is not written.
-
-    BASE and ADAPTER are folders or Hub addresses (org/name[@revision]); without BASE, the first adapter's
-    adapter_config.json names it.
+    report.json and report.md; nothing when a check fails (exit 1). BASE and ADAPTER are folders or Hub addresses
+    (org/name[@revision]); without BASE, the first adapter's adapter_config.json names it.
 
     \b
     Examples:
@@ -264,13 +275,51 @@ def merge_and_onnx(
     from ..render.text import pipeline_text
     from ..verification.verify import VerifyOptions
 
+    quant, several, dtype = _precision(quantization, dtype)
     merge_options = MergeOptions(dtype=dtype, weights=weights, allow_pickle=allow_pickle, overwrite=overwrite)
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
     verify_options = VerifyOptions(max_new_tokens=max_new_tokens, allow_pickle=allow_pickle)
-    export_options = ExportOptions(onnx=onnx, exporter=exporter)
+    export_options = ExportOptions(onnx=onnx, exporter=exporter, quant=quant)
     base_dir, adapter_dirs = split_base(paths, strict_base)
+    if len(several) > 1:
+        settings = (merge_options, export_options, verify_options)
+        return _sweep(base_dir, adapter_dirs, out_dir, several, dtype, settings, (json_file, junit_file))
     result = run(base_dir, adapter_dirs, out_dir, merge_options, export_options, verify_options, log=_echo_err)
     conclude(result.report, pipeline_text(result.report), "lora-export merge-and-onnx", json_file, junit_file)
+
+
+def _precision(quantization: dict[str, Any], dtype: str) -> tuple[Any, tuple[str, ...], str]:
+    """The QuantOptions, the precisions asked for (several: a sweep), and --dtype as one --precision sets it."""
+    from ..exporting.sweep import parse_precisions
+
+    several = parse_precisions(quantization["precision"]) if quantization["precision"] else ()
+    quant = options.quant_options(**quantization)
+    return quant, several, precision_dtype(quant.precision if len(several) == 1 else None, dtype)
+
+
+def _sweep(
+    base_dir: Path | None,
+    adapter_dirs: list[Path],
+    out_dir: Path,
+    several: tuple[str, ...],
+    dtype: str,
+    settings: tuple[Any, Any, Any],
+    reports: tuple[Path | None, Path | None],
+) -> None:
+    """merge-and-onnx --precision A,B,…: each judged, one table, the smallest passing one shipped."""
+    from ..exporting.sweep import sweep, sweep_markdown
+    from ..render.text import pipeline_text
+
+    if dtype != "auto":
+        raise click.UsageError("several --precision values set each one's dtype: drop --dtype")
+    result, rows, shipped = sweep(base_dir, adapter_dirs, out_dir, several, *settings, log=_echo_err)
+    table = sweep_markdown(rows, shipped) + (f"shipped: {shipped} → {out_dir}" if shipped else "none passed")
+    conclude(
+        result.report,
+        pipeline_text(result.report) + "\n\n" + table,
+        "lora-export merge-and-onnx",
+        *reports,
+    )
 
 
 @main.command()
@@ -293,6 +342,7 @@ def merge_and_onnx(
 @click.option(
     "--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch."
 )
+@options.quantization
 @options.overwrite
 @options.json_report
 @options.junit
@@ -309,6 +359,7 @@ def export(
     overwrite: bool,
     json_file: Path | None,
     junit_file: Path | None,
+    **quantization: Any,
 ) -> None:
     """Export an already merged model folder and prove the artifact matches PyTorch.
 
@@ -327,6 +378,13 @@ def export(
     from ..render.text import pipeline_text
 
     onnx = OnnxOptions(opset=opset, optimize=optimize, with_past=not no_past, max_new_tokens=max_new_tokens)
-    options = ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite, exporter=exporter)
-    result = run(merged_dir, out_dir, options, log=_echo_err)
+    quant = options.quant_options(**quantization)
+    if quantization["precision"] in ("fp32", "fp16"):  # export keeps the folder's dtype: say so rather than ignore it
+        from ..verification.verify import stored_dtype
+
+        want, have = {"fp32": "float32", "fp16": "float16"}[quant.precision], stored_dtype(merged_dir)
+        if want != have:
+            raise click.UsageError(f"--precision {quant.precision}: {merged_dir} is {have}; merge with --dtype {want}")
+    export_options = ExportOptions(format=fmt, onnx=onnx, overwrite=overwrite, exporter=exporter, quant=quant)
+    result = run(merged_dir, out_dir, export_options, log=_echo_err)
     conclude(result.report, pipeline_text(result.report), "lora-export export", json_file, junit_file)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .types import DEVICE, FINITE_FLOAT, FOLDER, INPUT_FILE, MODEL, REPORT, SIZE, THREADS
@@ -69,3 +71,82 @@ output_dtype = click.option(
     show_default=True,
     help="Output dtype of floating tensors; auto keeps the input's (the base's, or the merged folder's for swap).",
 )
+
+_QUANTIZATION = (
+    click.option(
+        "--precision",
+        default=None,
+        metavar="fp32|fp16|int8|int4",
+        help="Deployed precision. fp32/fp16: the merged dtype's graph (as --dtype float32/float16). int8/int4: weight-only "
+        "MatMulNBits by ONNX Runtime GenAI's model builder, judged in GenAI on an evaluation text against PyTorch float32 "
+        "with the adapters unmerged (quality: KL, same top-1, perplexity) and on whether the adapters' effect survived; "
+        "exit 1 and nothing written when either fails. merge-and-onnx takes several (int4,int8,fp32): each is built and "
+        "judged, one table compares them (sweep.md), and the smallest that passes is shipped.",
+    ),
+    click.option(
+        "--block-size",
+        type=click.Choice(["16", "32", "64", "128", "256"]),
+        default="32",
+        show_default=True,
+        help="int8/int4: weights per quantization block.",
+    ),
+    click.option(
+        "--quant-algorithm",
+        type=click.Choice(["default", "rtn", "k_quant"]),
+        default="default",
+        show_default=True,
+        help="int8/int4: the builder's algo_config (default and rtn: round to nearest; k_quant).",
+    ),
+    click.option(
+        "--asymmetric", is_flag=True, help="int8/int4: unsigned weights with zero points (default symmetric)."
+    ),
+    click.option(
+        "--accuracy-level",
+        type=click.IntRange(1, 4),
+        default=None,
+        help="int8/int4: MatMulNBits' activation precision, 1 fp32 … 4 int8 (default: the builder's, 4 on CPU).",
+    ),
+    click.option(
+        "--eval-text",
+        type=INPUT_FILE,
+        default=None,
+        help="int8/int4: UTF-8 text that quality and the adapters' effect are measured on (default: a built-in held-out "
+        "text of about 2,000 tokens); your in-domain text judges your fine-tune best.",
+    ),
+)
+
+
+def quantization(command: Any) -> Any:
+    """--precision and the int8/int4 options, for merge-and-onnx, export and package."""
+    for option in reversed(_QUANTIZATION):
+        command = option(command)
+    return command
+
+
+def quant_options(
+    precision: str | None,
+    block_size: str,
+    quant_algorithm: str,
+    asymmetric: bool,
+    accuracy_level: int | None,
+    eval_text: Any,
+    several: bool = False,
+) -> Any:
+    """The QuantOptions of the command line (fp32 when --precision is not given); several precisions only where the
+    command sweeps them (merge-and-onnx)."""
+    from ..exporting.quantized import QuantOptions
+    from ..exporting.sweep import parse_precisions
+
+    precisions = parse_precisions(precision) if precision is not None else ("fp32",)
+    if len(precisions) > 1 and not several:
+        raise click.UsageError(
+            f"--precision {precision}: this command ships one precision (merge-and-onnx sweeps several)"
+        )
+    return QuantOptions(
+        precision=precisions[0],  # a sweep sets each in turn; the other options are shared
+        block_size=int(block_size),
+        algorithm=quant_algorithm,
+        symmetric=not asymmetric,
+        accuracy_level=accuracy_level,
+        eval_text=eval_text,
+    )

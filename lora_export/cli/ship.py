@@ -180,6 +180,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 @options.exporter
 @options.strict_base
 @click.option("--junit", "junit_file", type=options.REPORT_FILE, help="With --check: write the checks as JUnit XML.")
+@options.quantization
 @handle_errors
 def package(
     target: Path,
@@ -191,6 +192,7 @@ def package(
     exporter: str,
     strict_base: bool,
     junit_file: Path | None,
+    **quantization: Any,
 ) -> None:
     """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
 
@@ -232,8 +234,11 @@ def package(
         return
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
-    options = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base)
-    manifest = run(target, variants_file, out_dir, options, log=_echo_err)
+    quant = options.quant_options(**quantization)
+    if quant.precision == "fp16":
+        raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
+    settings = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base, quant=quant)
+    manifest = run(target, variants_file, out_dir, settings, log=_echo_err)
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
 
 

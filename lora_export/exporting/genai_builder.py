@@ -87,19 +87,25 @@ def build_with_genai(merged_dir: Path, out: Path, dtype: str, log: Any) -> Expor
 
 
 @contextlib.contextmanager
-def genai_build(merged_dir: Path, out: Path, dtype: str, log: Any) -> Iterator[Callable[[], ExportSection]]:
+def genai_build(
+    merged_dir: Path, out: Path, dtype: str, log: Any, quant: Any = None
+) -> Iterator[Callable[[], ExportSection]]:
     """Start the builder in a child process; the block may work meanwhile and calls the yielded function to wait for
-    it (the export section, or an ExportError). Leaving the block early (an error, Ctrl-C) kills the child."""
+    it (the export section, or an ExportError). Leaving the block early (an error, Ctrl-C) kills the child. `quant`
+    (quantized.QuantOptions, int8/int4): weight-only MatMulNBits from the float32 weights, with its options."""
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype)
     if precision is None:
         raise ExportError(f"the GenAI model builder exports float32 or float16 here, not {dtype}")
+    extra: list[str] = []
+    if quant is not None and quant.quantized:
+        precision, extra = quant.precision, quant.builder_options()
     # float16 for CUDA: the builder's CPU float16 graph does not run in ONNX Runtime's CPU provider (seen: "Shape
     # mismatch attempting to re-use buffer" in an inserted Cast), while its CUDA one does, for the check here
     target = "cuda" if precision == "fp16" else "cpu"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-export-genai-") as cache, tempfile.TemporaryFile("w+") as output:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out),
-                   "-p", precision, "-e", target, "-c", cache]  # fmt: skip
+                   "-p", precision, "-e", target, "-c", cache, *extra]  # fmt: skip
         log(f"building the GenAI graph ({precision}, {target}) with onnxruntime_genai.models.builder …")
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
 

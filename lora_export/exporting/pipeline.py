@@ -26,9 +26,12 @@ from .genai_reuse import reuse_graph
 from .graphs import cache_shape, refuse_encoder_decoder
 from .onnx import OnnxOptions, export_onnx, onnx_files
 from .onnx_check import verify_onnx
+from .quantized import QuantOptions
+from .quantized_build import Origin, export_quantized, refuse_unquantizable
 from .runtime_files import (
     GENAI_CONFIG,
     GENAI_MISSING,
+    copy_side_files,
     genai_check,
     genai_installed,
     model_special_ids,
@@ -38,20 +41,6 @@ from .runtime_files import (
 )
 
 FORMATS = ("onnx", "torchscript", "pt2")
-# Files a runtime needs beside the graph to tokenize and generate.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass(frozen=True)
@@ -62,6 +51,8 @@ class ExportOptions:
     overwrite: bool = False
     exporter: str = "auto"  # onnx: dynamo (torch.onnx), genai (GenAI's model builder), auto (genai where it can)
     reuse: Any = None  # a GraphTemplate: the builder graph of another merged folder of the same base, to reuse
+    quant: QuantOptions = QuantOptions()  # int8/int4: the builder's MatMulNBits graph, judged on an evaluation text
+    origin: Origin | None = None  # int8/int4: the merged folder's base and adapters (else its lora_export.json's)
 
 
 @dataclass(frozen=True)
@@ -90,6 +81,14 @@ def export_artifact(
             f"{merged_dir} is bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (seen: Mul, MatMul), so "
             "the ONNX model could not run or be verified. Use --dtype float16 or float32 for ONNX"
         )
+    if options.format == "onnx" and options.quant.quantized:
+        refuse_unquantizable(merged_dir, options, dtype)
+        origin = options.origin or Origin.of_merged(merged_dir, options.quant.precision)
+        section, checks = export_quantized(merged_dir, out, options.quant, origin, log)
+        copy_side_files(merged_dir, out)
+        return replace(
+            section, exporter_choice=f"--precision {options.quant.precision}: the builder's MatMulNBits"
+        ), checks
     config = ModelConfig.load(merged_dir)
     exporter, why = choose_exporter(
         options, merged_dir, kind_of_class(config.architecture, config.encoder_decoder), dtype
@@ -110,7 +109,7 @@ def export_artifact(
 
     log(f"exporting {options.format} …")
     section, checks = export_torch(model, out, options.format, dtype, options.seed)
-    _copy_config_and_tokenizer(merged_dir, out)
+    copy_side_files(merged_dir, out)
     return section, checks
 
 
@@ -155,7 +154,7 @@ def _export_genai(
         with genai_build(merged_dir, out, dtype, log) as finish:
             prompts, references = _genai_references(merged_dir, options, dtype)
             section = finish()
-    _copy_config_and_tokenizer(merged_dir, out)
+    copy_side_files(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
     return section, [genai_logits_check(out, prompts, references, dtype)]
 
@@ -185,12 +184,6 @@ def _try_genai(
     return f"{BUILDER}: {problem}"
 
 
-def _copy_config_and_tokenizer(merged_dir: Path, out: Path) -> None:
-    for name in SIDE_FILES:
-        if (merged_dir / name).is_file() and not (out / name).exists():
-            shutil.copy2(merged_dir / name, out / name)
-
-
 def _export_onnx(
     model: Any, merged_dir: Path, out: Path, options: ExportOptions, dtype: str, log: Callable[[str], None]
 ) -> tuple[ExportSection, list[Check]]:
@@ -207,7 +200,7 @@ def _export_onnx(
             "pytorch": tokenizer.decode(generation["reference"]),
             "onnxruntime": tokenizer.decode(generation["tokens"]),
         }
-    _copy_config_and_tokenizer(merged_dir, out)
+    copy_side_files(merged_dir, out)
     decoder = exported.kind == "causal-lm" and exported.with_past
     shape = cache_shape(model.config) if decoder else None
     runtime_files = write_runtime_files(out, merged_dir, shape, exported.input_names, exported.output_names)
@@ -294,6 +287,9 @@ def export(
     if not (merged_dir / "config.json").is_file():
         raise InputError(f"{merged_dir} is not a model folder (no config.json)")
     refuse_encoder_decoder(merged_dir, f"export to {options.format}")
+    if options.quant.quantized:  # before anything is built: what it needs is here, and the builder builds it
+        refuse_unquantizable(merged_dir, options, stored_dtype(merged_dir))
+        Origin.of_merged(merged_dir, options.quant.precision)
     check_output_location(out_dir, [merged_dir], options.overwrite)
     try:
         with atomic_output_dir(out_dir, options.overwrite) as tmp:
@@ -326,6 +322,16 @@ def merge_and_onnx(
             "use float16 or float32 (lora-export merge writes bfloat16 folders)"
         )
     refuse_encoder_decoder(base_dir, "merge-and-onnx")
+    if options.quant.quantized:  # the merge is written in float32 for the builder to quantize
+        if merge_options.dtype not in ("auto", "float32"):
+            raise InputError(
+                f"--precision {options.quant.precision} quantizes the float32 merge: leave --dtype at auto"
+            )
+        merge_options = replace(merge_options, dtype="float32")
+        refuse_unquantizable(base_dir, options, "float32")
+        options = replace(
+            options, origin=Origin(base_dir, tuple(adapters), merge_options.weights or (1.0,) * len(adapters))
+        )
     check_output_location(out_dir, [base_dir, *adapters], merge_options.overwrite)
     try:
         report = _merge_and_onnx(base_dir, adapters, out_dir, merge_options, options, verify_options, log, started)

@@ -16,6 +16,7 @@ PyTorch's: a check like any other. When it is not, the report says the check was
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,29 @@ from ..verification.compare import compare_tokens, load_tokenizer
 from .graphs import CacheShape
 
 GENAI_CONFIG = "genai_config.json"
+
+
+# Files a runtime needs beside the graph to tokenize and generate.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def copy_side_files(merged_dir: Path, out: Path) -> None:
+    """The config and tokenizer files of the merged folder that `out` lacks, copied beside the graph."""
+    for name in SIDE_FILES:
+        if (merged_dir / name).is_file() and not (out / name).exists():
+            shutil.copy2(merged_dir / name, out / name)
 
 
 def genai_config(

@@ -23,8 +23,10 @@ from ..exporting.genai_reuse import GraphTemplate, recipes
 from ..exporting.graphs import build_graph, position_ids_for, refuse_encoder_decoder
 from ..exporting.onnx import OnnxOptions
 from ..exporting.onnx_check import session
-from ..exporting.pipeline import SIDE_FILES, ExportOptions, choose_exporter, merge_and_onnx
-from ..exporting.runtime_files import genai_adapters_check
+from ..exporting.pipeline import ExportOptions, choose_exporter, merge_and_onnx
+from ..exporting.quantized import QuantOptions
+from ..exporting.quantized_build import refuse_unquantizable
+from ..exporting.runtime_files import SIDE_FILES, genai_adapters_check
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
 from ..merging.merge import MergeOptions
@@ -35,6 +37,7 @@ from ..records import MergedVariant, PackageManifest, SharedLayout, files_of, ve
 from ..records.tolerances import tolerances_for
 from .external_data import write_external_data
 from .genai import dtype_notes, merged_references, shared_genai
+from .genai_quantized import merged_self_references, shared_genai_quantized
 from .references import compare_logits, rerun_merged
 from .shared_graph import (
     build_shared_graph,
@@ -72,11 +75,14 @@ def _logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _shared(
-    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], exporter: str = "auto"
+    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], options: PackageOptions
 ) -> SharedLayout:
     modules, loaded = union_modules(base_dir, {v.name: v.adapters for v in variants})
-    shared = out / "shared"
+    shared, exporter = out / "shared", options.exporter
     shared.mkdir()
+    if options.quant.quantized:
+        log(f"shared layout: the GenAI model builder's {options.quant.precision} graph of the base …")
+        return shared_genai_quantized(base_dir, variants, out, modules, loaded, log, options.quant)
     use, why = choose_exporter(ExportOptions(exporter=exporter), base_dir, "causal-lm")
     if use == "genai":
         log(f"shared layout: the GenAI model builder's graph of the base ({why}) …")
@@ -148,7 +154,7 @@ def _shared_dynamo(
 
 
 def _merged(
-    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], exporter: str = "auto"
+    base_dir: Path, variants: list[Variant], out: Path, log: Callable[[str], None], settings: PackageOptions
 ) -> dict[str, MergedVariant]:
     results: dict[str, MergedVariant] = {}
     template: GraphTemplate | None = None  # the first builder graph: every later float32 variant reuses it
@@ -157,8 +163,9 @@ def _merged(
         folder = out / "merged" / v.name
         folder.parent.mkdir(exist_ok=True)
         options = MergeOptions(dtype=v.dtype, weights=tuple(w for _, w in v.adapters), progress=False)
-        reuse = template if v.dtype in ("auto", "float32") else None
-        export = ExportOptions(onnx=OnnxOptions(max_new_tokens=8), exporter=exporter, reuse=reuse)
+        reuse = template if v.dtype in ("auto", "float32") and not settings.quant.quantized else None
+        onnx = OnnxOptions(max_new_tokens=8)
+        export = ExportOptions(onnx=onnx, exporter=settings.exporter, reuse=reuse, quant=settings.quant)
         result = merge_and_onnx(base_dir, [p for p, _ in v.adapters], folder, options, export, log=log)
         section = result.report.export
         dtype = section.dtype if section is not None else v.dtype
@@ -167,6 +174,9 @@ def _merged(
         results[v.name] = MergedVariant(f"merged/{v.name}", dtype, graph, result.checks, used, reused)
         if not result.passed:
             continue  # the package fails; its report names this variant's failed checks
+        if used == "genai" and settings.quant.quantized:  # --check re-runs GenAI's own outputs (genai_quantized)
+            merged_self_references(folder, v.name)
+            continue
         if used == "genai":
             merged_references(folder, v.name, dtype)
             if template is None and dtype == "float32":
@@ -225,6 +235,7 @@ class PackageOptions:
     exporter: str = "auto"
     overwrite: bool = False
     strict_base: bool = False
+    quant: QuantOptions = QuantOptions()  # int8/int4: both layouts on the builder's MatMulNBits graphs
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -245,22 +256,24 @@ def package(
     adapters = list(dict.fromkeys(p for v in variants for p, _ in v.adapters))
     check_bases(base_dir, adapters, options.strict_base, log)
     refuse_encoder_decoder(base_dir, "package")
+    if options.quant.quantized:
+        refuse_unquantizable(base_dir, ExportOptions(exporter=options.exporter, quant=options.quant), "float32")
     check_output_location(out_dir, [base_dir, *adapters], options.overwrite)
     try:
         with atomic_output_dir(out_dir, options.overwrite) as tmp:
-            return _package(base_dir, variants, tmp, options.mode, log, options.exporter)
+            return _package(base_dir, variants, tmp, options, log)
     except DiscardOutput as failed:
         return failed.report
 
 
 def _package(
-    base_dir: Path, variants: list[Variant], tmp: Path, mode: str, log: Callable[[str], None], exporter: str
+    base_dir: Path, variants: list[Variant], tmp: Path, options: PackageOptions, log: Callable[[str], None]
 ) -> PackageManifest:
-    started = time.perf_counter()
-    shared = _shared(base_dir, variants, tmp, log, exporter) if mode in ("shared", "both") else None
+    started, mode = time.perf_counter(), options.mode
+    shared = _shared(base_dir, variants, tmp, log, options) if mode in ("shared", "both") else None
     merged: dict[str, MergedVariant] = {}
     if mode in ("merged", "both"):
-        merged = _merged(base_dir, variants, tmp, log, exporter)
+        merged = _merged(base_dir, variants, tmp, log, options)
     sharing = None
     if len(merged) > 1 and all(all(c.passed for c in v.checks) for v in merged.values()):
         log("merged layout: storing tensors identical across variants once …")

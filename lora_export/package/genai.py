@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..exporting.genai_builder import build_with_genai, genai_logits_check, pytorch_references
-from ..exporting.pipeline import SIDE_FILES
-from ..exporting.runtime_files import GENAI_CONFIG, genai_adapters_check, genai_installed, genai_prompt
+from ..exporting.runtime_files import GENAI_CONFIG, SIDE_FILES, genai_adapters_check, genai_installed, genai_prompt
 from ..io.errors import InputError
 from ..model.adapters import LoraAdapter
 from ..model.config import ModelConfig

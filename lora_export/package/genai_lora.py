@@ -1,7 +1,8 @@
 """Swappable LoRA on the GenAI model builder's graph: the shared multi-LoRA layout on the fast graph.
 
 The builder names every projection's MatMul after the module (`/model/layers.3/attn/o_proj/MatMul`, weight
-[in, out]) and packs q, k and v into one `qkv_proj` MatMul (columns q | k | v). Beside each adapted MatMul this adds
+[in, out]; in its int4/int8 graphs a MatMulNBits `…/MatMul_Q4`, whose K × N is that shape: the LoRA stays float
+beside the quantized weight, so one quantized base serves exact adapters) and packs q, k and v into one `qkv_proj` MatMul (columns q | k | v). Beside each adapted MatMul this adds
 x·Aᵀ·Bᵀ, with A (r × in) and B (out × r) graph inputs whose defaults have rank 0 — the same names, shapes and
 `.onnx_adapter` files as the dynamo shared graph — and adds it to the MatMul's output before anything reads it.
 For a packed MatMul, q, k and v each get inputs (rank 0 where no variant adapts them) and their three products are
@@ -37,8 +38,7 @@ def plan_branches(
     graph: Any, modules: dict[str, tuple[int, int]], config: ModelConfig
 ) -> dict[str, list[tuple[str, int, int]]]:
     """MatMul node name → [(module, out, in)] in the order of its output columns; refuses what it cannot place."""
-    nodes = {n.name: n for n in graph.node if n.op_type == "MatMul"}
-    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    nodes = {_float_name(n.name): n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")}
     plan: dict[str, list[tuple[str, int, int]]] = {}
     for module, (out, inp) in sorted(modules.items()):
         prefix = node_path(module)
@@ -54,12 +54,26 @@ def plan_branches(
         if name not in nodes:
             raise UnsupportedError(f"{module}: the GenAI builder's graph has no MatMul {name} to attach its LoRA to")
         plan[name] = [(module, out, inp)]
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
     for name, parts in plan.items():
-        weight = shapes.get(nodes[name].input[1])
+        weight = _weight_shape(nodes[name], shapes)
         expected = [parts[0][2], sum(out for _, out, _ in parts)]
         if weight != expected:
             raise UnsupportedError(f"{name}: weight shape {weight}, expected {expected} for {[p[0] for p in parts]}")
-    return plan
+    return {nodes[name].name: parts for name, parts in plan.items()}
+
+
+def _float_name(node: str) -> str:
+    """A projection's node name as in the float graph: the builder's int4/int8 graphs name it MatMul_Q4/MatMul_Q8."""
+    return re.sub(r"/MatMul_Q\d+$", "/MatMul", node)
+
+
+def _weight_shape(node: Any, shapes: dict[str, list[int]]) -> list[int] | None:
+    """[in, out] of a projection: its float weight's shape, or a MatMulNBits' K and N (its weight is packed blocks)."""
+    if node.op_type == "MatMulNBits":
+        attrs = {a.name: a.i for a in node.attribute}
+        return [attrs.get("K", -1), attrs.get("N", -1)]
+    return shapes.get(node.input[1])
 
 
 def add_lora_inputs(path: Path, modules: dict[str, tuple[int, int]], config: ModelConfig) -> list[str]:

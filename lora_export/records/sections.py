@@ -202,6 +202,11 @@ class ExportSection:
     notes: tuple[str, ...] | None = None
     runtime_files: tuple[str, ...] | None = None  # what was written for the runtimes (genai_config.json, tokenizer)
     generation_text: Mapping[str, str] | None = None  # the dynamo check's greedy text in PyTorch and ONNX Runtime
+    quantization: Mapping[str, Any] | None = (
+        None  # int8/int4: the builder's options, size on disk and its ratio to fp32
+    )
+    quality: Mapping[str, Any] | None = None  # int8/int4: against the truth on the evaluation text
+    adapter_effect: Mapping[str, Any] | None = None  # int8/int4: the adapters' effect, deployed vs float32
 
     @property
     def by_builder(self) -> bool:
@@ -238,7 +243,10 @@ class ExportSection:
         text = f.get("generation_text", dict, None, optional=True)
         if text is not None and not all(isinstance(v, str) for v in text.values()):
             f.fail("generation_text", "must map runtimes to the text they generated")
-        return cls(**values, generation_text=text)
+        measured = {
+            name: f.get(name, dict, None, optional=True) for name in ("quantization", "quality", "adapter_effect")
+        }
+        return cls(**values, generation_text=text, **measured)
 
 
 _TEXT = {"exporter_choice", "exporter", "path", "file", "kind", "precision", "target", "checked_on", "reused_graph"}

@@ -18,6 +18,14 @@ def pipeline_markdown(report: PipelineReport) -> str:
     if export is not None:
         artifact = ", ".join(export.files or (export.file or "",))
         lines.append(f"- artifact: {artifact} ({export.exporter}, dtype {export.dtype})")
+        if export.quantization:
+            q = export.quantization
+            lines.append(
+                f"- quantized: {q['precision']}, {q['size_bytes'] / 1e6:.1f} MB ({q['size_ratio']:.2f}× float32), "
+                f"block {q['block_size']}, {q['algorithm']}, eval on {q['eval_text']}"
+            )
+            lines += [f"- {name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in values.items()) for name, values in (("quality", export.quality), ("adapter_effect", export.adapter_effect)) if values]  # fmt: skip
     lines += ["", "| check | result | compares | summary |", "|---|---|---|---|"]
     for c in report.checks:
         lines.append(f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.compares} | {c.summary} |")

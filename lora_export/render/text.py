@@ -172,7 +172,13 @@ def export_line(export: ExportSection) -> str:
     """The artifact, its exporter and how long it took (and for the builder's graph, why auto chose it)."""
     files, seconds = ", ".join(export.files or ()), export.seconds or 0.0
     if export.format == "onnx" and export.by_builder:
-        return f"  onnx     {files}  ({export.exporter}, {export.precision}, {seconds:.1f} s; {export.exporter_choice or ''})"
+        q = export.quantization
+        size = f"; {q['size_bytes'] / 1e6:.1f} MB, {q['size_ratio']:.2f}× float32" if q else ""
+        line = f"  onnx     {files}  ({export.exporter}, {export.precision}{size}, {seconds:.1f} s; {export.exporter_choice or ''})"
+        if q:
+            algo = f"block {q['block_size']}, {q['algorithm']}, {'symmetric' if q['symmetric'] else 'asymmetric'}"
+            line += f"\n  weights  MatMulNBits {q['precision']} ({algo}, accuracy level {q['accuracy_level']}); eval: {q['eval_text']}"
+        return line
     if export.format == "onnx":
         flags = f"{', optimized' if export.optimized else ''}{', with past' if export.with_past else ''}"
         return f"  onnx     {files}  ({export.exporter}, opset {export.opset}, {seconds:.1f} s{flags})"
