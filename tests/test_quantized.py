@@ -215,3 +215,18 @@ def test_export_a_merged_folder_at_int8(tiny: Path, tmp_path: Path) -> None:
     code, output = run(args)
     assert code == 0, output
     assert json.loads((tmp_path / "r.json").read_text())["export"]["adapter_effect"]["preserved"] is True
+
+
+def test_the_committed_figures_on_smollm2() -> None:
+    """benchmarks/precision.json (tools/bench_precision.py on the real SmolLM2): the demo adapter at int8 passes at
+    ≤ 0.55× the float32 size; the subtle adapter at int4 fails with its effect not preserved; decode speed per
+    precision was measured beside an A/A control."""
+    data = json.loads((REPO / "benchmarks" / "precision.json").read_text())
+    rows = {(r["adapter"], r["precision"]): r for r in data["pipeline"]}
+    demo = rows[("demo (caps)", "int8")]
+    assert demo["passed"] and demo["quantization"]["size_ratio"] <= 0.55
+    subtle = rows[("subtle q/v r=4", "int4")]
+    assert not subtle["passed"] and subtle["adapter_effect"]["preserved"] is False
+    assert "adapter effect (int4)" in subtle["failed"]
+    assert {"fp32", "fp32 (A/A copy)", "int8", "int4"} <= set(data["timings"])
+    assert (REPO / "benchmarks" / "precision.md").read_text().startswith("# Precision")

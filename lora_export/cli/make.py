@@ -293,7 +293,7 @@ def _precision(quantization: dict[str, Any], dtype: str) -> tuple[Any, tuple[str
     from ..exporting.sweep import parse_precisions
 
     several = parse_precisions(quantization["precision"]) if quantization["precision"] else ()
-    quant = options.quant_options(**quantization)
+    quant = options.quant_options(**quantization, several=True)
     return quant, several, precision_dtype(quant.precision if len(several) == 1 else None, dtype)
 
 

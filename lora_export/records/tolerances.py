@@ -89,10 +89,10 @@ class EffectTolerance:
 #             KL mean 0.42, p99 1.6, top-1 64%, ×1.24 — the bounds (~3× llama.cpp's q4_K_M on Llama-3-8B: KL 0.031,
 #             91.9%, ×1.028) are what a deployable 4-bit model shows, so SmolLM2-135M at int4 fails them: small models
 #             lose far more to 4 bits, and a check that passed it would pass anything.
-# effect      the adapters' effect, deployed vs float32 (tools/calibrate... in docs/export.md "Quantized"): the demo
-#             adapter at int8 keeps cosine 0.98, ratio 1.03; a q/v adapter whose effect (KL 5e-4) is below int8's
-#             noise floor (4.5e-3) drops to cosine 0.33, ratio 3.1 (int4: 0.09, 6.9): what is shipped then is the
-#             base plus noise.
+# effect      the adapters' effect, deployed vs float32 (benchmarks/precision.md, tools/bench_precision.py): the
+#             demo adapter at int8 keeps cosine 0.98, ratio 1.03; a q/v adapter whose effect (KL 0.0039) is at int8's
+#             noise floor (0.0045) drops to cosine 0.66, ratio 1.56 (int4: 0.15, 3.8) — and with an effect of 5e-4,
+#             to 0.33 and 3.1: what ships then is the base plus noise.
 QUANTIZED: dict[str, QualityTolerance] = {
     "int8": QualityTolerance(max_kl_mean=0.02, max_kl_p99=0.1, min_top1=0.9, max_ppl_ratio=1.03),
     "int4": QualityTolerance(max_kl_mean=0.1, max_kl_p99=0.5, min_top1=0.8, max_ppl_ratio=1.1),
