@@ -162,7 +162,17 @@ def quality_check(q: Quality, quant: QuantOptions) -> Check:
     )
 
 
-def effect_check(e: AdapterEffect, quant: QuantOptions) -> Check:
+def effect_check(e: AdapterEffect, quant: QuantOptions, float_lora: bool = False) -> Check:
+    """The verdict on the adapters' effect; `float_lora`: the adapter already runs in float beside the quantized base
+    (the shared layout), so only a wider precision or a stronger effect can help."""
+    wider = "int8, fp16 or fp32" if quant.precision == "int4" else "fp16 or fp32"
+    advice = (
+        f"Ship a wider precision ({wider}) — the adapter is already in float here; its effect is within the base's "
+        "quantization noise"
+        if float_lora
+        else f"Ship a wider precision ({wider}), or the shared layout with the adapter in float (lora-export package "
+        "--mode shared)"
+    )
     summary = (
         f"delta cosine {e.delta_cosine:.3f} (≥ {ADAPTER_EFFECT.min_cosine:g}), norm ratio {e.norm_ratio:.2f}; "
         f"effect KL {e.fp32_kl:.2g} in float32, {e.deployed_kl:.2g} deployed; noise floor {e.noise_floor_kl:.2g}"
@@ -172,8 +182,7 @@ def effect_check(e: AdapterEffect, quant: QuantOptions) -> Check:
         failures = (
             f"the adapters' effect did not survive {quant.precision}: the deployed change points elsewhere (cosine "
             f"{e.delta_cosine:.2f}) or has another size (×{e.norm_ratio:.2f}) against a noise floor of KL "
-            f"{e.noise_floor_kl:.2g}. Ship a wider precision (int8, fp16, fp32), or the shared layout with the "
-            "adapter in float (lora-export package --mode shared), or judge on your own text (--eval-text)",
+            f"{e.noise_floor_kl:.2g}. {advice}, or judge on your own text (--eval-text)",
         )
     return Check(
         f"adapter effect ({quant.precision})",

@@ -98,7 +98,7 @@ def shared_genai_quantized(
         deployed = genai_logprobs(shared, windows, (out / files[name], name))
         checks.append(replace(quality_check(quality(truth, deployed, windows), quant), name=f"quality ({p}), {name}"))
         effect = adapter_effect(truth, base32, deployed, deployed_base, ADAPTER_EFFECT.min_cosine, band)
-        checks.append(replace(effect_check(effect, quant), name=f"adapter effect ({p}), {name}"))
+        checks.append(replace(effect_check(effect, quant, float_lora=True), name=f"adapter effect ({p}), {name}"))
     prompt = genai_prompt(shared / GENAI_CONFIG, config.vocab_size, 6, 3)
     adapters = {name: out / file for name, file in files.items()}
     save_references(shared / "reference.npz", prompt, genai_self_references(shared, adapters, prompt, NEW_TOKENS))
