@@ -178,6 +178,8 @@ def test_sweep_ships_the_smallest_that_passes(tiny: Path, tmp_path: Path) -> Non
     table = json.loads((out / "sweep.json").read_text())
     assert table["shipped"] == "int4" and [r["precision"] for r in table["rows"]] == ["int4", "fp32"]
     assert all(r["passed"] for r in table["rows"]) and (out / "sweep.md").is_file()
+    assert all(r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0 for r in table["rows"])  # timed, beside an A/A
+    assert table["aa_band"] >= 0 and "A/A control" in (out / "sweep.md").read_text()
     assert json.loads((out / "report.json").read_text())["export"]["precision"] == "int4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch folder left beside it
 

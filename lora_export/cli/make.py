@@ -290,7 +290,7 @@ def merge_and_onnx(
 
 def _precision(quantization: dict[str, Any], dtype: str) -> tuple[Any, tuple[str, ...], str]:
     """The QuantOptions, the precisions asked for (several: a sweep), and --dtype as one --precision sets it."""
-    from ..exporting.sweep import parse_precisions
+    from ..bench.sweep import parse_precisions
 
     several = parse_precisions(quantization["precision"]) if quantization["precision"] else ()
     quant = options.quant_options(**quantization, several=True)
@@ -307,13 +307,13 @@ def _sweep(
     reports: tuple[Path | None, Path | None],
 ) -> None:
     """merge-and-onnx --precision A,B,…: each judged, one table, the smallest passing one shipped."""
-    from ..exporting.sweep import sweep, sweep_markdown
+    from ..bench.sweep import sweep, sweep_markdown
     from ..render.text import pipeline_text
 
     if dtype != "auto":
         raise click.UsageError("several --precision values set each one's dtype: drop --dtype")
-    result, rows, shipped = sweep(base_dir, adapter_dirs, out_dir, several, *settings, log=_echo_err)
-    table = sweep_markdown(rows, shipped) + (f"shipped: {shipped} → {out_dir}" if shipped else "none passed")
+    result, rows, shipped, band = sweep(base_dir, adapter_dirs, out_dir, several, *settings, log=_echo_err)
+    table = sweep_markdown(rows, shipped, band) + (f"shipped: {shipped} → {out_dir}" if shipped else "none passed")
     conclude(
         result.report,
         pipeline_text(result.report) + "\n\n" + table,

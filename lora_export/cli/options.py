@@ -134,8 +134,8 @@ def quant_options(
 ) -> Any:
     """The QuantOptions of the command line (fp32 when --precision is not given); several precisions only where the
     command sweeps them (merge-and-onnx)."""
+    from ..bench.sweep import parse_precisions
     from ..exporting.quantized import QuantOptions
-    from ..exporting.sweep import parse_precisions
 
     precisions = parse_precisions(precision) if precision is not None else ("fp32",)
     if len(precisions) > 1 and not several:
