@@ -15,7 +15,7 @@ Two questions, two checks (judged by records.tolerances' `quantized` and `adapte
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,30 +113,36 @@ def torch_logprobs(model: torch.nn.Module, windows: Sequence[list[int]]) -> list
     return out
 
 
-def genai_logprobs(
-    folder: Path, windows: Sequence[list[int]], adapter: tuple[Path, str] | None = None
-) -> list[torch.Tensor]:
-    """The same, from ONNX Runtime GenAI running the folder as written (each window from an empty cache), with an
-    `.onnx_adapter` active (og.Adapters) when given."""
+def genai_logprobs(folder: Path, windows: Sequence[list[int]]) -> list[torch.Tensor]:
+    """The same, from ONNX Runtime GenAI running the folder as written (each window from an empty cache)."""
+    return next(iter_genai_logprobs(folder, windows, {}))[1]
+
+
+def iter_genai_logprobs(
+    folder: Path, windows: Sequence[list[int]], adapters: Mapping[str, Path]
+) -> Iterator[tuple[str | None, list[torch.Tensor]]]:
+    """The folder's log-probabilities without an adapter (None), then with each `.onnx_adapter` active
+    (og.Adapters), one after the other from one loaded model: one variant's logits in memory at a time."""
     import onnxruntime_genai as og
 
     from .runtime_files import genai_model, new_generator
 
     model = genai_model(og, folder)
-    adapters = None
-    if adapter is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter[0]), adapter[1])
-    out = []
-    for window in windows:
-        generator = new_generator(og, model, window, 1, folder)
-        if adapters is not None and adapter is not None:
-            generator.set_active_adapter(adapters, adapter[1])
-        generator.append_tokens(window)
-        logits = torch.from_numpy(generator.get_output("logits").reshape(len(window), -1).astype("float32"))
-        out.append(F.log_softmax(logits, -1))
-        del generator
-    return out
+    loaded = og.Adapters(model) if adapters else None
+    for name, path in adapters.items():
+        assert loaded is not None
+        loaded.load(str(path), name)
+    for active in (None, *adapters):
+        out = []
+        for window in windows:
+            generator = new_generator(og, model, window, 1, folder)
+            if active is not None:
+                generator.set_active_adapter(loaded, active)
+            generator.append_tokens(window)
+            logits = torch.from_numpy(generator.get_output("logits").reshape(len(window), -1).astype("float32"))
+            out.append(F.log_softmax(logits, -1))
+            del generator
+        yield active, out
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

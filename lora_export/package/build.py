@@ -26,7 +26,7 @@ from ..exporting.onnx_check import session
 from ..exporting.pipeline import ExportOptions, choose_exporter, merge_and_onnx
 from ..exporting.quantized import QuantOptions
 from ..exporting.quantized_build import refuse_unquantizable
-from ..exporting.runtime_files import SIDE_FILES, genai_adapters_check
+from ..exporting.runtime_files import copy_side_files, genai_adapters_check
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
 from ..merging.merge import MergeOptions
@@ -110,9 +110,7 @@ def _shared_dynamo(
     log("shared layout: exporting the base graph with swappable LoRA inputs …")
     shared = out / "shared"
     graph = build_shared_graph(base_dir, modules, shared / "model.onnx", OnnxOptions(with_past=True))
-    for f in SIDE_FILES:
-        if (base_dir / f).is_file():
-            shutil.copy2(base_dir / f, shared / f)
+    copy_side_files(base_dir, shared)
     base = load_model(base_dir)
     names, feeds, mask = _reference_inputs(base)
     sess = session(graph.path)

@@ -9,7 +9,6 @@ GenAI, where the graph runs: its inputs (no position_ids, a KV buffer GenAI owns
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from ..exporting.genai_builder import build_with_genai, genai_logits_check, pytorch_references
-from ..exporting.runtime_files import GENAI_CONFIG, SIDE_FILES, genai_adapters_check, genai_installed, genai_prompt
+from ..exporting.runtime_files import GENAI_CONFIG, copy_side_files, genai_adapters_check, genai_installed, genai_prompt
 from ..io.errors import InputError
 from ..model.adapters import LoraAdapter
 from ..model.config import ModelConfig
@@ -85,13 +84,10 @@ def shared_genai(
     log: Callable[[str], None],
 ) -> SharedLayout:
     """The shared layout on the builder's graph, in out/shared (which exists and is empty)."""
-    import onnx
 
     shared = out / "shared"
     build_with_genai(base_dir, shared, "float32", log)
-    for name in SIDE_FILES:  # config.json and generation_config.json, which the builder does not write
-        if (base_dir / name).is_file() and not (shared / name).exists():
-            shutil.copy2(base_dir / name, shared / name)
+    copy_side_files(base_dir, shared)  # config.json and generation_config.json, which the builder does not write
     log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
     lora = add_lora_inputs(shared / "model.onnx", modules, ModelConfig.load(base_dir))
     base = load_model(base_dir)
@@ -106,10 +102,25 @@ def shared_genai(
     log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
     checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))
     save_references(shared / "reference.npz", prompt, references)
-    graph = onnx.load(str(shared / "model.onnx"), load_external_data=False).graph
-    lora_names = {n for m in lora for n in input_names(m)}
     notes = dtype_notes(variants)
     notes.append("graph: ONNX Runtime GenAI's model builder, with LoRA inputs added; runs in GenAI (og.Adapters)")
+    return builder_shared_layout(shared, lora, files, parameters, checks, notes)
+
+
+def builder_shared_layout(
+    shared: Path,
+    lora: list[str],
+    files: dict[str, str],
+    parameters: dict[str, dict[str, list[int]]],
+    checks: list[Check],
+    notes: list[str],
+) -> SharedLayout:
+    """The manifest's record of a shared layout on the builder's graph (float or quantized): its inputs less the
+    LoRA ones, its outputs, each module's LoRA inputs, the adapter files and their parameters, checks and notes."""
+    import onnx
+
+    graph = onnx.load(str(shared / "model.onnx"), load_external_data=False).graph
+    lora_names = {n for m in lora for n in input_names(m)}
     return SharedLayout(
         "shared/model.onnx",
         "float32",

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ..exporting.genai_builder import genai_build
-from ..exporting.quantized import QuantOptions, adapter_effect, eval_windows, genai_logprobs, quality, torch_logprobs
+from ..exporting.quantized import (
+    QuantOptions,
+    adapter_effect,
+    eval_windows,
+    iter_genai_logprobs,
+    quality,
+    torch_logprobs,
+)
 from ..exporting.quantized_build import effect_check, quality_check
 from ..exporting.runtime_files import (
     GENAI_CONFIG,
@@ -36,9 +43,9 @@ from ..model.loading import load_model
 from ..records import SharedLayout
 from ..records.tolerances import ADAPTER_EFFECT
 from ..verification.compare import load_tokenizer
-from .genai import NEW_TOKENS, References, dtype_notes, save_references
+from .genai import NEW_TOKENS, References, builder_shared_layout, dtype_notes, save_references
 from .genai_lora import add_lora_inputs
-from .shared_graph import input_names, variant_adapters
+from .shared_graph import variant_adapters
 from .variants import Variant
 
 
@@ -76,7 +83,6 @@ def shared_genai_quantized(
     quant: QuantOptions,
 ) -> SharedLayout:
     """The shared layout on the builder's quantized graph, in out/shared (which exists and is empty)."""
-    import onnx
 
     shared, config, p = out / "shared", ModelConfig.load(base_dir), quant.precision
     windows = eval_windows(load_tokenizer(base_dir), quant, config.context)
@@ -91,19 +97,19 @@ def shared_genai_quantized(
         files[v.name], parameters[v.name] = f"shared/{path.name}", shapes
         truths[v.name] = torch_logprobs(unmerged, windows)
     log(f"shared layout: the base and every adapter in ONNX Runtime GenAI on {sum(map(len, windows))} tokens …")
-    deployed_base = genai_logprobs(shared, windows)
+    adapters = {name: out / file for name, file in files.items()}
+    runs = iter_genai_logprobs(shared, windows, adapters)
+    _, deployed_base = next(runs)
     checks = [replace(quality_check(quality(base32, deployed_base, windows), quant), name=f"quality ({p}), base")]
     band = (ADAPTER_EFFECT.min_ratio, ADAPTER_EFFECT.max_ratio)
-    for name, truth in truths.items():
-        deployed = genai_logprobs(shared, windows, (out / files[name], name))
+    for name, deployed in runs:
+        assert name is not None
+        truth = truths[name]
         checks.append(replace(quality_check(quality(truth, deployed, windows), quant), name=f"quality ({p}), {name}"))
         effect = adapter_effect(truth, base32, deployed, deployed_base, ADAPTER_EFFECT.min_cosine, band)
         checks.append(replace(effect_check(effect, quant, float_lora=True), name=f"adapter effect ({p}), {name}"))
     prompt = genai_prompt(shared / GENAI_CONFIG, config.vocab_size, 6, 3)
-    adapters = {name: out / file for name, file in files.items()}
     save_references(shared / "reference.npz", prompt, genai_self_references(shared, adapters, prompt, NEW_TOKENS))
-    graph = onnx.load(str(shared / "model.onnx"), load_external_data=False).graph
-    lora_names = {n for m in lora for n in input_names(m)}
     notes = [
         *dtype_notes(variants),
         f"graph: the GenAI model builder's {p} MatMulNBits ({', '.join(quant.builder_options()[1:])}) with float32 LoRA "
@@ -111,18 +117,7 @@ def shared_genai_quantized(
         "package --check re-runs it against GenAI's own outputs when it was built (quality and adapter effect were "
         "judged then against PyTorch float32)",
     ]
-    return SharedLayout(
-        "shared/model.onnx",
-        "float32",
-        tuple(i.name for i in graph.input if i.name not in lora_names),
-        tuple(o.name for o in graph.output),
-        {m: list(input_names(m)) for m in lora},
-        files,
-        parameters,
-        tuple(checks),
-        tuple(notes),
-        exporter="genai",
-    )
+    return builder_shared_layout(shared, lora, files, parameters, checks, notes)
 
 
 def merged_self_references(folder: Path, name: str) -> None:
