@@ -141,6 +141,15 @@ def test_shared_layout_keeps_float_lora_beside_matmulnbits(tiny: Path, tmp_path:
     assert code == 0, out
     code, out = run(["bench", "--package", str(pkg), "--backend", "genai", "--shapes", "1x128"])  # context 128
     assert code == 2 and "exceed the package's context of 128" in out, out
+    bench = tmp_path / "bench.json"
+    args = ["bench", "--package", str(pkg), "--backend", "genai", "--shapes", "1x32", "--quick",
+            "--json", str(bench)]  # fmt: skip
+    code, out = run(args)
+    assert code == 0, out
+    rows = {r["variant"]: r["structure"] for r in json.loads(bench.read_text())["rows"]}
+    assert rows["base"]["weights"].startswith("int4 MatMulNBits ×") and "float32" in rows["base"]["weights"], rows
+    assert rows["base"]["weight_bytes"] < sum(p.stat().st_size for p in (tiny / "base").glob("*.safetensors"))
+    assert "int4 MatMulNBits" in out  # the table's weights column
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,8 @@ def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
             "identical_to_base": g.same_as(base),
             "graph_nodes": sum(g.ops.values()),
             "graph_ops": dict(sorted(g.ops.items())),
+            "weight_bytes": g.param_bytes,
+            "weights": g.weights,
         }
         if not row.structure["identical_to_base"]:
             added = g.added_over(base)

@@ -215,22 +215,31 @@ def adapter_effect(
     min_cosine: float,
     ratio_band: tuple[float, float],
 ) -> AdapterEffect:
-    d32 = torch.cat([_centered(m - b) for m, b in zip(merged, base, strict=True)]).double()
-    dq = torch.cat([_centered(m - b) for m, b in zip(deployed, deployed_base, strict=True)]).double()
-    cosine = float(F.cosine_similarity(d32.reshape(1, -1), dq.reshape(1, -1)).item())
-    per_token = F.cosine_similarity(d32, dq, dim=-1)
-    ratio = float(dq.norm() / d32.norm().clamp_min(1e-30))
-
-    def mean_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
-        return float(torch.cat([_kl(a, b) for a, b in zip(p, q, strict=True)]).double().mean())
-
+    """Window by window in float32, sums in float64: one window's deltas in memory at a time (was a float64 copy of
+    every delta, 7 s and 1.6 GB on SmolLM2's 2,082 tokens)."""
+    dot = norm32 = normq = 0.0
+    worst = math.inf
+    kl = {"fp32": 0.0, "deployed": 0.0, "floor": 0.0}
+    tokens = 0
+    for m, b, dm, db in zip(merged, base, deployed, deployed_base, strict=True):
+        d32, dq = _centered(m - b), _centered(dm - db)
+        dot += float((d32 * dq).sum(dtype=torch.float64))
+        norm32 += float(d32.square().sum(dtype=torch.float64))
+        normq += float(dq.square().sum(dtype=torch.float64))
+        worst = min(worst, float(F.cosine_similarity(d32, dq, dim=-1).min()))
+        kl["fp32"] += float(_kl(m, b).sum(dtype=torch.float64))
+        kl["deployed"] += float(_kl(dm, db).sum(dtype=torch.float64))
+        kl["floor"] += float(_kl(b, db).sum(dtype=torch.float64))
+        tokens += m.shape[0]
+    cosine = dot / max(math.sqrt(norm32 * normq), 1e-30)
+    ratio = math.sqrt(normq) / max(math.sqrt(norm32), 1e-30)
     preserved = cosine >= min_cosine and ratio_band[0] <= ratio <= ratio_band[1]
     return AdapterEffect(
-        fp32_kl=mean_kl(merged, base),
-        deployed_kl=mean_kl(deployed, deployed_base),
+        fp32_kl=kl["fp32"] / tokens,
+        deployed_kl=kl["deployed"] / tokens,
         delta_cosine=cosine,
-        delta_cosine_min=float(per_token.min()),
+        delta_cosine_min=worst,
         norm_ratio=ratio,
-        noise_floor_kl=mean_kl(base, deployed_base),
+        noise_floor_kl=kl["floor"] / tokens,
         preserved=bool(preserved),
     )

@@ -54,8 +54,10 @@ def structure_markdown(result: Any) -> list[str]:
     if not rows:
         return []
     lines = ["", "Structure per forward pass, counted: GFLOPs / operator calls (PyTorch), graph nodes (ONNX)", ""]
+    weights = any("weights" in r.structure for r in rows)
     lines += ["| variant | backend | same computation as base | " + " | ".join(result.shapes) + " |"]
-    lines += ["|" + "---|" * (3 + len(result.shapes))]
+    lines[-1] += " weights |" if weights else ""
+    lines += ["|" + "---|" * (3 + len(result.shapes) + weights)]
     for row in rows:
         cells = []
         for s in result.shapes:
@@ -67,6 +69,10 @@ def structure_markdown(result: Any) -> list[str]:
             else:
                 cells.append(f"{c.flops / 1e9:.3f} / {c.op_calls}")
         same = "yes" if row.structure.get("identical_to_base") else "no"
+        if weights:
+            stored = row.structure.get("weight_bytes")
+            size = f"{stored / 1e6:.1f} MB " if stored is not None else ""
+            cells.append(f"{size}{row.structure.get('weights', '')}".strip() or "–")
         lines.append(f"| {row.variant} | {row.backend} | {same} | " + " | ".join(cells) + " |")
     return lines
 

@@ -26,6 +26,7 @@ class Structure:
     ops: dict[str, int]  # ATen operator (or ONNX op type) → calls (nodes) per forward
     param_bytes: int  # parameters and buffers the forward reads
     signature: str = ""  # ONNX only: sha256 of the graph up to initializer values
+    weights: str = ""  # ONNX only: how the weights are stored, e.g. "int4 MatMulNBits ×211 + float32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,4 +96,25 @@ def onnx_structure(path: Path) -> Structure:
             count *= d
         size += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node)
-    return Structure(0, dict(ops), size, h.hexdigest())
+    return Structure(0, dict(ops), size, h.hexdigest(), _weights(graph))
+
+
+def _weights(graph: Any) -> str:
+    """The weights' storage: MatMulNBits' bits and count (the builder's int8/int4), then the float initializers' dtypes
+    by bytes, largest first."""
+    import onnx
+
+    bits = Counter(
+        next((a.i for a in n.attribute if a.name == "bits"), 4) for n in graph.node if n.op_type == "MatMulNBits"
+    )
+    by_dtype: Counter[str] = Counter()
+    for init in graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        if dtype.kind == "f":
+            count = 1
+            for d in init.dims:
+                count *= d
+            by_dtype[str(dtype)] += count * dtype.itemsize
+    parts = [f"int{b} MatMulNBits ×{n}" for b, n in sorted(bits.items())]
+    parts += [name for name, _ in by_dtype.most_common()]
+    return " + ".join(parts)
