@@ -151,13 +151,16 @@ def test_bench_cli_writes_json_markdown_plot(models_dir: Path, tmp_path: Path) -
         assert not graphs[variant]["structure"]["identical_to_base"] and added["op_calls"] > 0, (variant, added)
         assert added["param_bytes"] == 4 * graphs[variant]["params"], (variant, added)
     nodes = graphs["base"]["structure"]["graph_nodes"]
-    assert all(c["op_calls"] == nodes and c["flops"] is None for c in graphs["merged"]["cells"].values())
     torch_rows = {row["variant"]: row for row in data["rows"] if row["backend"] == "torch"}
+    for shape, cell in graphs["merged"]["cells"].items():  # counted from the graph: the base's, and PyTorch's
+        assert cell["op_calls"] == nodes and cell["flops"] == graphs["base"]["cells"][shape]["flops"] > 0
+        assert cell["flops"] == torch_rows["merged"]["cells"][shape]["flops"]
     for cell, base_cell in zip(torch_rows["merged"]["cells"].values(), torch_rows["base"]["cells"].values()):
         assert cell["flops"] == base_cell["flops"] > 0 and cell["ops"] == base_cell["ops"]
         assert sum(cell["ops"].values()) == cell["op_calls"]
     md = (tmp_path / "b.md").read_text()
-    assert f"| merged | onnxruntime | yes | {nodes} nodes | {nodes} nodes |" in md, md
+    flops = [f"{c['flops'] / 1e9:.3f} / {nodes}" for c in graphs["merged"]["cells"].values()]
+    assert f"| merged | onnxruntime | yes | {' | '.join(flops)} |" in md, md
     assert "| variant | backend | added params | 1/16 | 2/32 |" in md and "Verdicts" in md
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(main, ["bench", str(base)])

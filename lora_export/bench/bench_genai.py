@@ -18,7 +18,7 @@ from ..io.errors import InputError
 from ..io.jsonio import read_json_object
 from ..records import PackageManifest
 from .timing import PACKAGE_METHOD, BenchOptions, BenchResult, Row, environment, summarize, verdicts
-from .variants import add_graph_structure, graph_cells
+from .variants import OnnxFlops, add_graph_structure, graph_cells
 
 NEW_TOKENS = 16
 
@@ -54,6 +54,7 @@ def bench_package_genai(
     rows, shapes = [r for r, _, _ in runners], []
     add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
     vocab, context = _vocab(config_dir / GENAI_CONFIG)
+    flops = OnnxFlops()
     for batch, seq in options.shapes:
         if seq + NEW_TOKENS > context:
             raise InputError(
@@ -70,10 +71,50 @@ def bench_package_genai(
         for name, times in zip(names, (prefill, decode), strict=True):
             summarize(rows, name, {(r.variant, "genai"): times[r.variant] for r in rows}, options.seed)
             shapes.append(name)
+        _genai_flops(runners, package_dir, manifest, seq, names, flops)
     graph_cells(rows)
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)}), ONNX Runtime GenAI {og.__version__}"
     return BenchResult(env, shapes, rows, verdicts(rows, shapes), method=PACKAGE_METHOD)
+
+
+def _genai_flops(
+    runners: list[tuple[Row, Any, Any]],
+    package_dir: Path,
+    manifest: PackageManifest,
+    seq: int,
+    names: tuple[str, str],
+    flops: OnnxFlops,
+) -> None:
+    """Each row's FLOPs from its graph: the prefill of `seq` tokens, and a generated token's average over the
+    NEW_TOKENS steps (attention grows linearly with the past, so the mean of the first and last step is exact)."""
+    from .bench_package import graph_paths
+
+    paths = graph_paths(package_dir, manifest, [r for r, _, _ in runners])
+    for row, _, active in runners:
+        path = paths[row.variant]
+        more = manifest.shared.parameters.get(active[1], {}) if active and manifest.shared else None
+        flops.fill(row, path, genai_input_shapes(path, 1, seq, 0), names[0], more)
+        first = flops.count(row, path, genai_input_shapes(path, 1, 1, seq), more)
+        last = flops.count(row, path, genai_input_shapes(path, 1, 1, seq + NEW_TOKENS - 1), more)
+        row.cells[names[1]].flops = None if first is None or last is None else (first + last) // 2
+
+
+def genai_input_shapes(graph: Path, batch: int, seq: int, past: int) -> dict[str, tuple[int, ...]]:
+    """A builder graph's inputs for `seq` new tokens after `past`: ids and positions (batch, seq), the mask over
+    every token, each past key/value (batch, kv heads, past, head dim)."""
+    import onnx
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in onnx.load(str(graph), load_external_data=False).graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if value.name == "attention_mask":
+            shapes[value.name] = (batch, past + seq)
+        elif value.name.startswith("past_key_values"):
+            shapes[value.name] = (batch, dims[1], past, dims[3])
+        elif value.name in ("input_ids", "position_ids"):
+            shapes[value.name] = (batch, seq)
+    return shapes
 
 
 def _vocab(config_path: Path) -> tuple[int, int]:

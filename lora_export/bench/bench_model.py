@@ -17,7 +17,7 @@ from ..merging.merge import MergeOptions, merge
 from ..model.config import ModelConfig
 from ..model.hub import folder_of
 from .timing import BenchOptions, BenchResult, Row, environment, measure, shape_name, summarize, torch_threads, verdicts
-from .variants import _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variants, graph_cells
+from .variants import OnnxFlops, _inputs, _ort_calls, _ort_feeds, _torch_call, _torch_variants, graph_cells
 
 
 def add_structure(variants: list[tuple[Row, Any]], inputs: dict[str, torch.Tensor], shape: str) -> None:
@@ -45,6 +45,23 @@ def check_shapes_fit(base_dir: Path, shapes: Sequence[tuple[int, int]]) -> None:
         raise InputError(f"--shapes {', '.join(too_long)}: longer than the model's context of {context} tokens")
 
 
+def _check_inputs(base_dir: Path, onnx_dir: Path | str | None, options: BenchOptions) -> None:
+    """What bench can time, before anything is loaded: the device, the model's kind and context, and --onnx (a folder
+    with model.onnx, timed by the onnxruntime backend)."""
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible to PyTorch here")
+    if ModelConfig.load(base_dir).encoder_decoder:
+        raise UnsupportedError(
+            f"{base_dir} is an encoder-decoder: bench times decoders and encoders (its inputs are token ids alone); "
+            "`lora-export verify` reports what unmerged LoRA adds to an encoder-decoder's FLOPs and operator calls"
+        )
+    check_shapes_fit(base_dir, options.shapes)
+    if onnx_dir is not None and not (Path(onnx_dir) / "model.onnx").is_file():
+        raise InputError(f"--onnx {onnx_dir}: no model.onnx there; give a folder written by merge-and-onnx or export")
+    if onnx_dir is not None and "onnxruntime" not in options.backends:
+        raise InputError(f"--onnx {onnx_dir} is timed by ONNX Runtime: add --backend onnxruntime (or all)")
+
+
 def bench(
     base_dir: Path | str,
     adapter_dirs: Sequence[Path | str],
@@ -59,14 +76,7 @@ def bench(
     adapters = [folder_of(a, "adapter") for a in adapter_dirs]
     if not adapters:
         raise InputError("give at least one adapter folder (or use --paper-table1)")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible to PyTorch here")
-    if ModelConfig.load(base_dir).encoder_decoder:
-        raise UnsupportedError(
-            f"{base_dir} is an encoder-decoder: bench times decoders and encoders (its inputs are token ids alone); "
-            "`lora-export verify` reports what unmerged LoRA adds to an encoder-decoder's FLOPs and operator calls"
-        )
-    check_shapes_fit(base_dir, options.shapes)
+    _check_inputs(base_dir, onnx_dir, options)
     with torch_threads(options.threads), tempfile.TemporaryDirectory(prefix="lora-export-bench-") as tmp:
         work = Path(tmp)
         if merged_dir is None:
@@ -79,11 +89,14 @@ def bench(
         calls: list[tuple[Row, Callable[[dict[str, torch.Tensor]], Callable[[], Any]]]] = []
         if "torch" in options.backends:
             calls += [(row, lambda inputs, m=model: _torch_call(m, inputs)) for row, model in variants]
+        graphs: list[tuple[Row, Any, Path]] = []
         if "onnxruntime" in options.backends:
             probe = variants[0][1]
-            for row, sess in _ort_calls(variants, work, options, Path(onnx_dir) if onnx_dir else None, log):
+            graphs = _ort_calls(variants, work, options, Path(onnx_dir) if onnx_dir else None, log)
+            for row, sess, _ in graphs:
                 calls.append((row, lambda inputs, s=sess: lambda f=_ort_feeds(s, inputs, probe): s.run(None, f)))
         rows = [row for row, _ in calls]
+        flops = OnnxFlops()
         shapes = [shape_name(s) for s in options.shapes]
         for shape in options.shapes:
             inputs = _inputs(variants[0][1], shape, options.seed, options.device)
@@ -98,6 +111,8 @@ def bench(
             )
             if "torch" in options.backends:
                 add_structure(variants, inputs, shape_name(shape))
+            for row, sess, path in graphs:
+                flops.fill(row, path, _ort_feeds(sess, inputs, variants[0][1]), shape_name(shape))
     graph_cells(rows)
     env = environment(options)
     env["model"] = ModelConfig.load(base_dir).architecture or "?"

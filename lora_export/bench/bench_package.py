@@ -21,7 +21,7 @@ from .timing import (
     summarize,
     verdicts,
 )
-from .variants import _ort_feeds, add_graph_structure, graph_cells
+from .variants import OnnxFlops, _ort_feeds, add_graph_structure, graph_cells
 
 A_A_SHARED = "the shared graph opened a second time, no adapter: what two identical sessions differ by (A/A control)"
 A_A_MERGED = "the first merged graph opened a second time (A/A control)"
@@ -39,6 +39,14 @@ def package_graphs(package_dir: Path, manifest: PackageManifest, rows: list[Row]
     if shared is None:  # no shared graph: base and base-copy are the first merged variant's
         graphs["base"] = graphs["base-copy"] = counted[str(next(iter(merged.values())))]
     return graphs
+
+
+def graph_paths(package_dir: Path, manifest: PackageManifest, rows: list[Row]) -> dict[str, Path]:
+    """Each row's graph file (as package_graphs counts them)."""
+    merged = {f"{name} merged": package_dir / info.graph for name, info in manifest.merged.items()}
+    first = next(iter(merged.values()), None)
+    shared = package_dir / manifest.shared.graph if manifest.shared else first
+    return {r.variant: merged.get(r.variant) or shared for r in rows}  # type: ignore[misc]
 
 
 def bench_package(
@@ -59,6 +67,8 @@ def bench_package(
     runners = _ort_runners(package_dir, manifest, options.threads or None, log)
     rows = [r for r, _, _ in runners]
     add_graph_structure(rows, package_graphs(package_dir, manifest, rows))
+    paths = graph_paths(package_dir, manifest, rows)
+    flops = OnnxFlops()
     shapes = [shape_name(s) for s in options.shapes]
     g = torch.Generator().manual_seed(options.seed)
     for shape in options.shapes:
@@ -72,6 +82,10 @@ def bench_package(
         log(f"measuring {shape_name(shape)} …")
         times = measure(calls, options, f"package {shape_name(shape)}")
         summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
+        for row, sess, extra in runners:  # an active adapter's A/B are inputs too: counted at their shapes
+            adapter = row.variant.removesuffix(" shared+adapter") if extra else None
+            more = manifest.shared.parameters.get(adapter, {}) if adapter and manifest.shared else None
+            flops.fill(row, paths[row.variant], _ort_feeds(sess, inputs, config), shape_name(shape), more)
     graph_cells(rows)
     env = environment(options)
     env["model"] = f"package {package_dir.name} ({', '.join(manifest.variants)})"

@@ -118,7 +118,7 @@ def _ort_calls(
         if options.device.startswith("cuda")
         else ["CPUExecutionProvider"]
     )
-    out: list[tuple[Row, Any]] = []
+    out: list[tuple[Row, Any, Path]] = []
     graphs: dict[str, Any] = {}
     for row, model in variants:
         path = workdir / f"{row.variant}.onnx"
@@ -132,10 +132,35 @@ def _ort_calls(
             so.intra_op_num_threads = options.threads
         so.log_severity_level = 3
         ort_row = replace(row, backend="onnxruntime", cells={}, structure={})
-        out.append((ort_row, ort.InferenceSession(str(path), so, providers=providers)))
+        out.append((ort_row, ort.InferenceSession(str(path), so, providers=providers), path))
         graphs[row.variant] = onnx_structure(path)
-    add_graph_structure([r for r, _ in out], graphs)
+    add_graph_structure([r for r, _, _ in out], graphs)
     return out
+
+
+class OnnxFlops:
+    """Each ONNX row's FLOPs at a cell's input shapes (lora_export.verification.onnx_flops), counted once per graph
+    structure and shape: graphs equal up to initializer values (base, base-copy, merged) compute the same."""
+
+    def __init__(self) -> None:
+        self.counted: dict[tuple[str, str], int | None] = {}
+
+    def count(self, row: Row, path: Path, shapes: dict[str, Any], more: dict[str, Any] | None = None) -> int | None:
+        """`shapes`: the graph inputs' shapes, or the feeds themselves; `more`: the shapes of the inputs an active
+        adapter supplies (its LoRA A/B, by input name)."""
+        from ..verification.onnx_flops import onnx_flops
+
+        dims = {
+            name: tuple(np.shape(value)) if hasattr(value, "shape") else tuple(value) for name, value in shapes.items()
+        }
+        dims.update({name: tuple(d) for name, d in (more or {}).items()})
+        key = (row.structure.get("signature") or str(path), repr(sorted(dims.items())))
+        if key not in self.counted:
+            self.counted[key] = onnx_flops(path, dims)
+        return self.counted[key]
+
+    def fill(self, row: Row, path: Path, shapes: dict[str, Any], cell: str, more: dict[str, Any] | None = None) -> None:
+        row.cells[cell].flops = self.count(row, path, shapes, more)
 
 
 def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
@@ -146,6 +171,7 @@ def add_graph_structure(rows: Sequence[Row], graphs: dict[str, Any]) -> None:
         g = graphs[row.variant]
         row.structure = {
             "identical_to_base": g.same_as(base),
+            "signature": g.signature,
             "graph_nodes": sum(g.ops.values()),
             "graph_ops": dict(sorted(g.ops.items())),
             "weight_bytes": g.param_bytes,

@@ -53,7 +53,7 @@ def structure_markdown(result: Any) -> list[str]:
     rows = [r for r in result.rows if any(c.op_calls is not None for c in r.cells.values())]
     if not rows:
         return []
-    lines = ["", "Structure per forward pass, counted: GFLOPs / operator calls (PyTorch), graph nodes (ONNX)", ""]
+    lines = ["", "Structure per forward pass, counted: GFLOPs / operator calls (PyTorch) or graph nodes (ONNX)", ""]
     weights = any("weights" in r.structure for r in rows)
     lines += ["| variant | backend | same computation as base | " + " | ".join(result.shapes) + " |"]
     lines[-1] += " weights |" if weights else ""

@@ -70,11 +70,27 @@ def torch_structure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Struct
             calls[str(func.overloadpacket).removeprefix("aten.")] += 1
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), FlopCounterMode(display=False) as flops, CountOps():
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_cpu_attention()) as flops, CountOps():
         model(**inputs)
     tensors = (*model.parameters(), *model.buffers())  # LoRA factors run at run time are buffers here
     params = {id(t): t.numel() * t.element_size() for t in tensors}  # tied weights once
     return Structure(int(flops.get_total_flops()), dict(calls), sum(params.values()))
+
+
+def _cpu_attention() -> dict[Any, Any]:
+    """torch.utils.flop_counter counts the CUDA kernels of scaled_dot_product_attention but not the CPU one it
+    dispatches to here (aten._scaled_dot_product_flash_attention_for_cpu): without this an attention layer counted 0
+    FLOPs on CPU. The same formula as the CUDA kernels' (QKᵀ and softmax·V: 4·b·h·s_q·s_kv·d)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    return {op: flops}
 
 
 def onnx_structure(path: Path) -> Structure:
