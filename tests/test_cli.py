@@ -81,7 +81,7 @@ def test_installed_console_script_runs(tmp_path: Path) -> None:
         (["no-such-command"], "Error: No such command 'no-such-command'."),
         (["merge", "{tmp}", "{tmp}", "-o", "{tmp}/o", "--dtype", "int3"], "Invalid value for '--dtype'"),
         (["bench", "--shapes", "12", "{tmp}"], "bad shape '12': write BATCHxSEQ"),
-        (["package", "--junit", "{tmp}/j.xml", "{tmp}"], "--junit applies with --check"),
+        (["package", "--junit", "{tmp}-j.xml", "{tmp}"], "--junit applies with --check"),
     ],
     ids=["missing-output", "missing-argument", "unknown-command", "bad-choice", "bad-shape", "junit-without-check"],
 )

@@ -151,3 +151,103 @@ def test_two_runs_one_output_one_wins(model: tuple[Path, Path], tmp_path: Path) 
     late = start("merge", str(base), str(adapter), "-o", str(out), "-q")  # after the winner: the output exists
     _, stderr = late.communicate(timeout=300)
     assert late.returncode == 2 and "already exists: pass --overwrite" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ctrl-C at every phase of merge-and-onnx through the GenAI builder (issue 24): the terminal's SIGINT reaches the whole
+# process group — lora-export and the builder's child — and each interrupted run ends with exit 130, one `Error:` line,
+# no output, no temporary folder, no lock and no builder left running; the rerun after them succeeds.
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("verifying merged vs unmerged", "the builder's child process", "checking in ONNX Runtime GenAI")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/make_tiny_model.py's LLaMA (with a tokenizer, for the builder) and its adapter."""
+    root = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(root)], check=True)
+    return root
+
+
+def start_session(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """A run in its own process group (a terminal's foreground job), its stderr lines collected as they come."""
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_export", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    return proc, lines
+
+
+def processes_writing(out: Path) -> list[int]:
+    """Live processes whose command line names this output's temporary folder (the builder's child writes there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(") ")[-1][:1]
+            except OSError:
+                continue
+            if f".{out.name}.partial-" in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_ctrl_c_in_every_phase_of_a_genai_export(tiny: Path, tmp_path: Path, phase: str) -> None:
+    out = tmp_path / "onnx"
+    args = ("merge-and-onnx", str(tiny / "base"), str(tiny / "adapter"), "-o", str(out), "--exporter", "genai",
+            "--max-new-tokens", "2")  # fmt: skip
+    proc, lines = start_session(*args)
+    if phase == "the builder's child process":
+        wait_for(proc, lambda: processes_writing(out), phase)
+    else:
+        wait_for(proc, lambda: any(line.startswith(phase) for line in lines), phase)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+    proc.wait(timeout=120)
+    time.sleep(0.2)  # the reader thread's last lines
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert proc.returncode == 130, lines
+    assert len(errors) == 1 and "interrupted" in errors[0] and not any("Traceback" in x for x in lines), lines
+    assert not out.exists() and partials(out) == [] and not (tmp_path / f".{out.name}.lock").exists()
+    deadline = time.monotonic() + 10
+    while processes_writing(out) and time.monotonic() < deadline:  # a child killed by its parent is reaped by init
+        time.sleep(0.05)
+    assert processes_writing(out) == [], "the builder's child outlived the interrupted run"
+    if phase == PHASES[-1]:  # after the last phase's interrupt: the same command succeeds
+        done, lines = start_session(*args)
+        assert done.wait(timeout=600) == 0, lines
+        assert (out / "model.onnx").is_file() and partials(out) == []
+
+
+def test_two_package_runs_one_output(tiny: Path, tmp_path: Path) -> None:
+    """Two `package` runs writing one output: the second fails at once naming the first's pid; the first's package
+    passes --check."""
+    (tmp_path / "variants.yaml").write_text(f"variants:\n  caps:\n    adapters: [{tiny / 'adapter'}]\n")
+    out = tmp_path / "pkg"
+    args = ("package", str(tiny / "base"), "--variants", str(tmp_path / "variants.yaml"), "-o", str(out), "--mode",
+            "merged")  # fmt: skip
+    first, _ = start_session(*args)
+    wait_for(first, lambda: bool(partials(out)), "the first run started writing")
+    os.killpg(first.pid, signal.SIGSTOP)  # hold it mid-write while the second run tries
+    try:
+        second = start(*args, "--overwrite")
+        _, stderr = second.communicate(timeout=300)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert second.returncode == 2 and len(errors) == 1, stderr
+    assert f"another lora-export run (pid {first.pid}) is writing {out}" in errors[0], stderr
+    assert first.wait(timeout=600) == 0
+    check = start("package", "--check", str(out))
+    _, stderr = check.communicate(timeout=300)
+    assert check.returncode == 0, stderr

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -86,6 +86,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _terminate_like_interrupt()
         try:
+            _check_report_files(kwargs)
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: Click prints them and exits 2
@@ -99,23 +100,51 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as e:  # a full or read-only disk under a report file, say: one line, not a traceback
             from ..io.outputs import DISK_ERRNOS, temp_hint
 
-            if e.errno not in DISK_ERRNOS or _debug():
+            if _debug():
                 raise
+            if e.errno not in DISK_ERRNOS:
+                _internal_error(e)
             hint = temp_hint(Path(str(e.filename))) if e.filename else ""
             click.echo(f"Error: {e.filename or 'a file'}: {e.strerror or e}: {DISK_ERRNOS[e.errno]}{hint}", err=True)
             sys.exit(2)
         except Exception as e:
             if _debug():
                 raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            click.echo(
-                f"Error: internal error ({type(e).__name__}: {first}); this is a bug in lora-export: please "
-                "report it with the output of the same command run with --debug",
-                err=True,
-            )
-            sys.exit(3)
+            _internal_error(e)
 
     return wrapper
+
+
+REPORT_FILES = {"json_file": "--json", "junit_file": "--junit", "markdown_file": "--markdown", "plot_file": "--plot"}
+
+
+def _check_report_files(params: dict[str, Any]) -> None:
+    """A report file (--json, --junit, --markdown, --plot) outside every folder the command reads or writes: inside
+    an input it would change the input (a merged folder or a package lists its files), inside the output it would
+    be a file the output's manifest does not list."""
+    from ..io.errors import OutputError
+
+    reports = {name: params[name] for name in REPORT_FILES if params.get(name) is not None}
+    paths = [p for k, v in params.items() if k not in reports for p in (v if isinstance(v, tuple) else (v,))]
+    for name, report in reports.items():
+        resolved = report.resolve()
+        for path in (p for p in paths if isinstance(p, Path)):
+            target = path.resolve()
+            if resolved == target or (resolved.parent.is_relative_to(target) and not target.is_file()):
+                raise OutputError(
+                    f"{REPORT_FILES[name]} {report} is {'' if resolved == target else 'inside '}{path}, which this "
+                    "command reads or writes: write the report outside it"
+                )
+
+
+def _internal_error(e: BaseException) -> NoReturn:
+    first = str(e).splitlines()[0] if str(e) else ""
+    click.echo(
+        f"Error: internal error ({type(e).__name__}: {first}); this is a bug in lora-export: please report it with "
+        "the output of the same command run with --debug",
+        err=True,
+    )
+    sys.exit(3)
 
 
 def conclude(

@@ -96,9 +96,13 @@ def merge(
     help="Text file, one prompt per line (default: built-in prompts).",
 )
 @click.option(
-    "--max-new-tokens", default=32, show_default=True, help="Greedy tokens to generate and compare (causal LMs)."
+    "--max-new-tokens",
+    type=options.NEW_TOKENS,
+    default=32,
+    show_default=True,
+    help="Greedy tokens to generate and compare (causal LMs).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random token batches.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the random token batches.")
 @options.allow_pickle
 @click.option(
     "--device",
@@ -115,6 +119,7 @@ def merge(
 )
 @click.option(
     "--max-memory",
+    type=options.MAX_MEMORY,
     default=None,
     metavar="DEV=SIZE,...",
     help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
@@ -132,7 +137,7 @@ def verify(
     allow_pickle: bool,
     device: str,
     device_map: str | None,
-    max_memory: str | None,
+    max_memory: dict[int | str, int] | None,
     json_file: Path | None,
     junit_file: Path | None,
 ) -> None:
@@ -161,7 +166,6 @@ def verify(
     prompts = read_prompts(prompts_file) if prompts_file else PROMPTS
     if max_memory and not device_map:
         raise click.UsageError("--max-memory applies with --device-map")
-    limits = parse_max_memory(max_memory) if max_memory else None
     options = VerifyOptions(
         weights=weights,
         prompts=prompts,
@@ -170,24 +174,10 @@ def verify(
         allow_pickle=allow_pickle,
         device=device,
         device_map=device_map,
-        max_memory=limits,
+        max_memory=max_memory,
     )
     report = verify_fn(base_dir, adapter_dirs, paths[-1], options)
     conclude(report, verify_text(report), "lora-export verify", json_file, junit_file)
-
-
-def parse_max_memory(text: str) -> dict[int | str, str]:
-    """ "0=20GiB,cpu=64GiB" → {0: "20GiB", "cpu": "64GiB"}, accelerate's max_memory."""
-    limits: dict[int | str, str] = {}
-    for item in text.split(","):
-        device, sep, size = item.strip().partition("=")
-        if not sep or not size or not (device.isdigit() or device in ("cpu", "disk", "mps")):
-            raise click.BadParameter(
-                f"{item!r}: write options.DEVICE=SIZE, options.DEVICE a GPU index, cpu or disk, e.g. 0=20GiB,cpu=64GiB",
-                param_hint="--max-memory",
-            )
-        limits[int(device) if device.isdigit() else device] = size
-    return limits
 
 
 def precision_dtype(precision: str | None, dtype: str) -> str:
@@ -213,7 +203,7 @@ def precision_dtype(precision: str | None, dtype: str) -> str:
     help="Dtype of the merged model and the ONNX graph (bfloat16 is refused: ONNX Runtime's CPU provider lacks its kernels).",
 )
 @options.exporter
-@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=options.OPSET, default=20, show_default=True, help="ONNX opset (dynamo exporter).")
 @click.option(
     "--optimize",
     is_flag=True,
@@ -222,6 +212,7 @@ def precision_dtype(precision: str | None, dtype: str) -> str:
 @click.option("--no-past", is_flag=True, help="Decoders: export without past key/values inputs and present outputs.")
 @click.option(
     "--max-new-tokens",
+    type=options.NEW_TOKENS,
     default=16,
     show_default=True,
     help="Greedy tokens compared: merged vs unmerged, and ONNX Runtime vs PyTorch.",
@@ -336,11 +327,15 @@ def _sweep(
     "(4.x builds masks with torch.vmap, which neither can record).",
 )
 @options.exporter
-@click.option("--opset", default=20, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=options.OPSET, default=20, show_default=True, help="ONNX opset (dynamo exporter).")
 @click.option("--optimize", is_flag=True, help="ONNX: save ONNX Runtime's extended graph optimisations in the model.")
 @click.option("--no-past", is_flag=True, help="ONNX decoders: no past key/values.")
 @click.option(
-    "--max-new-tokens", default=16, show_default=True, help="ONNX decoders: greedy tokens compared with PyTorch."
+    "--max-new-tokens",
+    type=options.NEW_TOKENS,
+    default=16,
+    show_default=True,
+    help="ONNX decoders: greedy tokens compared with PyTorch.",
 )
 @options.quantization
 @options.overwrite

@@ -7,9 +7,36 @@ from typing import Any
 
 import click
 
-from .types import DEVICE, FINITE_FLOAT, FOLDER, INPUT_FILE, MODEL, REPORT, SIZE, THREADS
+from .types import (
+    DEVICE,
+    FINITE_FLOAT,
+    FOLDER,
+    INPUT_FILE,
+    MAX_MEMORY,
+    MODEL,
+    NEW_TOKENS,
+    OPSET,
+    PARAM_COUNT,
+    REPORT,
+    SECONDS,
+    SEED,
+    SIZE,
+    THREADS,
+)
 
-__all__ = ["DEVICE", "FINITE_FLOAT", "INPUT_FILE", "SIZE", "THREADS"]  # re-exported beside the names defined here
+__all__ = [  # re-exported beside the names defined here
+    "DEVICE",
+    "FINITE_FLOAT",
+    "INPUT_FILE",
+    "MAX_MEMORY",
+    "NEW_TOKENS",
+    "OPSET",
+    "PARAM_COUNT",
+    "SECONDS",
+    "SEED",
+    "SIZE",
+    "THREADS",
+]
 
 EXISTING_DIR = FOLDER  # named for history: input folders are checked by the command, output folders may not exist
 REPORT_FILE = REPORT
@@ -142,6 +169,11 @@ def quant_options(
         raise click.UsageError(
             f"--precision {precision}: this command ships one precision (merge-and-onnx sweeps several)"
         )
+    given = {"--block-size": block_size != "32", "--quant-algorithm": quant_algorithm != "default",
+             "--asymmetric": asymmetric, "--accuracy-level": accuracy_level is not None, "--eval-text": eval_text}  # fmt: skip
+    unused = [name for name, set_ in given.items() if set_]
+    if unused and not {"int8", "int4"} & set(precisions):
+        raise click.UsageError(f"{unused[0]} applies with --precision int8 or int4 (it would be ignored here)")
     return QuantOptions(
         precision=precisions[0],  # a sweep sets each in turn; the other options are shared
         block_size=int(block_size),

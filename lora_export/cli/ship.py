@@ -55,11 +55,13 @@ from .main import Shapes, _echo_err, conclude, handle_errors, main, split_base
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option(
     "--adapter-params",
-    type=int,
+    type=options.PARAM_COUNT,
     default=None,
     help="Parameter count of the adapter baselines (default: the LoRA adapter's).",
 )
-@click.option("--budget", type=float, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5).")
+@click.option(
+    "--budget", type=options.SECONDS, default=None, help="Seconds of timed rounds per shape (default 3, --quick 0.5)."
+)
 @click.option(
     "--threads",
     type=options.THREADS,
@@ -156,7 +158,7 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
 
 
 @main.command()
-@click.argument("target", type=options.MODEL_DIR, metavar="BASE | PACKAGE_DIR")
+@click.argument("target", type=options.EXISTING_DIR, metavar="BASE | PACKAGE_DIR")  # BASE may be a Hub address
 @click.option(
     "--variants", "variants_file", type=options.INPUT_FILE, help="variants.yaml (or .json) naming each task variant."
 )
@@ -221,25 +223,35 @@ def package(
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
       lora-export package --check ./smollm2-tasks --junit package-check.xml
     """
+    from ..model.hub import resolve
     from ..package.build import PackageOptions
     from ..package.build import package as run
-    from ..package.check import check_package
-    from ..render.text import package_check_text, package_text
+    from ..render.text import package_text
 
     if junit_file and not check:
         raise click.UsageError("--junit applies with --check")
     if check:
-        result = check_package(target)
-        conclude(result, package_check_text(result), "lora-export package --check", None, junit_file)
-        return
+        return _package_check(target, junit_file)
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
     quant = options.quant_options(**quantization)
     if quant.precision == "fp16":
         raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
     settings = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base, quant=quant)
-    manifest = run(target, variants_file, out_dir, settings, log=_echo_err)
+    base = target if target.exists() else resolve(str(target), "base", log=_echo_err)  # or a Hub address
+    manifest = run(base, variants_file, out_dir, settings, log=_echo_err)
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
+
+
+def _package_check(target: Path, junit_file: Path | None) -> None:
+    from ..io.errors import InputError
+    from ..package.check import check_package
+    from ..render.text import package_check_text
+
+    if not target.is_dir():
+        raise InputError(f"{target}: no such package folder (--check reads PACKAGE_DIR/manifest.json)")
+    result = check_package(target)
+    conclude(result, package_check_text(result), "lora-export package --check", None, junit_file)
 
 
 @main.command()
@@ -285,13 +297,15 @@ def swap(
     Example:
       lora-export swap ./smollm2-caps --remove my-org/smollm2-caps --add my-org/smollm2-chat -o ./smollm2-chat
     """
+    from ..io.paths import probe
     from ..merging.swap import SwapOptions
     from ..merging.swap import swap as run
     from ..model.hub import check_bases
     from ..records import MergeManifest
     from ..render.text import swap_text
 
-    check_bases(Path(MergeManifest.load(merged_dir).base_path), [add], False, _echo_err)
+    recorded = MergeManifest.load(merged_dir).base_path
+    check_bases(probe(Path(recorded), f"{merged_dir / MergeManifest.NAME} (its base)"), [add], False, _echo_err)
     report = run(merged_dir, remove, add, out_dir, SwapOptions(dtype=dtype, overwrite=overwrite))
     conclude(report, swap_text(report), "lora-export swap", json_file, junit_file)
 
@@ -332,13 +346,15 @@ def inspect(adapter_dir: Path, base_dir: Path | None, allow_pickle: bool, as_jso
 @main.command()
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=options.EXISTING_DIR,
     default=Path(".cache/lora-export-demo"),
     show_default=True,
     help="Where the base model folder and the merged model are written.",
 )
 @click.option("--prompt", default=None, help="Prompt to answer (default: a built-in one).")
-@click.option("--max-new-tokens", default=48, show_default=True, help="Tokens to generate per answer.")
+@click.option(
+    "--max-new-tokens", type=options.NEW_TOKENS, default=48, show_default=True, help="Tokens to generate per answer."
+)
 @click.option(
     "--rebuild", is_flag=True, help="Run merge-and-onnx again even when an earlier verified output has the same inputs."
 )

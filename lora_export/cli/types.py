@@ -42,6 +42,8 @@ class Folder(click.ParamType):
         path = _resolve(value, param, ctx, self)
         if path.is_file():
             self.fail(f"{value} is a file, not a folder", param, ctx)
+        if path.exists() and not path.is_dir():  # a FIFO, a socket, a device
+            self.fail(f"{value} is not a folder (a FIFO, socket or device); give a folder", param, ctx)
         return path
 
 
@@ -56,6 +58,7 @@ class ModelFolder(Folder):
         from ..model import hub
 
         text = str(value)
+        _resolve(str(Path(text).expanduser()), param, ctx, self)  # a loop or a name too long: refused here
         if not Path(text).expanduser().exists() and hub.parse_address(text) is not None:
             try:
                 return hub.resolve_address(text, "any", log=lambda m: click.echo(m, err=True))
@@ -88,6 +91,8 @@ class ReportFile(click.ParamType):
         path = _resolve(str(value), param, ctx, self)
         if path.is_dir():
             self.fail(f"{value} is a folder; give a file name in it", param, ctx)
+        if path.is_fifo() or path.is_socket():  # writing would wait for a reader that may never come
+            self.fail(f"{value} is a FIFO or socket; give a regular file name", param, ctx)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             self.fail(f"{value}: the folder {parent} does not exist; create it first", param, ctx)
@@ -131,9 +136,12 @@ class Size(_Parsed):
 
 
 class FiniteFloat(_Parsed):
-    """A float that is a number (not nan or inf)."""
+    """A float that is a number (not nan or inf), within [low, high] where given (`positive`: above 0)."""
 
     name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, positive: bool = False):
+        self.low, self.high, self.positive = low, high, positive
 
     def parse(self, value: Any) -> float:
         try:
@@ -142,7 +150,42 @@ class FiniteFloat(_Parsed):
             raise ValueError(f"{value!r} is not a number") from None
         if not math.isfinite(number):
             raise ValueError(f"{value!r} is not a finite number")
+        if (self.positive and number <= 0) or (self.low is not None and number < self.low):
+            raise ValueError(f"{value!r} is below {'or at 0' if self.positive else self.low}: {self._range()}")
+        if self.high is not None and number > self.high:
+            raise ValueError(f"{value!r} is above {self.high:g}: {self._range()}")
         return number
+
+    def _range(self) -> str:
+        low = "0 <" if self.positive else f"{self.low:g} ≤" if self.low is not None else ""
+        high = f"≤ {self.high:g}" if self.high is not None else ""
+        return f"give a number {low} x {high}".replace("  ", " ").strip()
+
+
+class MaxMemory(_Parsed):
+    """--max-memory: DEVICE=SIZE[,DEVICE=SIZE…] with DEVICE a GPU index, cpu, mps or disk and SIZE a byte size such as
+    20GiB — accelerate's max_memory, each size parsed here (bytes) so that a bad one is refused before any work."""
+
+    name = "DEV=SIZE,…"
+
+    def parse(self, value: Any) -> dict[int | str, int]:
+        if isinstance(value, dict):
+            return value
+        limits: dict[int | str, int] = {}
+        for item in str(value).split(","):
+            device, sep, size = item.strip().partition("=")
+            if not sep or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+                raise ValueError(
+                    f"{item!r}: write DEVICE=SIZE, DEVICE a GPU index, cpu, mps or disk, e.g. 0=20GiB,cpu=64GiB"
+                )
+            key: int | str = int(device) if device.isdigit() else device
+            if key in limits:
+                raise ValueError(f"{item!r}: {device} is given twice")
+            try:
+                limits[key] = SIZE.parse(size)
+            except ValueError as e:
+                raise ValueError(f"{item!r}: {e}") from None
+        return limits
 
 
 class Device(click.ParamType):
@@ -179,4 +222,10 @@ REPORT = ReportFile()
 SIZE = Size()
 FINITE_FLOAT = FiniteFloat()
 DEVICE = Device()
-THREADS = click.IntRange(min=1)
+MAX_MEMORY = MaxMemory()
+THREADS = click.IntRange(1, 1024)
+NEW_TOKENS = click.IntRange(1, 4096)  # greedy tokens generated and compared
+SEED = click.IntRange(0, 2**32 - 1)
+OPSET = click.IntRange(18, 25)  # the dynamo exporter writes 18–25 (below 18 it keeps 18; 26+ fails onnx's checker)
+PARAM_COUNT = click.IntRange(1, 10**12)
+SECONDS = FiniteFloat(high=3600, positive=True)

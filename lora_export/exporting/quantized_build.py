@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..io.errors import InputError, UnsupportedError
+from ..io.paths import probe
 from ..model.config import ModelConfig
 from ..model.loading import load_model
 from ..records import Check
@@ -54,7 +55,8 @@ class Origin:
                 "merge-and-onnx"
             )
         manifest = MergeManifest.load(merged_dir)
-        paths = [Path(manifest.base_path), *(Path(a.path) for a in manifest.adapters)]
+        where = f"{merged_dir / MergeManifest.NAME}"
+        paths = [probe(Path(p), where) for p in (manifest.base_path, *(a.path for a in manifest.adapters))]
         missing = [str(p) for p in paths if not p.is_dir()]
         if missing:
             raise InputError(

@@ -28,8 +28,21 @@ def read_json_object(
 
 
 def json_text(data: Any) -> str:
-    """The JSON text this tool writes for `data` (what write_json puts in a file)."""
-    return json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    """The JSON text this tool writes for `data` (every file, report and --json output): strict JSON that any parser
+    reads — a float that is not a number (NaN, ±infinity: a diverged metric, an overflowing ΔW) is written as null,
+    since JSON has no such values; anything else that is not JSON (a Path, a dtype) as its text."""
+    return json.dumps(finite_json(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+
+
+def finite_json(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None, mappings' keys as text, tuples as lists."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {str(k): finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,6 +21,12 @@ from .errors import OutputError
 def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse outputs that would overwrite or sit inside an input, or an existing folder without --overwrite."""
     out_r = out.resolve()
+    here = Path.cwd().resolve()
+    if here == out_r or here.is_relative_to(out_r):
+        raise OutputError(
+            f"output {out} is {'the current folder' if here == out_r else 'a folder above the current one'}: writing it "
+            "would replace the folder you are in; choose an output folder elsewhere (e.g. a new subfolder)"
+        )
     for src in inputs:
         src_r = src.resolve()
         if out_r == src_r or out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
@@ -182,15 +188,7 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
                 ) from None
             try:
                 yield tmp
-                if out.exists():
-                    if not overwrite:
-                        raise OutputError(f"output {out} appeared while this run was writing: not replacing it")
-                    old = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-                    os.rename(out, old)
-                    os.rename(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, out)
+                _move_into_place(tmp, out, overwrite)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -201,3 +199,22 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         if not isinstance(e, OSError) or (converted := disk_error(e, out)) is None:
             raise
         raise converted from None
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """The finished folder renamed to `out` (the old `out` set aside first and removed after, with --overwrite)."""
+    try:
+        if out.exists():
+            if not overwrite:
+                raise OutputError(f"output {out} appeared while this run was writing: not replacing it")
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        if disk_error(e, out) is not None:
+            raise
+        raise OutputError(f"cannot put the finished output in place at {out}: {e.strerror or e}; choose another "
+                          "output folder") from None  # fmt: skip

@@ -321,7 +321,7 @@ class SafetensorsStreamWriter:
             }
             offset += spec.nbytes
         self.data_bytes = offset
-        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._f = path.open("wb")
         self._h = hashlib.sha256()

@@ -32,14 +32,26 @@ def factor_svd(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def spectrum(module: LoraModule, w0: torch.Tensor | None) -> dict[str, Any]:
-    u, s, v = factor_svd(module)
-    energy = (s**2) / max(float((s**2).sum()), 1e-300)
-    p = s / max(float(s.sum()), 1e-300)
+    """ΔW's singular values and what they say. A ΔW that is exactly zero (a freshly initialised lora_B) has rank 0 and
+    effective rank 0, and no amplification (None: there is no direction); one whose factors or product are not finite
+    (an overflow) is reported as such, with no spectrum, rather than as numbers computed from NaN."""
+    factors = (module.lora_A, module.lora_B, torch.tensor(float(module.scaling)))
+    s = None
+    if all(bool(torch.isfinite(t).all()) for t in factors):
+        u, s, v = factor_svd(module)
+    if s is None or not bool(torch.isfinite(s).all()):
+        return {"finite": False, "singular_values": None, "rank": None, "effective_rank": None, "energy_top1": None,
+                "energy_top_half": None, "delta_norm": None, "of": "s·B·A: not finite (overflow or NaN in the factors)"}  # fmt: skip
+    total = float(s.sum())
+    p = s / total if total > 0 else torch.zeros_like(s)
     entropy = -float((p[p > 0] * p[p > 0].log()).sum())
+    energy = (s**2) / max(float((s**2).sum()), 1e-300)
     out: dict[str, Any] = {
+        "finite": True,
         "singular_values": [float(x) for x in s],
         "rank": int((s > 1e-6 * float(s[0])).sum()) if len(s) and float(s[0]) > 0 else 0,
-        "effective_rank": math.exp(entropy),  # Roy & Vetterli: exp of the entropy of the normalised spectrum
+        # Roy & Vetterli: exp of the entropy of the normalised spectrum; 0 for ΔW = 0 (no spectrum to normalise)
+        "effective_rank": math.exp(entropy) if total > 0 else 0.0,
         "energy_top1": float(energy[:1].sum()),
         "energy_top_half": float(energy[: max(1, len(s) // 2)].sum()),
         "delta_norm": float(torch.linalg.vector_norm(s)),
@@ -47,7 +59,8 @@ def spectrum(module: LoraModule, w0: torch.Tensor | None) -> dict[str, Any]:
     }
     if w0 is not None:
         projected = float(torch.linalg.matrix_norm(u.T @ w0.double() @ v))
-        out["amplification"] = out["delta_norm"] / projected if projected > 0 else math.inf
+        amplification = out["delta_norm"] / projected if projected > 0 else math.inf
+        out["amplification"] = amplification if total > 0 else None
         out["w0_norm"] = float(torch.linalg.matrix_norm(w0.double()))
     return out
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
+from ..io.paths import probe
 from ..io.tensorfiles import TensorStore
 from ..model.adapters import load_adapter
 from ..model.hub import folder_of
@@ -97,7 +98,7 @@ def swap(
             f"{merged_dir} holds {len(manifest.adapters)} adapters; swap handles a folder with exactly one"
         )
     weight_a = recorded[0].weight
-    base = Path(manifest.base_path)
+    base = probe(Path(manifest.base_path), f"{merged_dir / MergeManifest.NAME} (its base)")
     if not (base / "config.json").is_file() and manifest.base_source:  # moved cache: the same commit, from the cache
         base = _cached_base(manifest.base_source, base)
     has_base = (base / "config.json").is_file()

@@ -80,7 +80,9 @@ def _offline_by() -> str:
 def resolve(text: str, kind: str = "base", log: Any = None) -> Path:
     """The local folder for a BASE or ADAPTER argument: the path when it exists, else the Hub address resolved through
     the cache (then the network, unless offline). Raises InputError naming what was tried and the fix."""
-    path = Path(text).expanduser()
+    from ..io.paths import probe
+
+    path = probe(Path(text).expanduser(), f"the {kind}")
     return path if path.exists() else resolve_address(text, kind, log)
 
 
@@ -210,7 +212,13 @@ def named_base(adapter: Path) -> str | None:
 def base_matches(base: Path, named: str) -> bool | None:
     """Whether `base` is the base an adapter names: the same folder (or a copy with the same config.json), the same
     Hub repository, or a folder named like it. None when the named base is a path that is not on this machine."""
+    from ..io.paths import probe
+
     path = Path(named).expanduser()
+    try:
+        probe(path, "the named base")
+    except InputError:  # a loop or a name this file system cannot hold: no such base here
+        return None
     if path.is_dir():
         return path.resolve() == base.resolve() or _same_config(path, base)
     address = parse_address(named)

@@ -92,7 +92,7 @@ class Placement:
 
     device: str = "cpu"
     device_map: str | None = None
-    max_memory: dict[int | str, str] | None = None
+    max_memory: dict[int | str, int | str] | None = None
     offload_folder: Path | None = None
 
 

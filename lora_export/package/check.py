@@ -20,8 +20,9 @@ def check_package(out_dir: Path | str) -> PackageCheck:
     problems = []
     for f in manifest.files:
         p = out_dir / f.name
-        if p.is_symlink() or not p.is_file() or not p.resolve().is_relative_to(out_dir.resolve()):
-            problems.append(f"{f.name}: missing, or not a regular file inside the package")
+        problem = _not_inside(out_dir, f.name)
+        if problem is not None:
+            problems.append(f"{f.name}: {problem}")
         elif p.stat().st_size != f.size or sha256_file(p) != f.sha256:
             problems.append(f"{f.name}: sha256/size differ from the manifest")
     listed = {f.name for f in manifest.files}
@@ -43,6 +44,25 @@ def check_package(out_dir: Path | str) -> PackageCheck:
     if problems:  # numbers only when the bytes are what was verified
         return PackageCheck(str(out_dir), n, (files,))
     return PackageCheck(str(out_dir), n, (files, *_rerun_layouts(out_dir, manifest)))
+
+
+def _not_inside(out_dir: Path, name: str) -> str | None:
+    """Why the manifest's file `name` is not a regular file of the package as written, naming the link at fault (a
+    package is checked as it lies: a link, even one that stays inside, is not what was hashed and shipped)."""
+    path = out_dir
+    for part in Path(name).parts:
+        path = path / part
+        if path.is_symlink():
+            where = "the file" if path == out_dir / name else f"its folder {path.relative_to(out_dir)}"
+            try:
+                target = path.resolve(strict=True)
+            except (RuntimeError, OSError):
+                return f"{where} is a symbolic link loop or leads nowhere; a package holds its files, not links"
+            leads = "elsewhere in" if target.is_relative_to(out_dir.resolve()) else "out of"
+            return f"{where} is a symbolic link {leads} the package (to {target}); a package holds its files, not links"
+    if not path.is_file():
+        return "missing, or not a regular file (the manifest lists it)"
+    return None
 
 
 def _rerun_layouts(out_dir: Path, manifest: PackageManifest) -> list[Check]:

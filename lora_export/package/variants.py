@@ -9,8 +9,10 @@ import numpy as np
 
 from ..io.errors import InputError
 from ..io.jsonio import read_json_strict, read_yaml
+from ..io.paths import shorten
 
 NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+MAX_NAME = 100  # a variant's name is a folder and file name (NAME.onnx_adapter, .NAME.partial-…): well under 255 bytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,13 @@ def read_variants(path: Path) -> list[Variant]:
         where = f"{path}: variant {name!r}"
         if not isinstance(name, str) or not name or set(name) - NAME_OK or name.startswith("."):
             raise InputError(f"{where}: names become file names: use letters, digits, '-', '_' and '.'")
+        if len(name) > MAX_NAME:
+            raise InputError(f"{path}: variant {shorten(name, 40)!r}: names become file names: use at most {MAX_NAME} "
+                             "characters")  # fmt: skip
+        twin = next((n for n, _ in ((v.name, v) for v in out) if n.lower() == name.lower()), None)
+        if twin is not None:
+            raise InputError(f"{where}: the same name as {twin!r} up to case, which is one folder on macOS and "
+                             "Windows: rename one")  # fmt: skip
         if not isinstance(spec, dict) or not isinstance(spec.get("adapters"), list) or not spec["adapters"]:
             raise InputError(f"{where}: needs `adapters:`, a list of paths or {{path, weight}}")
         unknown = set(spec) - {"adapters", "dtype"}
@@ -63,9 +72,10 @@ def read_variants(path: Path) -> list[Variant]:
 def _adapter_folder(path: Path, where: str, given: str) -> Path:
     """A variant's adapter: a folder relative to the variants file, or — when no such folder exists — a Hub address
     (org/name[@revision]) resolved through the cache (lora_export.model.hub)."""
+    from ..io.paths import probe
     from ..model import hub
 
-    p = (path.parent / given).expanduser().resolve()
+    p = probe((path.parent / given).expanduser(), f"{where}: adapter").resolve()
     if p.is_dir():
         return p
     if hub.parse_address(given) is None:

@@ -7,6 +7,7 @@ both the merge stage (swap) and the checking stages look them up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .checks import Metrics
@@ -23,7 +24,8 @@ class Tolerance:
     weight_ulps: float = 0.0  # weights: |got − (W0 + ΔW)| ≤ ulps·eps·|W0 + ΔW| + max_rel·max|W0 + ΔW|
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The bounds; one that is not set (infinite: no bound) is left out."""
+        return {k: v for k, v in asdict(self).items() if math.isfinite(v)}
 
 
 # What each comparison is, and why its numbers are what they are:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,10 @@ if TYPE_CHECKING:  # rendering needs no torch: `--help` and `package --check` im
 
 
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, default=str)
+    """Strict JSON (lora_export.io.jsonio.json_text, without its final newline)."""
+    from ..io.jsonio import json_text
+
+    return json_text(data)[:-1]
 
 
 def write_junit(path: Path, suite: str, checks: Sequence[Check]) -> None:

@@ -247,7 +247,12 @@ def inspect_text(info: AdapterInspection) -> str:
     )
     for m in info.modules:
         sp = m.spectrum
-        amp = f"{sp['amplification']:.1f}" if "amplification" in sp else "–"
+        if sp.get("finite") is False:
+            lines.append(
+                f"  {m.module:<44} {m.r:>3} {m.scaling:>8.3g}  ΔW is not finite (overflow or NaN in A, B or α/r)"
+            )
+            continue
+        amp = f"{sp['amplification']:.1f}" if sp.get("amplification") is not None else "–"
         lines.append(
             f"  {m.module:<44} {m.r:>3} {m.scaling:>8.3g} {sp['rank']:>4} {sp['effective_rank']:>8.2f} "
             f"{sp['energy_top1']:>12.1%} {sp['delta_norm']:>9.3g} {amp:>8}"

@@ -69,7 +69,31 @@ def load_tokenizer(folder: Path) -> Any:
         raise InputError(f"{folder}: its tokenizer files do not load ({first}); fix or remove them") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    _check_chat_template(folder, tok)
     return tok
+
+
+def _check_chat_template(folder: Path, tokenizer: Any) -> None:
+    """A chat template is code (Jinja) that every runtime runs on each request: it must compile and render one user
+    turn, or it is refused here naming its file — not a crash in the middle of a check, nor a file shipped broken."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    where = next(
+        (folder / f for f in ("chat_template.jinja", "chat_template.json") if (folder / f).is_file()),
+        folder / "tokenizer_config.json",
+    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja2's TemplateSyntaxError / TemplateError, or the template's raise_exception()
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(
+            f"{where}: its chat template does not render a user turn ({type(e).__name__}: {first}); fix the template "
+            "or remove it"
+        ) from None
+    if not isinstance(text, str):
+        raise InputError(f"{where}: its chat template renders {type(text).__name__}, not text; fix the template")
 
 
 def make_cases(

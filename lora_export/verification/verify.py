@@ -52,7 +52,7 @@ class VerifyOptions:
     allow_pickle: bool = False
     device: str = "cpu"
     device_map: str | None = None  # accelerate: auto, balanced, sequential (models larger than one device)
-    max_memory: dict[int | str, str] | None = None  # per device, with device_map: {0: "20GiB", "cpu": "60GiB"}
+    max_memory: dict[int | str, int | str] | None = None  # per device, with device_map: {0: "20GiB", "cpu": "60GiB"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
