@@ -276,6 +276,15 @@ def good(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     )
 
 
+def merged_llama(models_dir: Path, root: Path) -> tuple[Path, Path, Path]:
+    """The tiny LLaMA, a q/v adapter for it in root/adapter and their merge in root/merged."""
+    base = models_dir / "llama"
+    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj"])
+    code, out = run_merge(base, adapter, root / "merged")
+    assert code == 0, out
+    return base, adapter, root / "merged"
+
+
 def copy_adapter(src: Path, dst: Path) -> Path:
     import shutil
 

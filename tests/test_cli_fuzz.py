@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 import pytest
-from conftest import copy_adapter, make_adapter, run_merge
+from conftest import copy_adapter, merged_llama
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -60,10 +60,7 @@ SKIPPED_WHEN_VALID = {"onnx_dir", "package_dir", "device_map", "max_memory", "pa
 def world(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The path pool: every kind of path, and valid tiny inputs (merged once) whose bytes must never change."""
     root = tmp_path_factory.mktemp("fuzz")
-    base = models_dir / "llama"
-    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj"])
-    code, out = run_merge(base, adapter, root / "merged")
-    assert code == 0, out
+    base, adapter, _ = merged_llama(models_dir, root)
     (root / "file.txt").write_text("not a model\n")
     (root / "empty").mkdir()
     os.mkfifo(root / "fifo")

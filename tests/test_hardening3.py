@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import copy_adapter, make_adapter, run_cli, run_merge
+from conftest import copy_adapter, merged_llama, run_cli
 from safetensors.torch import load_file, save_file
 
 from lora_export.cli import main
@@ -22,11 +22,8 @@ from lora_export.records.tolerances import tolerance
 @pytest.fixture(scope="module")
 def world(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hardening3")
-    base = models_dir / "llama"
-    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj"])
-    code, out = run_merge(base, adapter, root / "merged")
-    assert code == 0, out
-    return {"root": root, "base": base, "adapter": adapter, "merged": root / "merged"}
+    base, adapter, merged = merged_llama(models_dir, root)
+    return {"root": root, "base": base, "adapter": adapter, "merged": merged}
 
 
 def one_error(code: int, output: str, *fragments: str) -> str:

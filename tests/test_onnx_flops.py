@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import load_model, make_adapter, run_cli
 
-from lora_export.bench.bench_genai import genai_input_shapes
+from lora_export.bench.bench_genai import genai_input_shapes, graph_inputs
 from lora_export.verification.onnx_flops import onnx_flops
 from lora_export.verification.structure import torch_structure
 
@@ -63,13 +63,14 @@ def test_builder_graph_flops_equal_pytorch(builder_graphs: Path, precision: str)
     at a prompt and at a decode step with a past."""
     model = load_model(builder_graphs / "base")
     graph = builder_graphs / precision / "model.onnx"
+    inputs = graph_inputs(graph)
     for batch, seq in ((1, 12), (2, 7)):
         ids = torch.randint(0, 90, (batch, seq))
         expected = torch_structure(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).flops
-        assert onnx_flops(graph, genai_input_shapes(graph, batch, seq, 0)) == expected
+        assert onnx_flops(graph, genai_input_shapes(inputs, batch, seq, 0)) == expected
     # one new token after 12: attention reads 13 keys; PyTorch counts the same with a cache of 12
-    step = onnx_flops(graph, genai_input_shapes(graph, 1, 1, 12))
-    prompt = onnx_flops(graph, genai_input_shapes(graph, 1, 12, 0))
+    step = onnx_flops(graph, genai_input_shapes(inputs, 1, 1, 12))
+    prompt = onnx_flops(graph, genai_input_shapes(inputs, 1, 12, 0))
     assert step is not None and prompt is not None and 0 < step < prompt
 
 

@@ -91,29 +91,35 @@ def _genai_flops(
     from .bench_package import graph_paths
 
     paths = graph_paths(package_dir, manifest, [r for r, _, _ in runners])
+    inputs = {path: graph_inputs(path) for path in set(paths.values())}
     for row, _, active in runners:
-        path = paths[row.variant]
+        path, graph = paths[row.variant], inputs[paths[row.variant]]
         more = manifest.shared.parameters.get(active[1], {}) if active and manifest.shared else None
-        flops.fill(row, path, genai_input_shapes(path, 1, seq, 0), names[0], more)
-        first = flops.count(row, path, genai_input_shapes(path, 1, 1, seq), more)
-        last = flops.count(row, path, genai_input_shapes(path, 1, 1, seq + NEW_TOKENS - 1), more)
+        flops.fill(row, path, genai_input_shapes(graph, 1, seq, 0), names[0], more)
+        first = flops.count(row, path, genai_input_shapes(graph, 1, 1, seq), more)
+        last = flops.count(row, path, genai_input_shapes(graph, 1, 1, seq + NEW_TOKENS - 1), more)
         row.cells[names[1]].flops = None if first is None or last is None else (first + last) // 2
 
 
-def genai_input_shapes(graph: Path, batch: int, seq: int, past: int) -> dict[str, tuple[int, ...]]:
-    """A builder graph's inputs for `seq` new tokens after `past`: ids and positions (batch, seq), the mask over
-    every token, each past key/value (batch, kv heads, past, head dim)."""
+def graph_inputs(graph: Path) -> dict[str, list[int]]:
+    """An ONNX graph's inputs and their declared dims (0 where symbolic), read without its weights."""
     import onnx
 
+    inputs = onnx.load(str(graph), load_external_data=False).graph.input
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inputs}
+
+
+def genai_input_shapes(inputs: dict[str, list[int]], batch: int, seq: int, past: int) -> dict[str, tuple[int, ...]]:
+    """A builder graph's inputs (graph_inputs) for `seq` new tokens after `past`: ids and positions (batch, seq), the
+    mask over every token, each past key/value (batch, kv heads, past, head dim)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for value in onnx.load(str(graph), load_external_data=False).graph.input:
-        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-        if value.name == "attention_mask":
-            shapes[value.name] = (batch, past + seq)
-        elif value.name.startswith("past_key_values"):
-            shapes[value.name] = (batch, dims[1], past, dims[3])
-        elif value.name in ("input_ids", "position_ids"):
-            shapes[value.name] = (batch, seq)
+    for name, dims in inputs.items():
+        if name == "attention_mask":
+            shapes[name] = (batch, past + seq)
+        elif name.startswith("past_key_values"):
+            shapes[name] = (batch, dims[1], past, dims[3])
+        elif name in ("input_ids", "position_ids"):
+            shapes[name] = (batch, seq)
     return shapes
 
 

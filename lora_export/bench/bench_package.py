@@ -83,8 +83,7 @@ def bench_package(
         times = measure(calls, options, f"package {shape_name(shape)}")
         summarize(rows, shape_name(shape), {(r.variant, r.backend): times[r.variant] for r in rows}, options.seed)
         for row, sess, extra in runners:  # an active adapter's A/B are inputs too: counted at their shapes
-            adapter = row.variant.removesuffix(" shared+adapter") if extra else None
-            more = manifest.shared.parameters.get(adapter, {}) if adapter and manifest.shared else None
+            more = manifest.shared.parameters.get(extra[2], {}) if extra and manifest.shared else None
             flops.fill(row, paths[row.variant], _ort_feeds(sess, inputs, config), shape_name(shape), more)
     graph_cells(rows)
     env = environment(options)
@@ -95,7 +94,8 @@ def bench_package(
 def _ort_runners(
     package_dir: Path, manifest: PackageManifest, threads: int | None, log: Callable[[str], None]
 ) -> list[tuple[Row, Any, Any]]:
-    """(row, session, (run options, adapter) or None) for base, its A/A copy, each shared+adapter and each merged."""
+    """(row, session, (run options, adapter, its name) or None) for base, its A/A copy, each shared+adapter and each
+    merged."""
     import onnxruntime as ort
 
     from ..exporting.onnx_check import session
@@ -113,7 +113,7 @@ def _ort_runners(
             ro.add_active_adapter(adapter)
             params = sum(int(np.prod(s)) for s in manifest.shared.parameters.get(name, {}).values())
             row = Row(f"{name} shared+adapter", "onnxruntime", params, f"shared graph with {file} active")
-            runners.append((row, shared, (ro, adapter)))
+            runners.append((row, shared, (ro, adapter, name)))
     for name, info in manifest.merged.items():
         runners.append(
             (Row(f"{name} merged", "onnxruntime", 0, info.graph), session(package_dir / info.graph, threads), None)

@@ -238,8 +238,7 @@ def package(
     if quant.precision == "fp16":
         raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
     settings = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base, quant=quant)
-    base = target if target.exists() else resolve(str(target), "base", log=_echo_err)  # or a Hub address
-    manifest = run(base, variants_file, out_dir, settings, log=_echo_err)
+    manifest = run(resolve(str(target), "base", log=_echo_err), variants_file, out_dir, settings, log=_echo_err)
     conclude(manifest, package_text(manifest, out_dir), "lora-export package")
 
 

@@ -36,15 +36,15 @@ def onnx_flops(path: Path, input_shapes: Mapping[str, Sequence[int]]) -> int | N
         return None
     defaults = {init.name: list(init.dims) for init in model.graph.initializer}
     given = {v.name: list(input_shapes.get(v.name, defaults.get(v.name, []))) for v in model.graph.input}
-    contrib = any(n.domain == "com.microsoft" for n in model.graph.node)  # ORT's inference knows these graphs' ops
-    overridden = [i for i in model.graph.initializer if i.name in input_shapes]  # defaults the caller feeds
-    for init in overridden:
-        model.graph.initializer.remove(init)
-    shapes = _inferred_shapes(model, given) if contrib else {}
     counted = [n for n in model.graph.node if n.op_type in COUNTED]
+    shapes: dict[str, list[int] | None] = {}
+    if any(n.domain == "com.microsoft" for n in model.graph.node):  # ORT's inference knows these graphs' ops
+        inferred = onnx.ModelProto()
+        inferred.CopyFrom(model)
+        shapes = _inferred_shapes(inferred, given, set(input_shapes))
     if any(_node_flops(n, shapes) is None for n in counted):
         try:
-            shapes = _run_shapes(path, given, counted)
+            shapes = _run_shapes(model, path, given, set(input_shapes), counted)
         except Exception:  # noqa: BLE001 — a graph ONNX Runtime cannot run on zeros here: no count, not a wrong one
             return None
         if shapes is None:
@@ -53,9 +53,13 @@ def onnx_flops(path: Path, input_shapes: Mapping[str, Sequence[int]]) -> int | N
     return None if None in flops else sum(flops)  # type: ignore[arg-type]
 
 
-def _inferred_shapes(model: Any, given: dict[str, list[int]]) -> dict[str, list[int] | None]:
+def _inferred_shapes(model: Any, given: dict[str, list[int]], fed: set[str]) -> dict[str, list[int] | None]:
+    """Shapes by symbolic inference on `model` (changed in place): the inputs pinned to `given`, and the defaults of
+    the inputs the caller feeds (`fed`) dropped, so that their given shapes count."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    for init in [i for i in model.graph.initializer if i.name in fed]:
+        model.graph.initializer.remove(init)
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         for dim, size in zip(dims, given[value.name], strict=False):
@@ -69,14 +73,16 @@ def _inferred_shapes(model: Any, given: dict[str, list[int]]) -> dict[str, list[
     return _shapes(inferred.graph) if inferred is not None else {}
 
 
-def _run_shapes(path: Path, given: dict[str, list[int]], counted: list[Any]) -> dict[str, list[int] | None] | None:
-    """Every counted node's input and output shapes, from one run on zeros (ones for the attention mask)."""
+def _run_shapes(
+    model: Any, path: Path, given: dict[str, list[int]], fed: set[str], counted: list[Any]
+) -> dict[str, list[int] | None] | None:
+    """Every counted node's input and output shapes, from one run on zeros (ones for the attention mask) of the
+    graph `model` read from `path` (ONNX Runtime reads its external weights from that folder); `fed`: the inputs the
+    caller gives, overridable initializers included (a shared graph's LoRA A/B), the rest at their defaults."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import helper
 
-    model = onnx.load(str(path), load_external_data=False)  # ONNX Runtime reads external weights from the folder
     if model.ByteSize() > MAX_RUN_BYTES:  # weights held inside the graph: one protobuf holds 2 GB at most
         return None
     known = {v.name for v in (*model.graph.input, *model.graph.output)} | {i.name for i in model.graph.initializer}
@@ -87,12 +93,10 @@ def _run_shapes(path: Path, given: dict[str, list[int]], counted: list[Any]) -> 
     options.log_severity_level = 3
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {}  # every graph input, overridable initializers (a shared graph's LoRA A/B) at their given shapes too
+    feeds = {}
     initialized = {i.name for i in model.graph.initializer}
     for value in model.graph.input:
-        if value.name in initialized and list(given[value.name]) == next(
-            list(i.dims) for i in model.graph.initializer if i.name == value.name
-        ):
+        if value.name in initialized and value.name not in fed:
             continue  # its default, as it is
         make = np.ones if value.name == "attention_mask" else np.zeros
         dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
