@@ -7,6 +7,7 @@ steps are actions, not commands: the files the upload steps name are checked to 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,3 +121,29 @@ def test_package_job_passes_then_fails_on_a_changed_file(repo: tuple[dict[str, A
     assert failures == 1
     failure = ET.parse(xml).getroot().find("testsuite").find("testcase").find("failure")
     assert failure is not None and adapter_file.name in failure.text
+
+
+def test_fleet_workflow_builds_parts_per_variant_and_assembles_them(repo: tuple[dict[str, Any], Path]) -> None:
+    """examples/ci/lora-export-fleet.yml: the variants job's matrix, one part job per variant (its VARIANT as the
+    matrix sets it), the artifacts as download-artifact lays them out (parts/part-NAME/), then the assemble job."""
+    _, root = repo
+    fleet = yaml.safe_load((REPO / "examples" / "ci" / "lora-export-fleet.yml").read_text())
+    output = root / "github-output"
+    os.environ["GITHUB_OUTPUT"] = str(output)
+    try:
+        passed, results = run_job(fleet, "variants", root)
+    finally:
+        del os.environ["GITHUB_OUTPUT"]
+    assert passed, {k: r.stderr for k, r in results.items()}
+    names = json.loads(output.read_text().split("names=", 1)[1])
+    assert names == ["my-task", "other"]
+    for name in names:
+        fleet["jobs"]["part"]["env"]["VARIANT"] = name
+        passed, results = run_job(fleet, "part", root)
+        assert passed, {k: r.stderr[-2000:] for k, r in results.items()}
+        shutil.copytree(root / "parts" / name, root / "downloaded" / f"part-{name}")  # an artifact: links become copies
+    shutil.rmtree(root / "parts")
+    (root / "downloaded").rename(root / "parts")
+    assert_job_passes(fleet, "assemble", root)
+    tests, failures = junit_counts(root / "build" / "reports" / "package-check.xml")
+    assert tests >= 4 and failures == 0

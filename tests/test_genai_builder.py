@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -91,6 +92,19 @@ def test_auto_and_refusals(models_dir: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "multiple of 16 (this model: 8)" in r.output and not (tmp_path / "n").exists()
 
 
+def assert_base_tensors_linked(out: Path, manifest: Any) -> None:
+    """Each merged variant's common.data is the shared graph's data file (one inode); a variant's own data holds
+    only what its adapters changed."""
+    shared_data = (out / "shared" / "model.onnx.data").stat()
+    for name in ("one", "two"):
+        common = (out / "merged" / name / "common.data").stat()
+        assert common.st_ino == shared_data.st_ino and common.st_size == shared_data.st_size
+    sharing = manifest.merged_sharing
+    assert sharing is not None and sharing["saved_bytes"] > 0
+    # "two" adapts k/down and (through "one") q/v/o/gate: more of its own than "one", less than the base
+    assert sharing["per_variant_bytes"]["one"] < sharing["per_variant_bytes"]["two"] < sharing["common_bytes"]
+
+
 def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_path: Path) -> None:
     """package's default exporter (auto) on a model the builder builds: the shared layout is the builder's graph
     with LoRA inputs, every variant checked in GenAI (og.Adapters) against PEFT's unmerged model; merged variants
@@ -112,9 +126,12 @@ def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_pa
     manifest = PackageManifest.load(out)
     assert manifest.shared is not None and manifest.shared.exporter == "genai"
     assert {v.exporter for v in manifest.merged.values()} == {"genai"}
-    # exported once: the second variant is the first's graph with its own weights, and still checked in GenAI
-    assert manifest.merged["one"].reused_graph == "" and manifest.merged["two"].reused_graph.startswith("one's")
-    assert any(c.name == "genai vs pytorch" and c.passed for c in manifest.merged["two"].checks)
+    # exported once: every merged variant is the shared layout's graph of the base with its own weights, the
+    # tensors its adapters did not change stored once (common.data: a hard link to the shared graph's data), and
+    # still checked in GenAI
+    assert all(m.reused_graph.startswith("the base's builder graph") for m in manifest.merged.values())
+    assert all(any(c.name == "genai vs pytorch" and c.passed for c in m.checks) for m in manifest.merged.values())
+    assert_base_tensors_linked(out, manifest)
     adapters_check = next(c for c in manifest.shared.checks if c.name == "genai adapters")
     assert adapters_check.passed and min(adapters_check.details["adapter_effect"].values()) > 0.01
     # q, k and v of the packed MatMul all have inputs; the base's own inputs are GenAI's contract

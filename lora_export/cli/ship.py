@@ -1,4 +1,4 @@
-"""Commands around shipping: bench, package, swap, inspect, demo."""
+"""Commands around shipping: bench, swap, inspect, demo (package: cli/packaging.py)."""
 
 from __future__ import annotations
 
@@ -155,102 +155,6 @@ def _bench_outputs(result: Any, json_file: Path | None, markdown_file: Path | No
         json_file.write_text(to_json(result.to_dict()) + "\n", encoding="utf-8")
     if plot_file:
         bench_plot(result, plot_file)
-
-
-@main.command()
-@click.argument("target", type=options.EXISTING_DIR, metavar="BASE | PACKAGE_DIR")  # BASE may be a Hub address
-@click.option(
-    "--variants", "variants_file", type=options.INPUT_FILE, help="variants.yaml (or .json) naming each task variant."
-)
-@click.option(
-    "-o", "--output", "out_dir", type=options.EXISTING_DIR, help="Folder to write (must not exist, unless --overwrite)."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["merged", "shared", "both"]),
-    default="both",
-    show_default=True,
-    help="merged: one merged ONNX model per variant; shared: one base graph + one .onnx_adapter per variant.",
-)
-@click.option(
-    "--check",
-    "check",
-    is_flag=True,
-    help="Re-verify the package at PACKAGE_DIR from its manifest (hashes, then numbers).",
-)
-@options.overwrite
-@options.exporter
-@options.strict_base
-@click.option("--junit", "junit_file", type=options.REPORT_FILE, help="With --check: write the checks as JUnit XML.")
-@options.quantization
-@handle_errors
-def package(
-    target: Path,
-    variants_file: Path | None,
-    out_dir: Path | None,
-    mode: str,
-    check: bool,
-    overwrite: bool,
-    exporter: str,
-    strict_base: bool,
-    junit_file: Path | None,
-    **quantization: Any,
-) -> None:
-    """Package task variants (one base, many adapters) for ONNX Runtime, or check a package before rollout.
-
-    variants.yaml:
-
-    \b
-      variants:
-        summarize:
-          adapters: [my-org/smollm2-summarize@v3]       # a Hub address, or a folder
-        support-chat:
-          adapters:
-            - {path: adapters/chat, weight: 0.7}
-            - {path: adapters/tone, weight: 0.3}
-          dtype: float16
-
-    --mode merged writes merged/NAME/ (merge-and-onnx per variant); --mode shared writes shared/model.onnx, whose
-    LoRA A/B are overridable inputs with zero-rank defaults, and shared/NAME.onnx_adapter per variant: a client picks
-    a task per request with RunOptions.add_active_adapter(LoraAdapter); without one the graph is the base. Every
-    variant is checked against PyTorch; manifest.json lists every file with its sha256 and the storage each layout
-    takes. --check re-hashes every file, then re-runs the stored reference inputs in ONNX Runtime; exit 1 on any
-    mismatch.
-
-    \b
-    Examples:
-      lora-export package HuggingFaceTB/SmolLM2-135M-Instruct --variants variants.yaml -o ./tasks
-      lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
-      lora-export package --check ./smollm2-tasks --junit package-check.xml
-    """
-    from ..model.hub import resolve
-    from ..package.build import PackageOptions
-    from ..package.build import package as run
-    from ..render.text import package_text
-
-    if junit_file and not check:
-        raise click.UsageError("--junit applies with --check")
-    if check:
-        return _package_check(target, junit_file)
-    if variants_file is None or out_dir is None:
-        raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
-    quant = options.quant_options(**quantization)
-    if quant.precision == "fp16":
-        raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
-    settings = PackageOptions(mode=mode, exporter=exporter, overwrite=overwrite, strict_base=strict_base, quant=quant)
-    manifest = run(resolve(str(target), "base", log=_echo_err), variants_file, out_dir, settings, log=_echo_err)
-    conclude(manifest, package_text(manifest, out_dir), "lora-export package")
-
-
-def _package_check(target: Path, junit_file: Path | None) -> None:
-    from ..io.errors import InputError
-    from ..package.check import check_package
-    from ..render.text import package_check_text
-
-    if not target.is_dir():
-        raise InputError(f"{target}: no such package folder (--check reads PACKAGE_DIR/manifest.json)")
-    result = check_package(target)
-    conclude(result, package_check_text(result), "lora-export package --check", None, junit_file)
 
 
 @main.command()

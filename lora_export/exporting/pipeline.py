@@ -147,7 +147,7 @@ def _export_genai(
     builder runs (a child process), PyTorch computes its references; its model is freed before GenAI loads the
     graph, so that GenAI never runs beside a PyTorch copy of the weights."""
     if options.reuse is not None:
-        log(f"reusing the builder graph of {options.reuse.folder.name} with this model's weights …")
+        log("reusing the base's builder graph with this model's weights …")
         prompts, references = _genai_references(merged_dir, options, dtype)
         section = reuse_graph(options.reuse, merged_dir, out)
     else:

@@ -18,6 +18,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_WRITTEN: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) → sha256
+
+
+def sha256_written(path: Path) -> str:
+    """sha256 of a file this process wrote, for its report or manifest: a file met again unchanged (the same inode,
+    size and modification time: a hard link, or a folder listed by a merged variant's report and then by the
+    package's manifest) is not read twice. Checks of what others wrote read the bytes (`sha256_file`)."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _WRITTEN:
+        _WRITTEN[key] = sha256_file(path)
+    return _WRITTEN[key]
+
+
 class FileHasher:
     """sha256 of a file computed from the pieces a sequential reader already has, filling gaps from disk."""
 

@@ -11,20 +11,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..exporting.genai_builder import build_with_genai, genai_logits_check, pytorch_references
-from ..exporting.runtime_files import GENAI_CONFIG, copy_side_files, genai_adapters_check, genai_installed, genai_prompt
-from ..io.errors import InputError
+from ..exporting.genai_builder import genai_build, genai_logits_check, pytorch_references
+from ..exporting.genai_reuse import GraphTemplate, template_of
+from ..exporting.runtime_files import (
+    GENAI_CONFIG,
+    copy_side_files,
+    genai_adapters_check,
+    genai_installed,
+    genai_prompt,
+    genai_special_ids,
+    model_special_ids,
+    random_prompt,
+)
+from ..io.errors import InputError, UnsupportedError
 from ..model.adapters import LoraAdapter
 from ..model.config import ModelConfig
 from ..model.loading import load_model
 from ..records import Check, SharedLayout
 from ..records.package import PACKAGE_FIX
+from ..verification.lora_runtime import load_unmerged
 from .genai_lora import add_lora_inputs
-from .shared_graph import greedy_reference, input_names, variant_adapters
+from .shared_graph import greedy_reference, input_names, variant_factors, write_adapter_file
 from .variants import Variant
 
 NEW_TOKENS = 8
@@ -82,29 +94,50 @@ def shared_genai(
     modules: dict[str, tuple[int, int]],
     loaded: dict[str, list[tuple[LoraAdapter, float]]],
     log: Callable[[str], None],
-) -> SharedLayout:
-    """The shared layout on the builder's graph, in out/shared (which exists and is empty)."""
+) -> tuple[SharedLayout, GraphTemplate | str]:
+    """The shared layout on the builder's graph, in out/shared (which exists and is empty); and the builder's graph
+    of the base as it was before the LoRA inputs, the merged variants' template (or why it cannot be one)."""
 
     shared = out / "shared"
-    build_with_genai(base_dir, shared, "float32", log)
+    with genai_build(base_dir, shared, "float32", log) as finish:  # PyTorch's references while the builder runs
+        prompt, references, base_references = _references(base_dir, variants)
+        finish()
+    if set(prompt) & genai_special_ids(shared / GENAI_CONFIG):  # GenAI would read the prompt otherwise than PyTorch
+        raise UnsupportedError("the builder's genai_config.json names special tokens that config.json does not")
     copy_side_files(base_dir, shared)  # config.json and generation_config.json, which the builder does not write
+    template = template_of(shared, base_dir)
     log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
     lora = add_lora_inputs(shared / "model.onnx", modules, ModelConfig.load(base_dir))
-    base = load_model(base_dir)
-    prompt = genai_prompt(shared / GENAI_CONFIG, int(base.config.get_text_config().vocab_size), 6, 3)
-    ((tokens, steps),) = base_references = pytorch_references(base, [prompt], NEW_TOKENS)
     checks = [genai_logits_check(shared, [prompt], base_references, "float32")]
-    references = {"__base__": (tokens, steps[0].numpy().reshape(-1))}  # the same run: no second one on the base
     files, parameters = {}, {}
-    for v, path, shapes, unmerged in variant_adapters(base_dir, variants, loaded, shared):
-        files[v.name], parameters[v.name] = f"shared/{path.name}", shapes
-        references[v.name] = greedy_reference(unmerged, prompt, NEW_TOKENS)
+    for v in variants:
+        path = shared / f"{v.name}.onnx_adapter"
+        files[v.name], parameters[v.name] = (
+            f"shared/{path.name}",
+            write_adapter_file(path, variant_factors(loaded[v.name]), np.float32),
+        )
     log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
     checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))
     save_references(shared / "reference.npz", prompt, references)
     notes = dtype_notes(variants)
     notes.append("graph: ONNX Runtime GenAI's model builder, with LoRA inputs added; runs in GenAI (og.Adapters)")
-    return builder_shared_layout(shared, lora, files, parameters, checks, notes)
+    return builder_shared_layout(shared, lora, files, parameters, checks, notes), template
+
+
+def _references(base_dir: Path, variants: list[Variant]) -> tuple[list[int], References, Any]:
+    """The GenAI check's prompt and PyTorch's references: the base's (logits at every step) and each variant's
+    unmerged model's (tokens, logits after the prompt); one model in memory at a time."""
+    base = load_model(base_dir)
+    vocab = int(base.config.get_text_config().vocab_size)
+    prompt = random_prompt(vocab, model_special_ids(base_dir), 6, 3)
+    ((tokens, steps),) = base_references = pytorch_references(base, [prompt], NEW_TOKENS)
+    references = {"__base__": (tokens, steps[0].numpy().reshape(-1))}  # the same run: no second one on the base
+    del base
+    for v in variants:
+        unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+        references[v.name] = greedy_reference(unmerged, prompt, NEW_TOKENS)
+        del unmerged
+    return prompt, references, base_references
 
 
 def builder_shared_layout(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..exporting.graphs import build_graph, position_ids_for
 from ..exporting.onnx_check import session
 from ..io.errors import InputError
 from ..records import Check, MergedVariant
@@ -67,3 +68,27 @@ def read_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     if missing:
         raise InputError(f"{path}: the reference outputs lack {missing[0]}; {PACKAGE_FIX}")
     return ref, {k.split(":", 1)[1]: v for k, v in ref.items() if k.startswith("input:")}
+
+
+def reference_inputs(model: torch.nn.Module, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray], torch.Tensor]:
+    """The dynamo layouts' reference inputs: two rows of 9 random ids, one left-padded, and an empty cache."""
+    graph = build_graph(model, with_past=True)
+    vocab = int(model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # one left-padded row
+    dtype = next(model.parameters()).dtype
+    empty = [
+        torch.zeros(2, graph.cache.kv_heads, 0, graph.cache.head_dim, dtype=dtype)
+        for _ in range(2 * graph.cache.layers)
+    ]
+    inputs = (ids, mask, position_ids_for(mask, 9), *empty)
+    return graph.input_names, {n: t.numpy() for n, t in zip(graph.input_names, inputs)}, mask
+
+
+def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """PyTorch's logits on the reference inputs, through the exported graph's contract."""
+    graph = build_graph(model, with_past=True)
+    with torch.no_grad():
+        return graph.module(*[torch.from_numpy(feeds[n]) for n in graph.input_names])[0].float().numpy()

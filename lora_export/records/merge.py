@@ -35,11 +35,12 @@ class FileRecord:
 
 
 def files_of(folder: Path) -> tuple[FileRecord, ...]:
-    """Every regular file under `folder`, with its sha256 and size (symlinks are not followed)."""
-    from ..io.hashing import sha256_file
+    """Every regular file under `folder` (written by this process), with its sha256 and size (symlinks are not
+    followed)."""
+    from ..io.hashing import sha256_written
 
     return tuple(
-        FileRecord(p.relative_to(folder).as_posix(), sha256_file(p), p.stat().st_size)
+        FileRecord(p.relative_to(folder).as_posix(), sha256_written(p), p.stat().st_size)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and not p.is_symlink()
     )

@@ -42,6 +42,17 @@ class MergedVariant:
 
 
 @dataclass(frozen=True)
+class PackagePart:
+    """What a part (`package --only NAME`) is a part of: the package's variants, in order, and the one it holds."""
+
+    variants: tuple[str, ...]
+    only: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variants": list(self.variants), "only": self.only}
+
+
+@dataclass(frozen=True)
 class PackageManifest(CheckedReport, StoredRecord):
     base: str
     mode: str
@@ -55,6 +66,7 @@ class PackageManifest(CheckedReport, StoredRecord):
     files: tuple[FileRecord, ...]
     seconds: float
     base_source: HubSource | None = None  # where the base came from on the Hub
+    part: PackagePart | None = None  # `package --only NAME`: one variant's part, for `package --assemble`
 
     NAME = "manifest.json"
     FIX = PACKAGE_FIX
@@ -74,6 +86,7 @@ class PackageManifest(CheckedReport, StoredRecord):
             "versions": dict(self.versions),
             "tolerances": dict(self.tolerances),
             "variants": {k: dict(v) for k, v in self.variants.items()},
+            **({"part": self.part.to_dict()} if self.part else {}),
         }
         if self.shared is not None:
             s = self.shared
@@ -153,8 +166,19 @@ class PackageManifest(CheckedReport, StoredRecord):
             files=files,
             seconds=f.get("seconds", float, 0.0),
             base_source=recorded_source(f, "base_source"),
+            part=_part(f),
         )
         return manifest
+
+
+def _part(f: Fields) -> PackagePart | None:
+    p = f.sub("part", None)
+    if p is None:
+        return None
+    part = PackagePart(p.strings("variants"), p.get("only", str))
+    if part.only not in part.variants or len(set(part.variants)) != len(part.variants):
+        f.fail("part", f"names {part.only!r} among {list(part.variants)}: each variant once, the part's among them")
+    return part
 
 
 @dataclass(frozen=True)

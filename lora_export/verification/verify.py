@@ -53,6 +53,7 @@ class VerifyOptions:
     device: str = "cpu"
     device_map: str | None = None  # accelerate: auto, balanced, sequential (models larger than one device)
     max_memory: dict[int | str, int | str] | None = None  # per device, with device_map: {0: "20GiB", "cpu": "60GiB"}
+    structure: bool = True  # count FLOPs and operator calls (information, not a check): a package counts them once
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def _verify(
     generate = kind in ("causal-lm", "seq2seq-lm") and options.max_new_tokens > 0
     prompt, pad = generation_prompt(cases[0], tokenizer, config, kind)
     ref_tokens = greedy_tokens(unmerged, prompt, options.max_new_tokens, pad) if generate else []
-    unmerged_structure = torch_structure(unmerged, cases[0].inputs)
+    unmerged_structure = torch_structure(unmerged, cases[0].inputs) if options.structure else None
     del unmerged
     gc.collect()
 
@@ -269,7 +270,9 @@ def _verify(
         base_dir, adapter_paths, merged_dir, weights, dtype, options, place, tmp, ref_out, cases
     )
     checks += output_checks
-    structure = structure_summary(cases[0], unmerged_structure, torch_structure(merged32, cases[0].inputs))
+    structure = None
+    if unmerged_structure is not None:
+        structure = structure_summary(cases[0], unmerged_structure, torch_structure(merged32, cases[0].inputs))
     generation = None
     if generate:
         n = options.max_new_tokens
