@@ -82,7 +82,8 @@ def _run(kind: str, code: str, cwd: Path, timeout: int = 600) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder every example starts from: the cache, ./smollm2, ./adapters/{caps,chat}, variants.yaml, and what
-    examples read without making it first — ./smollm2-caps (merged) and ./smollm2-tasks (a package)."""
+    examples read without making it first — ./smollm2-caps (merged), ./smollm2-tasks (a package) and ./parts (its
+    parts, one per variant)."""
     root = tmp_path_factory.mktemp("docs-world")
     base = _tiny_smollm2(root / "smollm2")
     caps = _name_base(
@@ -100,6 +101,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for command in (
         "lora-export merge ./smollm2 ./adapters/caps -o ./smollm2-caps -q",
         "lora-export package ./smollm2 --variants variants.yaml -o ./smollm2-tasks --mode both",
+        "lora-export package ./smollm2 --variants variants.yaml -o parts/caps --only caps",
+        "lora-export package ./smollm2 --variants variants.yaml -o parts/chat --only chat",
     ):
         done = _run("bash", command, root)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -182,3 +183,13 @@ def quant_options(
         accuracy_level=accuracy_level,
         eval_text=eval_text,
     )
+
+
+CHART_FORMATS = (".png", ".svg", ".pdf")  # what a chart is written as (matplotlib, by the name's suffix)
+
+
+def chart_file(path: Path | None) -> Path | None:
+    """A --plot file whose name says a format the chart is written in; another is refused at parse time."""
+    if path is not None and path.suffix.lower() not in CHART_FORMATS:
+        raise click.BadParameter(f"{path}: a chart is written as {', '.join(CHART_FORMATS)}: name it so")
+    return path

@@ -95,8 +95,8 @@ def package(
       lora-export package HuggingFaceTB/SmolLM2-135M-Instruct --variants variants.yaml -o ./tasks
       lora-export package ./smollm2 --variants variants.yaml -o ./tasks --mode shared
       lora-export package --check ./smollm2-tasks --junit package-check.xml
-      lora-export package ./smollm2 --variants variants.yaml -o parts/summarize --only summarize
-      lora-export package --assemble parts -o ./smollm2-tasks
+      lora-export package ./smollm2 --variants variants.yaml -o ./caps-part --only caps
+      lora-export package --assemble parts -o ./tasks
     """
     from ..package.build import PackageOptions
 

@@ -77,7 +77,11 @@ from .main import Shapes, _echo_err, conclude, handle_errors, main, split_base
 @click.option("--json", "json_file", type=options.REPORT_FILE, help="Write the results and environment as JSON.")
 @click.option("--markdown", "markdown_file", type=options.REPORT_FILE, help="Write the Markdown table.")
 @click.option(
-    "--plot", "plot_file", type=options.REPORT_FILE, help="Write a PNG chart of the overhead vs base per shape."
+    "--plot",
+    "plot_file",
+    type=options.REPORT_FILE,
+    callback=lambda _ctx, _param, value: options.chart_file(value),
+    help="Write a PNG chart of the overhead vs base per shape (.png, .svg or .pdf).",
 )
 @handle_errors
 def bench(
