@@ -214,15 +214,15 @@ def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path
     folder that is not the one the graph was built from (one tensor changed) is refused with the tensor's name."""
     from safetensors.torch import load_file, save_file
 
-    from lora_export.exporting.genai_reuse import recipes
+    from lora_export.exporting.genai_reuse import template_of
 
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "o_proj"])
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["merge-and-onnx", str(base), str(adapter), "-o", str(out), "--exporter", "genai"])
     assert r.exit_code == 0, r.output
-    found = recipes(out)
-    assert isinstance(found, dict)
-    assert found["model.layers.0.attn.qkv_proj.MatMul.weight"] == (
+    found = template_of(out, out / "merged")
+    assert not isinstance(found, str) and found.data == "model.onnx.data"
+    assert found.recipes["model.layers.0.attn.qkv_proj.MatMul.weight"] == (
         "cat-T",
         [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"],
     )
@@ -231,7 +231,7 @@ def test_a_graph_is_reused_only_when_its_recipes_rebuild_it(base: Path, tmp_path
     tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] += 1.0
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert (
-        recipes(out)
+        template_of(out, out / "merged")
         == "model.layers.1.attn.qkv_proj.MatMul.weight is not cat-T of "
         + str([f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"])
         + " in the builder's graph"
