@@ -112,7 +112,8 @@ def test_parts_that_are_not_one_package_are_refused(fleet: tuple[Path, Path, Pat
     graph = changed / "three" / "shared" / "model.onnx"
     graph.write_bytes(graph.read_bytes() + b"\0")
     refused(changed, "differs from its manifest")
-    refused(tmp_path / "empty-parts" if (tmp_path / "empty-parts").mkdir() is None else tmp_path, "no part")
+    (tmp_path / "no-parts").mkdir()
+    refused(tmp_path / "no-parts", "no part (PARTS_DIR/*/manifest.json")
 
 
 def test_only_names_a_variant(fleet: tuple[Path, Path, Path], base: Path, tmp_path: Path) -> None:  # noqa: F811

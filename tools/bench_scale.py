@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -140,7 +142,7 @@ def parameters(folder: Path) -> int:
     for f in folder.glob("*.safetensors"):
         with safe_open(f, "np") as st:
             for k in st.keys():
-                total += int(__import__("math").prod(st.get_slice(k).get_shape()))
+                total += math.prod(st.get_slice(k).get_shape())
     return total
 
 
@@ -219,7 +221,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = OUT / f"scaling-{args.what}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data["machine"] = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
+    data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     data["date"] = time.strftime("%Y-%m-%d")
     if args.what == "variants":
         data.update(variants(args.workdir, [int(c) for c in args.counts.split(",")]))

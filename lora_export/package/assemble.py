@@ -105,10 +105,11 @@ def _join(parts: dict[str, tuple[Path, PackageManifest]], tmp: Path, log: Callab
         _join_references([folder / "shared" / "reference.npz" for folder, _ in parts.values()], tmp / "shared")
         shared = _joined_shared({n: m.shared for n, (_, m) in parts.items()})  # type: ignore[misc]
     merged: dict[str, MergedVariant] = {}
+    data = {f.sha256: tmp / f.name for f in first.files if f.name == "shared/model.onnx.data" and first.shared}
     for name, (folder, m) in parts.items():
         if name in m.merged:
             log(f"joining merged/{name} …")
-            _copy_merged(folder / m.merged[name].folder, tmp / m.merged[name].folder, tmp)
+            _copy_merged(folder, m, m.merged[name].folder, tmp, data)
             merged[name] = m.merged[name]
     sharing = linked_sharing(tmp, merged) if merged and all(m.reused_graph for m in merged.values()) else None
     variants = {n: m.variants[n] for n, (_, m) in parts.items()}
@@ -116,13 +117,16 @@ def _join(parts: dict[str, tuple[Path, PackageManifest]], tmp: Path, log: Callab
                    storage=storage_summary(tmp, names, first.mode), files=files_of(tmp))  # fmt: skip
 
 
-def _copy_merged(source: Path, target: Path, package: Path) -> None:
-    """A part's merged/NAME folder; its common.data (the base graph's data) linked to the package's shared one."""
-    shared_data = package / "shared" / "model.onnx.data"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(COMMON))
-    if (source / COMMON).is_file():
-        same = shared_data.is_file() and sha256_file(source / COMMON) == sha256_file(shared_data)
-        link_or_copy(shared_data if same else source / COMMON, target / COMMON)
+def _copy_merged(part: Path, manifest: PackageManifest, folder: str, package: Path, data: dict[str, Path]) -> None:
+    """A part's merged/NAME folder. Its common.data (the base graph's data) is a hard link to a file of the package
+    the parts recorded as the same bytes — the shared graph's data, or the first variant's common.data — as in a
+    one-run build (`data`: sha256 → that file; the joined package is hashed and checked before it is put in place)."""
+    shutil.copytree(part / folder, package / folder, ignore=shutil.ignore_patterns(COMMON))
+    digest = next((f.sha256 for f in manifest.files if f.name == f"{folder}/{COMMON}"), None)
+    if digest is None:
+        return
+    link_or_copy(data.get(digest, part / folder / COMMON), package / folder / COMMON)
+    data.setdefault(digest, package / folder / COMMON)
 
 
 def _join_references(paths: list[Path], shared: Path) -> None:

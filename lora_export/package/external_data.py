@@ -3,10 +3,10 @@ hard-linked beside each graph, the rest in each graph's own data file."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
+
+from ..exporting.genai_reuse import link_or_copy, place, point
 
 
 def write_external_data(models: dict[str, Any], folders: dict[str, Path], staging: Path) -> tuple[int, int, bool]:
@@ -30,41 +30,17 @@ def write_external_data(models: dict[str, Any], folders: dict[str, Path], stagin
                     raw = numpy_helper.to_array(t).tobytes()
                     digest = sha256_bytes(raw)
                     if len(seen[digest]) == 1:
-                        _point(t, _place(own, "model.onnx.data", raw))
+                        point(t, place(own, "model.onnx.data", raw))
                         continue
                     if digest in common:
                         saved += len(raw)
                     else:
-                        common[digest] = _place(common_data, "common.data", raw)
-                    _point(t, common[digest])
+                        common[digest] = place(common_data, "common.data", raw)
+                    point(t, common[digest])
             onnx.save(model, str(folders[n] / "model.onnx"))
-    linked = True
-    for folder in folders.values():
-        try:
-            os.link(staging, folder / "common.data")
-        except OSError:  # a file system without hard links: each folder gets its own copy
-            linked = False
-            shutil.copyfile(staging, folder / "common.data")
+    linked = all([link_or_copy(staging, folder / "common.data") for folder in folders.values()])
     staging.unlink()
     return len(common), saved, linked
-
-
-def _place(data: Any, location: str, raw: bytes) -> list[tuple[str, str]]:
-    data.write(b"\0" * (-data.tell() % 64))  # 64-byte aligned, as ONNX Runtime prefers for memory mapping
-    offset = data.tell()
-    data.write(raw)
-    return [("location", location), ("offset", str(offset)), ("length", str(len(raw)))]
-
-
-def _point(tensor: Any, entries: list[tuple[str, str]]) -> None:
-    import onnx
-
-    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        tensor.ClearField(f)
-    del tensor.external_data[:]
-    for key, value in entries:
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -36,7 +36,7 @@ from ..records import Check, SharedLayout
 from ..records.package import PACKAGE_FIX
 from ..verification.lora_runtime import load_unmerged
 from .genai_lora import add_lora_inputs
-from .shared_graph import greedy_reference, input_names, variant_factors, write_adapter_file
+from .shared_graph import adapter_files, greedy_reference, input_names
 from .variants import Variant
 
 NEW_TOKENS = 8
@@ -109,13 +109,9 @@ def shared_genai(
     log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
     lora = add_lora_inputs(shared / "model.onnx", modules, ModelConfig.load(base_dir))
     checks = [genai_logits_check(shared, [prompt], base_references, "float32")]
-    files, parameters = {}, {}
-    for v in variants:
-        path = shared / f"{v.name}.onnx_adapter"
-        files[v.name], parameters[v.name] = (
-            f"shared/{path.name}",
-            write_adapter_file(path, variant_factors(loaded[v.name]), np.float32),
-        )
+    written = adapter_files(variants, loaded, shared)
+    files = {n: f"shared/{path.name}" for n, (path, _) in written.items()}
+    parameters = {n: shapes for n, (_, shapes) in written.items()}
     log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
     checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))
     save_references(shared / "reference.npz", prompt, references)

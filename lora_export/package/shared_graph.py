@@ -139,16 +139,26 @@ def write_adapter_file(
     return {k: list(v.shape) for k, v in arrays.items()}
 
 
+def adapter_files(
+    variants: Sequence[Any], loaded: dict[str, Any], shared: Path
+) -> dict[str, tuple[Path, dict[str, list[int]]]]:
+    """Per variant: its .onnx_adapter written into `shared`, and the shapes of its parameters."""
+    out = {}
+    for v in variants:
+        path = shared / f"{v.name}.onnx_adapter"
+        out[v.name] = path, write_adapter_file(path, variant_factors(loaded[v.name]), np.float32)
+    return out
+
+
 def variant_adapters(
     base_dir: Path, variants: Sequence[Any], loaded: dict[str, Any], shared: Path
 ) -> Iterator[tuple[Any, Path, dict[str, list[int]], torch.nn.Module]]:
     """Per variant: its .onnx_adapter written into `shared`, the shapes of its parameters, and its unmerged model in
     PyTorch (the reference the layout is checked against)."""
+    written = adapter_files(variants, loaded, shared)
     for v in variants:
-        path = shared / f"{v.name}.onnx_adapter"
-        parameters = write_adapter_file(path, variant_factors(loaded[v.name]), np.float32)
         unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
-        yield v, path, parameters, unmerged
+        yield v, *written[v.name], unmerged
 
 
 def run_with_adapter(
