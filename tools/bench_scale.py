@@ -10,7 +10,8 @@ variants: one `merge-and-onnx` of the first adapter, then `package --mode both` 
 variant's cost is the difference between consecutive package runs over the variants added.
 sizes: per model, `merge`, `verify`, `merge-and-onnx` (default exporter), the GenAI model builder alone on the merged
 folder, and PEFT's load + merge_and_unload + save_pretrained. SmolLM2-135M is the real model; 360M has SmolLM2-360M's
-configuration, 1B and 1.7B LLaMA-shaped configurations (SmolLM2-1.7B's), all with random weights.
+configuration, 1B and 1.7B LLaMA-shaped configurations (SmolLM2-1.7B's), all with random weights. The 1.7B's verify
+runs again with the CPU given 40% of its fp32 size (--device-map auto --max-memory cpu=…: the rest offloaded to disk).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SIZES = {  # SmolLM2-360M's and SmolLM2-1.7B's configurations; a 1B in between (
     "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                  num_key_value_heads=32),
 }  # fmt: skip
+CAPPED = {"1.7b": 0.4}  # verify again with the CPU given this fraction of the fp32 model's size
 
 
 def smollm2() -> Path:
@@ -123,11 +125,15 @@ def one_size(name: str, work: Path) -> dict[str, Any]:
                                 "-o", str(work / "builder"), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")],
         "PEFT load + merge + save": [sys.executable, "-c", PEFT, str(base), str(adapter), str(work / "peft")],
     }  # fmt: skip
+    if name in CAPPED:  # larger than the memory it is given: accelerate's device map, the rest offloaded to disk
+        cap = f"{int(CAPPED[name] * 4 * parameters(base) / 2**20)}MiB"
+        stages[f"verify, --max-memory cpu={cap}"] = [*stages["verify"], "--device-map", "auto", "--max-memory",
+                                                     f"cpu={cap}"]  # fmt: skip
     rows = {}
     for stage, cmd in stages.items():  # the base is on disk: the first run reads it from the page cache like the rest
         rows[stage] = list(timed(cmd))
         print(f"{name} {stage}: {rows[stage][0]:.1f} s, {rows[stage][1] / 2**30:.2f} GiB", flush=True)
-        if stage != "merge":
+        if stage not in ("merge", "verify"):
             for folder in ("mo", "builder", "cache", "peft"):
                 shutil.rmtree(work / folder, ignore_errors=True)
     shutil.rmtree(work / "merged")
@@ -166,12 +172,14 @@ def render() -> None:
         lines.append("")
     z = json.loads((OUT / "scaling-sizes.json").read_text()) if (OUT / "scaling-sizes.json").is_file() else None
     if z:
-        stages = list(next(iter(z["sizes"].values()))["rows"])
+        stages = list(dict.fromkeys(s for d in z["sizes"].values() for s in d["rows"]))
         lines += [f"### Model size ({z['machine']}, {z['date']}): wall s / peak RSS GiB", "",
                   "| model | parameters | fp32 GiB | " + " | ".join(stages) + " | merge-and-onnx ÷ builder |",
                   "|---|---:|---:|" + "---:|" * (len(stages) + 1)]  # fmt: skip
         for name, d in z["sizes"].items():
-            cells = [f"{d['rows'][s][0]:.1f} / {d['rows'][s][1] / 2**30:.2f}" for s in stages]
+            cells = [
+                f"{d['rows'][s][0]:.1f} / {d['rows'][s][1] / 2**30:.2f}" if s in d["rows"] else "—" for s in stages
+            ]
             ratio = d["rows"]["merge-and-onnx"][0] / d["rows"]["GenAI builder alone"][0]
             size = 4 * d["parameters"] / 2**30
             lines.append(f"| {name} ({d['weights']}) | {d['parameters'] / 1e6:.0f}M | {size:.2f} | "
@@ -195,9 +203,12 @@ def _plot(z: dict[str, Any]) -> None:
     sizes = z["sizes"]
     x = [d["parameters"] / 1e9 for d in sizes.values()]
     fig, (wall, rss) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage in next(iter(sizes.values()))["rows"]:
-        wall.plot(x, [d["rows"][stage][0] for d in sizes.values()], marker="o", label=stage)
-        rss.plot(x, [d["rows"][stage][1] / 2**30 for d in sizes.values()], marker="o", label=stage)
+    for stage in dict.fromkeys(s for d in sizes.values() for s in d["rows"]):
+        xs = [d["parameters"] / 1e9 for d in sizes.values() if stage in d["rows"]]
+        wall.plot(xs, [d["rows"][stage][0] for d in sizes.values() if stage in d["rows"]], marker="o", label=stage)
+        rss.plot(
+            xs, [d["rows"][stage][1] / 2**30 for d in sizes.values() if stage in d["rows"]], marker="o", label=stage
+        )
     rss.plot(x, [4 * d["parameters"] / 2**30 for d in sizes.values()], "k--", label="fp32 model size")
     for ax, label in ((wall, "wall seconds"), (rss, "peak RSS GiB")):
         ax.set_xlabel("parameters (billions; beyond 135M random weights)")
