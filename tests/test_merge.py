@@ -228,6 +228,29 @@ def test_reread_finds_a_shard_changed_on_disk(models_dir: Path, tmp_path: Path) 
     assert len(problems) == 1 and "does not parse on re-read" in problems[0] and problems[0].endswith("truncated")
 
 
+def test_a_written_file_is_hashed_once_and_again_once_changed(tmp_path: Path) -> None:
+    """The writer's sha256 (of the bytes as written) is what a report lists for the file; the same path changed on
+    disk, or renamed into place, is read again or kept by what it is."""
+    import os
+
+    from lora_export.io.hashing import sha256_file, sha256_written
+    from lora_export.io.tensorfiles import SafetensorsStreamWriter, TensorSpec
+
+    spec = TensorSpec("w", torch.float32, (4, 4))
+    writer = SafetensorsStreamWriter(tmp_path / "s.safetensors", [spec])
+    writer.write(torch.arange(16, dtype=torch.float32).reshape(4, 4))
+    written = writer.close()
+    assert written.sha256 == sha256_file(writer.path) == sha256_written(writer.path)
+    moved = tmp_path / "moved.safetensors"
+    os.replace(writer.path, moved)
+    assert sha256_written(moved) == written.sha256
+    data = bytearray(moved.read_bytes())
+    data[-1] ^= 0xFF
+    moved.write_bytes(bytes(data))
+    os.utime(moved, ns=(1, 1))  # even at another modification time only: the memo is keyed by it
+    assert sha256_written(moved) == sha256_file(moved) != written.sha256
+
+
 def test_config_keeps_rope_theta_for_transformers_4(models_dir: Path, tmp_path: Path) -> None:
     """A config written by transformers 5 (rope_parameters only) gets rope_theta too, so 4.x reads the same θ."""
     import shutil

@@ -124,3 +124,28 @@ def test_only_names_a_variant(fleet: tuple[Path, Path, Path], base: Path, tmp_pa
     assert r.exit_code == 2 and "no variant 'four' (--only)" in r.output and not (tmp_path / "p").exists()
     r = CliRunner().invoke(main, ["package", "--check", str(tmp_path), "--only", "one"])
     assert r.exit_code == 2 and "leave out --only" in r.output
+
+
+def test_variants_checked_in_worker_processes_build_the_same_package(
+    fleet: tuple[Path, Path, Path],
+    base: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """--workers 2: the merged variants merged, verified and checked two at a time, each in its own process — the
+    same graphs and adapter files as one process's build, every check passed, and --check passes."""
+    whole, _, variants = fleet
+    out = tmp_path / "workers"
+    done = cli("package", str(base), "--variants", str(variants), "-o", str(out), "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert "3 variants, checked in 2 worker processes" in done.stderr
+    assert {line.split("]")[0] for line in done.stderr.splitlines() if line.startswith("[")} == {
+        "[one",
+        "[two",
+        "[three",
+    }
+    assert shipped(out) == shipped(whole)
+    manifest = PackageManifest.load(out)
+    assert list(manifest.merged) == ["one", "two", "three"] and manifest.passed
+    assert len({(out / "merged" / n / "common.data").stat().st_ino for n in manifest.merged}) == 1
+    checked = cli("package", "--check", str(out))
+    assert checked.returncode == 0, checked.stdout + checked.stderr

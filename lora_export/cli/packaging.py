@@ -45,6 +45,14 @@ from .main import _echo_err, conclude, handle_errors, main
     is_flag=True,
     help="Join the parts in PARTS_DIR/*/ (package --only NAME, one per variant) into one package at -o, checked.",
 )
+@click.option(
+    "--workers",
+    "workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Merged variants checked at once, each in its own process (default: as many as the cores and the memory "
+    "allow, for models of 50M parameters and up; 1: one after another in this process).",
+)
 @options.overwrite
 @options.exporter
 @options.strict_base
@@ -59,6 +67,7 @@ def package(
     check: bool,
     only: str | None,
     assemble: bool,
+    workers: int | None,
     overwrite: bool,
     exporter: str,
     strict_base: bool,
@@ -79,12 +88,12 @@ def package(
             - {path: adapters/tone, weight: 0.3}
           dtype: float16
 
-    --mode merged writes merged/NAME/ (merge-and-onnx per variant); --mode shared writes shared/model.onnx, whose
-    LoRA A/B are overridable inputs with zero-rank defaults, and shared/NAME.onnx_adapter per variant: a client picks
-    a task per request with RunOptions.add_active_adapter(LoraAdapter); without one the graph is the base. Every
-    variant is checked against PyTorch; manifest.json lists every file with its sha256 and the storage each layout
-    takes. --check re-hashes every file, then re-runs the stored reference inputs in ONNX Runtime; exit 1 on any
-    mismatch.
+    --mode merged writes merged/NAME/ (merge-and-onnx per variant, several at once with --workers); --mode shared
+    writes shared/model.onnx, whose LoRA A/B are overridable inputs with zero-rank defaults, and
+    shared/NAME.onnx_adapter per variant: a client picks a task per request (og.Adapters, or ONNX Runtime's
+    RunOptions.add_active_adapter); without one the graph is the base. Every variant is checked against PyTorch;
+    manifest.json lists every file with its sha256 and the storage each layout takes. --check re-hashes every file,
+    then re-runs the stored reference inputs in ONNX Runtime; exit 1 on any mismatch.
 
     A fleet: --only NAME builds that variant's part (the shared graph still carries every variant's LoRA inputs);
     --assemble PARTS_DIR -o OUT joins the parts (same variants file, base and lora-export) into one package, whose
@@ -100,7 +109,7 @@ def package(
     """
     from ..package.build import PackageOptions
 
-    _refuse_mixed(check, bool(only or assemble), junit_file is not None)
+    _refuse_mixed(check, assemble, bool(only or assemble or workers), workers, junit_file is not None)
     if check:
         return _package_check(target, junit_file)
     if assemble:
@@ -108,19 +117,22 @@ def package(
     if variants_file is None or out_dir is None:
         raise click.UsageError("give --variants FILE and -o OUT_DIR (or --check PACKAGE_DIR)")
     quant = options.quant_options(**quantization)
-    if quant.precision == "fp16":
-        raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
-    _package_build(target, variants_file, out_dir, PackageOptions(mode, exporter, overwrite, strict_base, quant, only))
+    settings = PackageOptions(mode, exporter, overwrite, strict_base, quant, only, workers)
+    _package_build(target, variants_file, out_dir, settings)
 
 
-def _refuse_mixed(check: bool, builds: bool, junit: bool) -> None:
+def _refuse_mixed(check: bool, assemble: bool, builds: bool, workers: int | None, junit: bool) -> None:
+    if assemble and workers:
+        raise click.UsageError("--assemble joins built parts: --workers applies when a package is built")
     if junit and not check:
         raise click.UsageError("--junit applies with --check")
     if check and builds:
-        raise click.UsageError("--check verifies a package: leave out --only and --assemble")
+        raise click.UsageError("--check verifies a package: leave out --only, --assemble and --workers")
 
 
 def _package_build(target: Path, variants_file: Path, out_dir: Path, settings: Any) -> None:
+    if settings.quant.precision == "fp16":
+        raise click.UsageError("package --precision fp16: give each variant `dtype: float16` in variants.yaml")
     from ..model.hub import resolve
     from ..package.build import package as run
     from ..render.text import package_text

@@ -25,7 +25,10 @@ from .onnx import OnnxExport, OnnxOptions
 def session(path: Path, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
+    from ..io.processes import RUNTIME_THREADS
+
     so = ort.SessionOptions()
+    threads = threads or RUNTIME_THREADS  # in a worker process: its share of the cores
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3

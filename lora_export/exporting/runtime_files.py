@@ -16,6 +16,7 @@ PyTorch's: a check like any other. When it is not, the report says the check was
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -202,10 +203,16 @@ def genai_model(og: Any, folder: Path, device: str = "cpu") -> Any:
     """og.Model of the folder on `device`: the providers its genai_config.json names (CUDA for the builder's float16
     graph) are cleared, so a graph built for a GPU is checked on a CPU as far as the CPU provider runs it; on
     cuda/cuda:N the CUDA provider is appended (bench on a GPU). The folder itself is left as written."""
+    from ..io.processes import RUNTIME_THREADS
+
     config = og.Config(str(folder))
     config.clear_providers()
     if device.startswith("cuda"):
         config.append_provider("cuda")
+    if RUNTIME_THREADS:  # a worker process: its share of the cores, not all of them
+        config.overlay(
+            json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": RUNTIME_THREADS}}}})
+        )
     return og.Model(config)
 
 

@@ -21,15 +21,34 @@ def sha256_file(path: Path) -> str:
 _WRITTEN: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) → sha256
 
 
+def _key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def sha256_written(path: Path) -> str:
     """sha256 of a file this process wrote, for its report or manifest: a file met again unchanged (the same inode,
-    size and modification time: a hard link, or a folder listed by a merged variant's report and then by the
-    package's manifest) is not read twice. Checks of what others wrote read the bytes (`sha256_file`)."""
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    size and modification time: a hard link, a file renamed into place, or a folder listed by a merged variant's
+    report and then by the package's manifest) is not read twice. Checks of what others wrote read the bytes
+    (`sha256_file`)."""
+    key = _key(path)
     if key not in _WRITTEN:
         _WRITTEN[key] = sha256_file(path)
     return _WRITTEN[key]
+
+
+def written_hashes() -> dict[tuple[int, int, int, int], str]:
+    """What this process has hashed, for a parent process to adopt (`adopt_written`): a worker's files."""
+    return dict(_WRITTEN)
+
+
+def adopt_written(hashes: dict[tuple[int, int, int, int], str]) -> None:
+    _WRITTEN.update(hashes)
+
+
+def remember_written(path: Path, sha256: str) -> None:
+    """The sha256 of a file this process has just written and closed, hashed from the bytes as they were written."""
+    _WRITTEN[_key(path)] = sha256
 
 
 class FileHasher:

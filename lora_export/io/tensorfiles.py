@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CorruptFileError, InputError, UnsafeInputError
-from .hashing import sha256_file
+from .hashing import remember_written, sha256_file
 from .jsonio import write_json
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -169,6 +169,11 @@ def scan_safetensors(path: Path) -> dict[str, TensorInfo]:
             name, path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end
         )
     return infos
+
+
+def parameter_count(folder: Path) -> int:
+    """The tensors' elements in the folder's safetensors files, from their headers (0 for a folder without any)."""
+    return sum(math.prod(i.shape) for f in folder.glob("*.safetensors") for i in scan_safetensors(f).values())
 
 
 class TensorStore:
@@ -350,7 +355,9 @@ class SafetensorsStreamWriter:
         # No fsync: an interrupted run is caught by the atomic rename of the folder; durability against power loss
         # is the filesystem's (save_pretrained does not fsync either), and fsync costs more than the merge itself.
         self._f.close()
-        return WrittenFile(self.path.name, self._h.hexdigest(), self._header_bytes + self._written)
+        written = WrittenFile(self.path.name, self._h.hexdigest(), self._header_bytes + self._written)
+        remember_written(self.path, written.sha256)  # the report's file list does not read these bytes again
+        return written
 
     def abort(self) -> None:
         self._f.close()

@@ -145,10 +145,13 @@ class PackageOptions:
     strict_base: bool = False
     quant: QuantOptions = QuantOptions()  # int8/int4: both layouts on the builder's MatMulNBits graphs
     only: str | None = None  # one variant's part (`package --assemble` joins the parts): its files as a full build's
+    workers: int | None = None  # merged variants checked at once, in worker processes (None: as cores and memory allow)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"workers must be at least 1, not {self.workers}")
 
 
 def package(

@@ -20,6 +20,9 @@ from ..exporting.genai_builder import build_with_genai
 from ..exporting.genai_reuse import COMMON, GraphTemplate, template_of
 from ..exporting.onnx import OnnxOptions
 from ..exporting.pipeline import ExportOptions, choose_exporter, merge_and_onnx
+from ..io.hashing import adopt_written, written_hashes
+from ..io.processes import run_in_processes, worker_count, worker_log
+from ..io.tensorfiles import parameter_count
 from ..merging.merge import MergeOptions
 from ..model.loading import load_model
 from ..records import MergedVariant
@@ -49,10 +52,22 @@ def merged_layout(
         template = _base_template(base_dir, out, settings, log)
     if isinstance(template, str):
         log(f"merged layout: the builder runs for every variant ({template})")
+    jobs = [
+        (v, template if isinstance(template, GraphTemplate) and v in floats else None, VerifyOptions(structure=i == 0))
+        for i, v in enumerate(variants)
+    ]
     try:
-        for i, v in enumerate(variants):
-            reuse = template if isinstance(template, GraphTemplate) and v in floats else None
-            results[v.name] = _variant(base_dir, v, out, log, settings, reuse, VerifyOptions(structure=i == 0))
+        workers = variant_workers(base_dir, len(jobs), settings.workers)
+        if workers > 1:
+            log(f"merged layout: {len(jobs)} variants, checked in {workers} worker processes …")
+            done = run_in_processes([(v.name, _variant_job, (base_dir, v, out, settings, *job)) for v, *job in jobs],
+                                    workers, log)  # fmt: skip
+            for (v, _, _), (merged, hashed) in zip(jobs, done, strict=True):
+                adopt_written(hashed)  # the files the worker hashed for its report are not read again here
+                results[v.name] = merged
+        else:
+            for v, reuse, verify in jobs:
+                results[v.name] = _variant(base_dir, v, out, log, settings, reuse, verify)
     finally:
         shutil.rmtree(out / STAGING, ignore_errors=True)
     if not results or not all(all(c.passed for c in v.checks) for v in results.values()):
@@ -74,6 +89,27 @@ def _base_template(base_dir: Path, out: Path, settings: Any, log: Callable[[str]
     (out / STAGING).mkdir()
     build_with_genai(base_dir, out / STAGING, "float32", log)
     return template_of(out / STAGING, base_dir)
+
+
+SMALL_MODEL = 50_000_000  # parameters: below this a variant's checks take less than a worker takes to start
+MEMORY_PER_FP32 = 2  # a worker's peak, in float32 copies of the model (one PyTorch model or GenAI's session at a time)
+
+
+def variant_workers(base_dir: Path, variants: int, asked: int | None) -> int:
+    """How many variants are checked at once, each in its own process (1: one after another in this one): `asked`
+    (`package --workers`), else as many as the cores and the available memory allow, for models big enough that a
+    variant takes longer than a worker's start (WORKER_START_S)."""
+    if asked is None and (variants < 2 or parameter_count(base_dir) < SMALL_MODEL):
+        return 1
+    per_worker = MEMORY_PER_FP32 * 4 * parameter_count(base_dir) + 2**30  # + the interpreter, torch and GenAI
+    return worker_count(variants, per_worker, asked)
+
+
+def _variant_job(
+    base_dir: Path, v: Variant, out: Path, settings: Any, reuse: GraphTemplate | None, verify: VerifyOptions
+) -> tuple[MergedVariant, dict[Any, str]]:
+    """_variant in a worker process: its log lines go to the parent's log; with the sha256s it computed."""
+    return _variant(base_dir, v, out, worker_log, settings, reuse, verify), written_hashes()
 
 
 def _variant(

@@ -1,0 +1,35 @@
+"""Jobs in worker processes (a package's merged variants, side by side): results in the jobs' order, log lines
+through the parent's log with the job's name, a job's exception raised in the parent as it was raised, the number
+of workers from what was asked, the cores and the memory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lora_export.io.errors import InputError
+from lora_export.io.jsonio import read_json_object
+from lora_export.io.processes import cores, run_in_processes, worker_count, worker_log
+
+
+def test_results_in_order_and_logs_named() -> None:
+    lines: list[str] = []
+    jobs = [("fact", math.factorial, (5,)), ("say", worker_log, ("hello",)), ("pow", math.pow, (2, 10))]
+    assert run_in_processes(jobs, 2, lines.append) == [120, None, 1024.0]
+    assert lines == ["[say] hello"]
+
+
+def test_a_jobs_error_is_raised_here(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(InputError, match="nowhere.json is missing: give it"):
+        run_in_processes([("ok", math.factorial, (3,)), ("bad", read_json_object, (missing, "give it"))], 2, print)
+
+
+def test_worker_count() -> None:
+    assert worker_count(5, 1, asked=3) == 3
+    assert worker_count(2, 1, asked=8) == 2  # never more workers than jobs
+    assert worker_count(1, 1) == 1
+    assert worker_count(64, 1) == min(cores(), 64)  # a byte each: the cores decide
+    assert worker_count(64, 2**60) == 1  # an exabyte each: no memory for a second
