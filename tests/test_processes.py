@@ -27,6 +27,16 @@ def test_a_jobs_error_is_raised_here(tmp_path: Path) -> None:
         run_in_processes([("ok", math.factorial, (3,)), ("bad", read_json_object, (missing, "give it"))], 2, print)
 
 
+def test_a_worker_that_dies_is_an_error_not_a_hang() -> None:
+    import os
+
+    from lora_export.io.errors import WorkerError
+
+    with pytest.raises(WorkerError, match="ended without a result") as e:
+        run_in_processes([("dies", os._exit, (9,)), ("ok", math.factorial, (3,))], 2, print)
+    assert e.value.exit_code == 3
+
+
 def test_worker_count() -> None:
     assert worker_count(5, 1, asked=3) == 3
     assert worker_count(2, 1, asked=8) == 2  # never more workers than jobs

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import statistics
@@ -51,18 +50,28 @@ def optimum_cli() -> Path:
     return exe
 
 
+# Linux carries a process's peak RSS across fork and exec: a command started by this (possibly large) process would
+# report at least this process's peak. It is started by a small launcher instead, which reports the command's own.
+LAUNCHER = """import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of one command (the largest of it and the children it waited for)."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak:
+        start = time.perf_counter()
+        code = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, peak.name, *cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        if code != 0:
             log.seek(0)
-            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read()[-4000:]}")
-    return seconds, usage.ru_maxrss * 1024
+            sys.exit(f"failed ({code}): {' '.join(cmd)}\n{log.read()[-4000:]}")
+        return seconds, int(peak.read()) * 1024
 
 
 def latency(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict[str, list[float]]]:

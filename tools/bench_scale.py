@@ -85,6 +85,12 @@ def variants(work: Path, counts: list[int]) -> dict[str, Any]:
         )
         shutil.rmtree(work / f"p{n}")
         print(f"{n} variants: {rows[f'package --mode both, {n} variants'][0]:.1f} s", flush=True)
+    if 3 in counts:  # the same package with its merged variants checked one after another in one process
+        rows["package --mode both, 3 variants, --workers 1"] = timed(
+            [*LORA_EXPORT, "package", str(base), "--variants", str(work / "variants-3.yaml"), "-o", str(work / "p1w"),
+             "--workers", "1"]
+        )  # fmt: skip
+        shutil.rmtree(work / "p1w")
     return {"model": "SmolLM2-135M-Instruct (real)", "rows": {k: list(v) for k, v in rows.items()}}
 
 
@@ -162,7 +168,9 @@ def render() -> None:
         lines += [f"### Variants ({v['model']}; {v['machine']}, {v['date']})", "",
                   "| command | wall s | × one merge-and-onnx | peak RSS GiB |", "|---|---:|---:|---:|"]  # fmt: skip
         lines += [f"| {k} | {s:.1f} | {s / one:.2f} | {r / 2**30:.2f} |" for k, (s, r) in rows.items()]
-        counts = sorted(int(k.split(", ")[1].split()[0]) for k in rows if k.startswith("package"))
+        counts = sorted(
+            int(k.split(", ")[1].split()[0]) for k in rows if k.startswith("package") and k.endswith(" variants")
+        )
         lines += ["", "| variants added | s per added variant | × one merge-and-onnx |", "|---|---:|---:|"]
         for a, b in zip(counts, counts[1:]):
             per = (rows[f"package --mode both, {b} variants"][0] - rows[f"package --mode both, {a} variants"][0]) / (
@@ -237,9 +245,10 @@ def main() -> None:
     if args.what == "variants":
         data.update(variants(args.workdir, [int(c) for c in args.counts.split(",")]))
     else:
-        for name in args.sizes.split(","):
+        for name in args.sizes.split(","):  # written after each size: a long run stopped keeps what it measured
             data.setdefault("sizes", {})[name] = one_size(name, args.workdir / name)
             shutil.rmtree(args.workdir / name, ignore_errors=True)
+            path.write_text(json.dumps(data, indent=2) + "\n")
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -45,6 +45,12 @@ class ExportError(LoraExportError):
     """An exporter failed or wrote a graph that does not pass onnx.checker."""
 
 
+class WorkerError(LoraExportError):
+    """A worker process ended without a result (killed, or it could not start). Exit code 3, like an internal error."""
+
+    exit_code = 3
+
+
 class VerifyError(LoraExportError):
     """A numerical check failed. Exit code 1, distinct from bad input."""
 

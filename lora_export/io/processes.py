@@ -1,7 +1,8 @@
 """Independent jobs in worker processes: a package's merged variants are checked side by side where the machine has
 the cores and the memory for it. Each worker is a fresh interpreter (spawn: no copy of this process's models or
 threads) with its share of the cores; its log lines come back through a queue, its result or exception through the
-pool, in the order the jobs were given. No torch here: the jobs import what they need."""
+pool, in the order the jobs were given. A worker that dies (killed for memory, say) is an error here, not a hang. No
+torch here: the jobs import what they need."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import os
 import queue
 import signal
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
+
+from .errors import WorkerError
 
 WORKER_START_S = 5.0  # measured here: a spawned worker that imports torch and transformers is ready after 4–5 s
 RUNTIME_THREADS: int | None = None  # the threads a runtime session may use in this process (a worker's share)
@@ -68,32 +73,43 @@ def run_in_processes(
     jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]], workers: int, log: Callable[[str], None]
 ) -> list[Any]:
     """Each job (name, module-level function, picklable args) in a pool of `workers` processes; the results in the
-    jobs' order. A job's exception is raised here (the others are stopped); so is an interrupt."""
+    jobs' order. A job's exception is raised here (the others are stopped), and so is an interrupt."""
     context = multiprocessing.get_context("spawn")
     log_queue = context.Queue()
     threads = max(1, cores() // workers)
-    pool = context.Pool(workers, initializer=_init, initargs=(log_queue, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=(log_queue, threads))
+    futures: list[Future[Any]] = []
+    results = None
     try:
-        pending = [pool.apply_async(_call, job) for job in jobs]
-        while not all(p.ready() for p in pending):
-            _drain(log_queue, log, 0.2)
-            failed = next((p for p in pending if p.ready() and not p.successful()), None)
-            if failed is not None:
-                failed.get()  # raises the job's exception
-        _drain(log_queue, log, 0)
-        results = [p.get() for p in pending]
-        pool.close()
+        futures = [pool.submit(_call, *job) for job in jobs]
+        pending: set[Future[Any]] = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            _drain(log_queue, log)
+            for f in done:
+                f.result()  # raises the job's exception
+        results = [f.result() for f in futures]
         return results
+    except BrokenProcessPool:
+        raise WorkerError(
+            "a worker process checking the variants ended without a result (killed for lack of memory, or a script "
+            "calling lora_export without `if __name__ == '__main__':`, which worker processes need); "
+            "use --workers 1 (workers=1) to check them one after another in this process"
+        ) from None
     finally:
-        pool.terminate()
-        pool.join()
+        if results is None:  # an error or Ctrl-C: the other jobs are stopped, not waited for
+            for f in futures:
+                f.cancel()
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(log_queue, log)
         log_queue.close()
         log_queue.join_thread()
 
 
-def _drain(log_queue: Any, log: Callable[[str], None], wait: float) -> None:
+def _drain(log_queue: Any, log: Callable[[str], None]) -> None:
     try:
-        log(log_queue.get(timeout=wait) if wait else log_queue.get_nowait())
         while True:
             log(log_queue.get_nowait())
     except queue.Empty:
