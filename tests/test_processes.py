@@ -43,3 +43,19 @@ def test_worker_count() -> None:
     assert worker_count(1, 1) == 1
     assert worker_count(64, 1) == min(cores(), 64)  # a byte each: the cores decide
     assert worker_count(64, 2**60) == 1  # an exabyte each: no memory for a second
+
+
+def test_workers_is_refused_where_nothing_is_built(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lora_export.cli import main
+
+    cases = {
+        ("package", "--check", str(tmp_path), "--workers", "2"): "leave out --only, --assemble and --workers",
+        ("package", "--assemble", str(tmp_path), "-o", str(tmp_path / "o"), "--workers", "2"): "applies when a package",
+        ("package", str(tmp_path), "--variants", "v.yaml", "-o", str(tmp_path / "o"), "--workers", "0"): "1<=x",
+    }
+    for args, message in cases.items():
+        r = CliRunner().invoke(main, list(args))
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    assert not (tmp_path / "o").exists()

@@ -160,6 +160,21 @@ def parameters(folder: Path) -> int:
 
 def render() -> None:
     """benchmarks/scaling.md and scaling.png from the JSON the runs wrote; the prose around the tables is the page's."""
+    lines = tables()
+    z = json.loads((OUT / "scaling-sizes.json").read_text()) if (OUT / "scaling-sizes.json").is_file() else None
+    if z:
+        _plot(z)
+    page = OUT / "scaling.md"
+    text = page.read_text() if page.is_file() else "# Scaling\n\n<!-- tables -->\n<!-- /tables -->\n"
+    head, rest = text.split("<!-- tables -->", 1)
+    page.write_text(
+        head + "<!-- tables -->\n" + "\n".join(lines) + "\n<!-- /tables -->" + rest.split("<!-- /tables -->", 1)[1]
+    )
+    print(f"wrote {page}")
+
+
+def tables() -> list[str]:
+    """The page's tables (markdown lines) from the JSON the runs wrote."""
     lines = []
     v = json.loads((OUT / "scaling-variants.json").read_text()) if (OUT / "scaling-variants.json").is_file() else None
     if v:
@@ -192,14 +207,7 @@ def render() -> None:
             size = 4 * d["parameters"] / 2**30
             lines.append(f"| {name} ({d['weights']}) | {d['parameters'] / 1e6:.0f}M | {size:.2f} | "
                          + " | ".join(cells) + f" | {ratio:.2f} |")  # fmt: skip
-        _plot(z)
-    page = OUT / "scaling.md"
-    text = page.read_text() if page.is_file() else "# Scaling\n\n<!-- tables -->\n<!-- /tables -->\n"
-    head, rest = text.split("<!-- tables -->", 1)
-    page.write_text(
-        head + "<!-- tables -->\n" + "\n".join(lines) + "\n<!-- /tables -->" + rest.split("<!-- /tables -->", 1)[1]
-    )
-    print(f"wrote {page}")
+    return lines
 
 
 def _plot(z: dict[str, Any]) -> None:
