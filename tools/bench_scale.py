@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -121,6 +120,8 @@ model.save_pretrained(sys.argv[3])
 
 
 def one_size(name: str, work: Path) -> dict[str, Any]:
+    from lora_export.io.tensorfiles import parameter_count
+
     base = smollm2() if name == "135m" else random_model(name, work / f"base-{name}")
     (adapter,) = make_adapters(base, work / f"adapter-{name}", 1)
     stages = {
@@ -132,7 +133,7 @@ def one_size(name: str, work: Path) -> dict[str, Any]:
         "PEFT load + merge + save": [sys.executable, "-c", PEFT, str(base), str(adapter), str(work / "peft")],
     }  # fmt: skip
     if name in CAPPED:  # larger than the memory it is given: accelerate's device map, the rest offloaded to disk
-        cap = f"{int(CAPPED[name] * 4 * parameters(base) / 2**20)}MiB"
+        cap = f"{int(CAPPED[name] * 4 * parameter_count(base) / 2**20)}MiB"
         stages[f"verify, --max-memory cpu={cap}"] = [*stages["verify"], "--device-map", "auto", "--max-memory",
                                                      f"cpu={cap}"]  # fmt: skip
     rows = {}
@@ -143,19 +144,7 @@ def one_size(name: str, work: Path) -> dict[str, Any]:
             for folder in ("mo", "builder", "cache", "peft"):
                 shutil.rmtree(work / folder, ignore_errors=True)
     shutil.rmtree(work / "merged")
-    return {"weights": "real" if name == "135m" else "random", "parameters": parameters(base), "rows": rows}
-
-
-def parameters(folder: Path) -> int:
-    """The model's parameter count, from its safetensors headers (the float32 size is 4 bytes each)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with safe_open(f, "np") as st:
-            for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
+    return {"weights": "real" if name == "135m" else "random", "parameters": parameter_count(base), "rows": rows}
 
 
 def render() -> None:
@@ -257,7 +246,8 @@ def main() -> None:
             data.setdefault("sizes", {})[name] = one_size(name, args.workdir / name)
             shutil.rmtree(args.workdir / name, ignore_errors=True)
             path.write_text(json.dumps(data, indent=2) + "\n")
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    if args.what == "variants":
+        path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from .errors import WorkerError
 
-WORKER_START_S = 5.0  # measured here: a spawned worker that imports torch and transformers is ready after 4–5 s
 RUNTIME_THREADS: int | None = None  # the threads a runtime session may use in this process (a worker's share)
 
 _log_queue: Any = None

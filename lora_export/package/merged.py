@@ -91,17 +91,18 @@ def _base_template(base_dir: Path, out: Path, settings: Any, log: Callable[[str]
     return template_of(out / STAGING, base_dir)
 
 
-SMALL_MODEL = 50_000_000  # parameters: below this a variant's checks take less than a worker takes to start
+SMALL_MODEL = 50_000_000  # parameters: below this a variant's checks take less than a worker's start (4–5 s here)
 MEMORY_PER_FP32 = 2  # a worker's peak, in float32 copies of the model (one PyTorch model or GenAI's session at a time)
 
 
 def variant_workers(base_dir: Path, variants: int, asked: int | None) -> int:
     """How many variants are checked at once, each in its own process (1: one after another in this one): `asked`
     (`package --workers`), else as many as the cores and the available memory allow, for models big enough that a
-    variant takes longer than a worker's start (WORKER_START_S)."""
-    if asked is None and (variants < 2 or parameter_count(base_dir) < SMALL_MODEL):
+    variant takes longer than a worker's start."""
+    parameters = parameter_count(base_dir)
+    if asked is None and (variants < 2 or parameters < SMALL_MODEL):
         return 1
-    per_worker = MEMORY_PER_FP32 * 4 * parameter_count(base_dir) + 2**30  # + the interpreter, torch and GenAI
+    per_worker = MEMORY_PER_FP32 * 4 * parameters + 2**30  # + the interpreter, torch and GenAI
     return worker_count(variants, per_worker, asked)
 
 
