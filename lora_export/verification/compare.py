@@ -255,6 +255,39 @@ def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, pad_id: in
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+# generation_config fields that leave greedy decoding's choice the argmax of the logits (the rest process the logits:
+# a repetition penalty, a minimum length, banned or forced tokens)
+ARGMAX_FIELDS = frozenset({
+    "_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+    "decoder_start_token_id", "use_cache", "cache_implementation", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "max_length", "max_new_tokens", "do_sample",
+    "num_beams", "num_return_sequences", "temperature", "top_p", "top_k", "min_p", "typical_p",
+})  # fmt: skip
+
+
+@torch.no_grad()
+def greedy_as(
+    model: nn.Module, inputs: dict[str, torch.Tensor], reference: list[int], n: int, pad_id: int | None
+) -> list[int]:
+    """The model's n greedy tokens after the prompt, checked against `reference` (n tokens, or fewer ending where
+    generation stopped at an end token) in one forward pass over the prompt and `reference`: the argmax after each
+    prefix is the token greedy decoding picks there, so a model that picks `reference` throughout decodes it, and
+    stops where it stopped (the decoding steps saved). Where a choice differs, or the generation config processes the
+    logits, the tokens are those of its own greedy decoding (`greedy`)."""
+    config = getattr(model, "generation_config", None)
+    processed = config is None or not set(config.to_diff_dict()) <= ARGMAX_FIELDS
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if processed or not 0 < len(reference) <= n or ids is None or set(inputs) - {"input_ids", "attention_mask"}:
+        return greedy(model, inputs, n, pad_id)
+    if mask is not None and not bool(mask.all()):
+        return greedy(model, inputs, n, pad_id)
+    full = torch.cat([ids, torch.tensor([reference], dtype=ids.dtype)], dim=1)
+    device = input_device(model)
+    logits = model(input_ids=full.to(device), attention_mask=torch.ones_like(full).to(device)).logits
+    picked = logits[0, ids.shape[1] - 1 : -1].argmax(-1).tolist()
+    return picked if picked == reference else greedy(model, inputs, n, pad_id)
+
+
 def compare_tokens(ref: list[int], got: list[int]) -> dict[str, Any]:
     """A token comparison as a check's details (records.sections.TokenComparison)."""
     return TokenComparison.of(ref, got).to_dict()

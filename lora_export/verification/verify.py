@@ -30,7 +30,7 @@ from ..model.loading import Placement, load_model, model_kind, placement_summary
 from ..records import Check, VerifyReport
 from ..records.sections import Counted, Generation, StructureSummary, TokenComparison
 from ..records.tolerances import tolerance, tolerances_for
-from .compare import DTYPES, Case, greedy, load_tokenizer, make_cases, output_check, outputs_of
+from .compare import DTYPES, Case, greedy, greedy_as, load_tokenizer, make_cases, output_check, outputs_of
 from .diagnose import diagnose_failure
 from .lora_runtime import iter_effective_state, load_unmerged
 from .seq2seq import encoder_inputs, seq2seq_cases, seq2seq_greedy
@@ -189,11 +189,16 @@ def generation_prompt(
     return prompt, pad
 
 
-def greedy_tokens(model: nn.Module, prompt: dict[str, torch.Tensor], n: int, pad: int) -> list[int]:
-    """n greedy tokens: `generate` for decoders; the decoder's own argmax loop for encoder-decoders (`pad` is then
-    the decoder's start token)."""
+def greedy_tokens(
+    model: nn.Module, prompt: dict[str, torch.Tensor], n: int, pad: int, reference: list[int] | None = None
+) -> list[int]:
+    """n greedy tokens: `generate` for decoders (with a `reference`, checked against it in one forward
+    pass where it can be: `greedy_as`); the decoder's own argmax loop for encoder-decoders (`pad` is then the
+    decoder's start token)."""
     if getattr(model.config, "is_encoder_decoder", False):
         return seq2seq_greedy(model, prompt, n, pad)
+    if reference is not None:
+        return greedy_as(model, prompt, reference, n, pad)
     return greedy(model, prompt, n, pad)
 
 
@@ -208,7 +213,7 @@ def generation_check(
     n: int,
 ) -> tuple[Check, Generation]:
     """Greedy tokens of merged float32 vs unmerged float32's (a check); of merged in its dtype, reported."""
-    g32 = TokenComparison.of(ref_tokens, greedy_tokens(merged32, prompt, n, pad))
+    g32 = TokenComparison.of(ref_tokens, greedy_tokens(merged32, prompt, n, pad, ref_tokens))
     check = Check(
         "generation (float32)",
         f"{n} greedy tokens, merged float32 vs unmerged float32",
@@ -222,7 +227,9 @@ def generation_check(
     text = (tokenizer.decode(ids), tokenizer.decode(ref_tokens)) if tokenizer is not None else (None, None)
     # reported, not a check: a half dtype may legitimately pick another token after a while
     half = (
-        (dtype, TokenComparison.of(ref_tokens, greedy_tokens(merged, prompt, n, pad))) if merged is not None else None
+        (dtype, TokenComparison.of(ref_tokens, greedy_tokens(merged, prompt, n, pad, ref_tokens)))
+        if merged is not None
+        else None
     )
     return check, Generation(tuple(ids.tolist()), n, g32, *text, half)
 
