@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -61,7 +62,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one command (the largest of it and the children it waited for)."""
+    """Wall seconds and peak RSS in bytes of one command (the largest of it and the children it waited for), started
+    with nothing left to write back (a package writes gigabytes: the next command must not pay for them)."""
+    os.sync()  # the previous command's gigabytes written back first: not charged to this one
     with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak:
         start = time.perf_counter()
         code = subprocess.run(

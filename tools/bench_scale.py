@@ -6,8 +6,9 @@ waited for: the GenAI model builder runs in a child of ours).
     python tools/bench_scale.py sizes [--sizes 135m,360m,1b,1.7b]        # random weights beyond 135M: said per row
     python tools/bench_scale.py render                                    # benchmarks/scaling.md (+ .png) from JSON
 
-variants: one `merge-and-onnx` of the first adapter, then `package --mode both` with N = counts variants; the N-th
-variant's cost is the difference between consecutive package runs over the variants added.
+variants: one `merge-and-onnx` of the first adapter, then `package --mode both` with N = counts variants, then the
+merge-and-onnx again (the A/A band); the N-th variant's cost is the difference between consecutive package runs over
+the variants added.
 sizes: per model, `merge`, `verify`, `merge-and-onnx` (default exporter), the GenAI model builder alone on the merged
 folder, and PEFT's load + merge_and_unload + save_pretrained. SmolLM2-135M is the real model; 360M has SmolLM2-360M's
 configuration, 1B and 1.7B LLaMA-shaped configurations (SmolLM2-1.7B's), all with random weights. The 1.7B's verify
@@ -90,6 +91,10 @@ def variants(work: Path, counts: list[int]) -> dict[str, Any]:
              "--workers", "1"]
         )  # fmt: skip
         shutil.rmtree(work / "p1w")
+    shutil.rmtree(work / "m")  # the first command again, last: the A/A band of this run
+    rows["merge-and-onnx (1 adapter), again"] = timed(
+        [*LORA_EXPORT, "merge-and-onnx", str(base), str(adapters[0]), "-o", str(work / "m")]
+    )
     return {"model": "SmolLM2-135M-Instruct (real)", "rows": {k: list(v) for k, v in rows.items()}}
 
 

@@ -10,6 +10,7 @@ its own copy of the weights, and a crash there is an error here, not a dead run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import subprocess
 import sys
@@ -19,16 +20,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..io.errors import ExportError
 from ..io.jsonio import read_json_object
 from ..model.config import ModelConfig
+from ..model.loading import load_model
 from ..records import Check
 from ..records.sections import ExportSection
-from ..verification.compare import Case, compare, metrics_check
+from ..verification.compare import DTYPES, Case, compare, metrics_check
 from .onnx_check import computing_in_float32
-from .runtime_files import genai_model, new_generator, next_tokens, portable_tokenizer_config
+from .runtime_files import (
+    genai_model,
+    model_special_ids,
+    new_generator,
+    next_tokens,
+    portable_tokenizer_config,
+    prompt_tokens,
+    random_prompt,
+)
 
 # Architectures the builder of onnxruntime-genai 0.18 turns into a plain decoder (builder.py's dispatch).
 SUPPORTED = {
@@ -150,6 +161,19 @@ def export_section(out: Path, dtype: str, precision: str, target: str, seconds: 
 References = list[tuple[list[int], list[torch.Tensor]]]  # per prompt: PyTorch's greedy tokens, logits per step
 
 
+def genai_references(merged_dir: Path, dtype: str, seed: int, n: int) -> tuple[list[list[int]], References]:
+    """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references of n tokens; the model is freed
+    after."""
+    model = load_model(merged_dir, DTYPES[dtype])
+    prompt, _eos, _tokenizer = prompt_tokens(merged_dir)
+    vocab = int(model.config.get_text_config().vocab_size)
+    prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, seed)) if p]
+    references = pytorch_references(model, prompts, n)
+    del model
+    gc.collect()
+    return prompts, references
+
+
 def pytorch_references(model: torch.nn.Module, prompts: list[list[int]], n: int) -> References:
     """PyTorch's greedy tokens after each prompt and its logits at every step (float16 models: the float32
     computation of their weights), computed before GenAI loads its own copy of the weights."""
@@ -162,6 +186,15 @@ def pytorch_references(model: torch.nn.Module, prompts: list[list[int]], n: int)
         steps = [step.reshape(1, -1).double().cpu() for step in ref.logits]
         references.append((ref.sequences[0, len(prompt) :].tolist(), steps))
     return references
+
+
+def save_references(path: Path, prompt: list[int], references: dict[str, tuple[list[int], Any]]) -> None:
+    """reference.npz: a prompt, and per name the greedy tokens after it and the logits after the prompt."""
+    arrays = {"genai:prompt": np.asarray(prompt, np.int64)}
+    for name, (tokens, logits) in references.items():
+        arrays[f"tokens:{name}"] = np.asarray(tokens, np.int64)
+        arrays[f"logits:{name}"] = np.asarray(logits, np.float64)
+    np.savez(path, **arrays)
 
 
 def genai_logits_check(folder: Path, prompts: list[list[int]], references: References, dtype: str) -> Check:

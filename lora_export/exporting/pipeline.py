@@ -3,7 +3,6 @@ merge → verify → ONNX → verify), each writing a report and nothing that lo
 
 from __future__ import annotations
 
-import gc
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,14 @@ from ..records import Check, PipelineReport, files_of, versions
 from ..records.sections import ExportSection, MergeSection, VerifySection
 from ..verification.compare import DTYPES
 from ..verification.verify import VerifyOptions, stored_dtype, verify
-from .genai_builder import BUILDER, genai_build, genai_logits_check, pytorch_references, unsupported_reason
+from .genai_builder import (
+    BUILDER,
+    genai_build,
+    genai_logits_check,
+    genai_references,
+    save_references,
+    unsupported_reason,
+)
 from .genai_reuse import reuse_graph
 from .graphs import cache_shape, refuse_encoder_decoder
 from .onnx import OnnxOptions, export_onnx, onnx_files
@@ -34,9 +40,7 @@ from .runtime_files import (
     copy_side_files,
     genai_check,
     genai_installed,
-    model_special_ids,
     prompt_tokens,
-    random_prompt,
     write_runtime_files,
 )
 
@@ -53,6 +57,7 @@ class ExportOptions:
     reuse: Any = None  # a GraphTemplate: the builder graph of another merged folder of the same base, to reuse
     quant: QuantOptions = QuantOptions()  # int8/int4: the builder's MatMulNBits graph, judged on an evaluation text
     origin: Origin | None = None  # int8/int4: the merged folder's base and adapters (else its lora_export.json's)
+    references_as: str | None = None  # package: the GenAI check's last prompt and references kept in reference.npz
 
 
 @dataclass(frozen=True)
@@ -148,12 +153,15 @@ def _export_genai(
     graph, so that GenAI never runs beside a PyTorch copy of the weights."""
     if options.reuse is not None:
         log("reusing the base's builder graph with this model's weights …")
-        prompts, references = _genai_references(merged_dir, options, dtype)
+        prompts, references = genai_references(merged_dir, dtype, options.seed, options.onnx.max_new_tokens)
         section = reuse_graph(options.reuse, merged_dir, out)
     else:
         with genai_build(merged_dir, out, dtype, log) as finish:
-            prompts, references = _genai_references(merged_dir, options, dtype)
+            prompts, references = genai_references(merged_dir, dtype, options.seed, options.onnx.max_new_tokens)
             section = finish()
+    if options.references_as is not None:  # what `package --check` re-runs in GenAI: no second PyTorch run for it
+        tokens, steps = references[-1]
+        save_references(out / "reference.npz", prompts[-1], {options.references_as: (tokens, steps[0].reshape(-1))})
     copy_side_files(merged_dir, out)
     log("checking in ONNX Runtime GenAI …")
     return section, [genai_logits_check(out, prompts, references, dtype)]
@@ -229,18 +237,6 @@ def _export_onnx(
         generation_text=text,
     )
     return section, checks
-
-
-def _genai_references(merged_dir: Path, options: ExportOptions, dtype: str) -> tuple[list[list[int]], Any]:
-    """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references; the model is freed after."""
-    model = load_model(merged_dir, DTYPES[dtype])
-    prompt, _eos, _tokenizer = prompt_tokens(merged_dir)
-    vocab = int(model.config.get_text_config().vocab_size)
-    prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, options.seed)) if p]
-    references = pytorch_references(model, prompts, options.onnx.max_new_tokens)
-    del model
-    gc.collect()
-    return prompts, references
 
 
 def _report(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ..exporting.quantized_build import refuse_unquantizable
 from ..exporting.runtime_files import copy_side_files, genai_adapters_check
 from ..io.errors import InputError, UnsupportedError
 from ..io.outputs import DiscardOutput, atomic_output_dir, check_output_location
+from ..io.processes import WorkerPool
 from ..model.adapters import load_adapter
 from ..model.hub import check_bases, folder_of, source_field, source_of
 from ..model.loading import load_model
@@ -36,7 +39,7 @@ from ..records.package import PackagePart
 from ..records.tolerances import tolerances_for
 from .genai import dtype_notes, shared_genai
 from .genai_quantized import shared_genai_quantized
-from .merged import merged_layout
+from .merged import merged_layout, variant_workers, warm_worker, worker_modules
 from .references import compare_logits, reference_inputs, torch_logits
 from .shared_graph import (
     build_shared_graph,
@@ -193,12 +196,20 @@ def _package(
         variants = [v for v in every if v.name == options.only]
         part = PackagePart(tuple(v.name for v in every), options.only)
     shared, template = None, None
-    if mode in ("shared", "both"):
-        shared, template = _shared(base_dir, every, variants, tmp, log, options)
     merged: dict[str, MergedVariant] = {}
     sharing = None
-    if mode in ("merged", "both"):
-        merged, sharing = merged_layout(base_dir, variants, tmp, log, options, template)
+    with ExitStack() as stack:
+        workers = variant_workers(base_dir, len(variants), options.workers) if mode != "shared" else 1
+        pool = None
+        if workers > 1:  # started now: the workers import while the shared layout is built
+            log(f"merged layout: starting {workers} worker processes for {len(variants)} variants …")
+            pool = stack.enter_context(
+                WorkerPool(workers, log, partial(warm_worker, base_dir), worker_modules(base_dir))
+            )
+        if mode in ("shared", "both"):
+            shared, template = _shared(base_dir, every, variants, tmp, log, options)
+        if mode in ("merged", "both"):
+            merged, sharing = merged_layout(base_dir, variants, tmp, log, options, template, pool)
     variant_info = {
         v.name: {
             "dtype": v.dtype,

@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..exporting.genai_builder import genai_build, genai_logits_check, pytorch_references
+from ..exporting.genai_builder import genai_build, genai_logits_check, pytorch_references, save_references
 from ..exporting.genai_reuse import GraphTemplate, template_of
 from ..exporting.runtime_files import (
     GENAI_CONFIG,
     copy_side_files,
     genai_adapters_check,
     genai_installed,
-    genai_prompt,
     genai_special_ids,
     model_special_ids,
     random_prompt,
@@ -51,14 +49,6 @@ def dtype_notes(variants: list[Variant]) -> list[str]:
     ]
 
 
-def save_references(path: Path, prompt: list[int], references: References) -> None:
-    arrays = {"genai:prompt": np.asarray(prompt, np.int64)}
-    for name, (tokens, logits) in references.items():
-        arrays[f"tokens:{name}"] = np.asarray(tokens, np.int64)
-        arrays[f"logits:{name}"] = np.asarray(logits, np.float64)
-    np.savez(path, **arrays)
-
-
 def rerun_genai_references(folder: Path, ref_path: Path, adapters: dict[str, Path], dtype: str = "float32") -> Check:
     """Re-run the stored GenAI references of a folder (with its adapters, if any) in ONNX Runtime GenAI."""
     if not genai_installed():
@@ -78,13 +68,6 @@ def rerun_genai_references(folder: Path, ref_path: Path, adapters: dict[str, Pat
     except Exception as e:  # a damaged archive under a manifest that hashes it: the package was built so
         raise InputError(f"{ref_path}: cannot read the reference outputs ({e}); {PACKAGE_FIX}") from None
     return genai_adapters_check(folder, adapters, prompt, references, dtype)
-
-
-def merged_references(folder: Path, name: str, dtype: str) -> None:
-    """reference.npz for a merged variant exported by the builder, from its merged PyTorch model."""
-    model = load_model(folder / "merged", torch.float32)
-    prompt = genai_prompt(folder / GENAI_CONFIG, int(model.config.get_text_config().vocab_size), 6, 3)
-    save_references(folder / "reference.npz", prompt, {name: greedy_reference(model, prompt, NEW_TOKENS)})
 
 
 def shared_genai(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporting.genai_builder import genai_build
+from ..exporting.genai_builder import genai_build, save_references
 from ..exporting.quantized import (
     QuantOptions,
     adapter_effect,
@@ -43,7 +43,7 @@ from ..model.loading import load_model
 from ..records import SharedLayout
 from ..records.tolerances import ADAPTER_EFFECT
 from ..verification.compare import load_tokenizer
-from .genai import NEW_TOKENS, References, builder_shared_layout, dtype_notes, save_references
+from .genai import NEW_TOKENS, References, builder_shared_layout, dtype_notes
 from .genai_lora import add_lora_inputs
 from .shared_graph import variant_adapters
 from .variants import Variant

@@ -21,14 +21,13 @@ from ..exporting.genai_reuse import COMMON, GraphTemplate, template_of
 from ..exporting.onnx import OnnxOptions
 from ..exporting.pipeline import ExportOptions, choose_exporter, merge_and_onnx
 from ..io.hashing import adopt_written, written_hashes
-from ..io.processes import run_in_processes, worker_count, worker_log
+from ..io.processes import WorkerPool, worker_count, worker_log
 from ..io.tensorfiles import parameter_count
 from ..merging.merge import MergeOptions
 from ..model.loading import load_model
 from ..records import MergedVariant
 from ..verification.verify import VerifyOptions
 from .external_data import write_external_data
-from .genai import merged_references
 from .genai_quantized import merged_self_references
 from .references import reference_inputs, rerun_merged, torch_logits
 from .variants import Variant
@@ -43,30 +42,28 @@ def merged_layout(
     log: Callable[[str], None],
     settings: Any,
     template: GraphTemplate | str | None,
+    pool: WorkerPool | None = None,
 ) -> tuple[dict[str, MergedVariant], dict[str, Any] | None]:
     """Each variant's merged/NAME folder, merge-and-onnx'd; and how the variants share their tensors on disk.
-    `template`: the shared layout's builder graph of the base, or why it cannot be one (None: no shared layout)."""
+    `template`: the shared layout's builder graph of the base, or why it cannot be one (None: no shared layout).
+    `pool`: worker processes (`variant_workers`, started by the caller) that check the variants side by side."""
     results: dict[str, MergedVariant] = {}
-    floats = [v for v in variants if v.dtype in ("auto", "float32")]
-    if template is None and floats and not settings.quant.quantized:
+    if template is None and _floats(variants) and not settings.quant.quantized:
         template = _base_template(base_dir, out, settings, log)
     if isinstance(template, str):
         log(f"merged layout: the builder runs for every variant ({template})")
-    jobs = [
-        (v, template if isinstance(template, GraphTemplate) and v in floats else None, VerifyOptions(structure=i == 0))
-        for i, v in enumerate(variants)
-    ]
+    jobs = _jobs(variants, template if isinstance(template, GraphTemplate) else None)
     try:
-        workers = variant_workers(base_dir, len(jobs), settings.workers)
-        if workers > 1:
-            log(f"merged layout: {len(jobs)} variants, checked in {workers} worker processes …")
-            done = run_in_processes([(v.name, _variant_job, (base_dir, v, out, settings, *job)) for v, *job in jobs],
-                                    workers, log)  # fmt: skip
-            for (v, _, _), (merged, hashed) in zip(jobs, done, strict=True):
+        if pool is not None:
+            log(f"merged layout: {len(variants)} variants, checked in {pool.workers} worker processes …")
+            done = pool.run(
+                [(v.name, _variant_job, (base_dir, v, out, settings, *job)) for v, job in zip(variants, jobs)]
+            )
+            for v, (merged, hashed) in zip(variants, done, strict=True):
                 adopt_written(hashed)  # the files the worker hashed for its report are not read again here
                 results[v.name] = merged
         else:
-            for v, reuse, verify in jobs:
+            for v, (reuse, verify) in zip(variants, jobs, strict=True):
                 results[v.name] = _variant(base_dir, v, out, log, settings, reuse, verify)
     finally:
         shutil.rmtree(out / STAGING, ignore_errors=True)
@@ -78,6 +75,17 @@ def merged_layout(
         log("merged layout: storing tensors identical across variants once …")
         return dedupe_merged(out, results)
     return results, None
+
+
+def _floats(variants: list[Variant]) -> list[Variant]:
+    return [v for v in variants if v.dtype in ("auto", "float32")]
+
+
+def _jobs(variants: list[Variant], reuse: GraphTemplate | None) -> list[tuple[Any, VerifyOptions]]:
+    """Per variant: the base's builder graph to reuse (float32 variants), and its verify options (the FLOPs and
+    operator calls counted once: every merged variant runs the base's graph)."""
+    floats = _floats(variants)
+    return [(reuse if v in floats else None, VerifyOptions(structure=i == 0)) for i, v in enumerate(variants)]
 
 
 def _base_template(base_dir: Path, out: Path, settings: Any, log: Callable[[str], None]) -> GraphTemplate | str | None:
@@ -102,8 +110,28 @@ def variant_workers(base_dir: Path, variants: int, asked: int | None) -> int:
     parameters = parameter_count(base_dir)
     if asked is None and (variants < 2 or parameters < SMALL_MODEL):
         return 1
-    per_worker = MEMORY_PER_FP32 * 4 * parameters + 2**30  # + the interpreter, torch and GenAI
-    return worker_count(variants, per_worker, asked)
+    return worker_count(variants, _per_worker(parameters), asked)
+
+
+def _per_worker(parameters: int) -> int:
+    return MEMORY_PER_FP32 * 4 * parameters + 2**30  # + the interpreter, torch and GenAI
+
+
+def worker_modules(base_dir: Path) -> list[str]:
+    """What every worker imports (once, in the forkserver where there is one): torch, transformers, ONNX and its
+    runtimes, the model's class."""
+    from ..model.loading import model_class
+
+    return ["lora_export.exporting.pipeline", model_class(base_dir).__module__]
+
+
+def warm_worker(base_dir: Path) -> None:
+    """A worker's imports before its first variant, made while the parent builds the shared layout: torch,
+    transformers and the model's class, ONNX and its runtimes (seconds in a fresh interpreter)."""
+    from ..exporting import pipeline  # noqa: F401  (torch, transformers, onnx)
+    from ..model.loading import model_class
+
+    model_class(base_dir)
 
 
 def _variant_job(
@@ -130,7 +158,11 @@ def _variant(
     folder.parent.mkdir(exist_ok=True)
     options = MergeOptions(dtype=v.dtype, weights=tuple(w for _, w in v.adapters), progress=False)
     export = ExportOptions(
-        onnx=OnnxOptions(max_new_tokens=8), exporter=settings.exporter, reuse=reuse, quant=settings.quant
+        onnx=OnnxOptions(max_new_tokens=8),
+        exporter=settings.exporter,
+        reuse=reuse,
+        quant=settings.quant,
+        references_as=v.name,  # the builder's graph: its GenAI check's references are what --check re-runs
     )
     result = merge_and_onnx(base_dir, [p for p, _ in v.adapters], folder, options, export, verify, log)
     section = result.report.export
@@ -142,9 +174,7 @@ def _variant(
         return merged  # the package fails; its report names this variant's failed checks
     if used == "genai" and settings.quant.quantized:  # --check re-runs GenAI's own outputs (genai_quantized)
         merged_self_references(folder, v.name)
-    elif used == "genai":
-        merged_references(folder, v.name, dtype)
-    else:
+    elif used != "genai":  # the dynamo graph's, in ONNX Runtime (the builder's GenAI check wrote its own)
         model = load_model(folder / "merged", torch.float16 if dtype == "float16" else torch.float32)
         _, feeds, _ = reference_inputs(model)
         logits = {f"logits:{v.name}": torch_logits(model, feeds)}
