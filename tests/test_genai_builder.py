@@ -271,3 +271,36 @@ def test_the_builder_graph_of_a_merged_model_is_the_base_graph(base: Path, tmp_p
     assert r.exit_code == 0, r.output
     merged, original = onnx_structure(out / "model.onnx"), onnx_structure(tmp_path / "b" / "model.onnx")
     assert merged.same_as(original) and merged.ops.get("com.microsoft.GroupQueryAttention") == 2
+
+
+def test_shared_adapters_checked_on_the_merged_variants_references(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both layouts, a float32 variant's PyTorch pass is made once: its merged GenAI check's references (same
+    prompt) are what the shared layout's adapter is checked against and stores; a float16 variant's merged model is
+    not the float32 truth, so its shared-layout references come from its unmerged model."""
+    import numpy as np
+
+    from lora_export.package import genai
+    from lora_export.records import PackageManifest
+
+    one = make_adapter(base, tmp_path / "one", target_modules=["q_proj", "v_proj"])
+    half = make_adapter(base, tmp_path / "half", seed=1, target_modules=["k_proj", "down_proj"])
+    (tmp_path / "variants.yaml").write_text(
+        f"variants:\n  one: {{adapters: [{one}]}}\n  half: {{adapters: [{half}], dtype: float16}}\n"
+    )
+    unmerged: list[object] = []
+    real = genai.load_unmerged
+    monkeypatch.setattr(genai, "load_unmerged", lambda *a, **k: unmerged.append(a) or real(*a, **k))
+    out = tmp_path / "pkg"
+    r = CliRunner().invoke(main, ["package", str(base), "--variants", str(tmp_path / "variants.yaml"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = PackageManifest.load(out)
+    assert manifest.passed and manifest.merged["half"].dtype == "float16"
+    assert [Path(a[1][0]).name for a in unmerged] == ["half"]  # "one" had its merged references: no second pass
+    shared, merged = np.load(out / "shared" / "reference.npz"), np.load(out / "merged" / "one" / "reference.npz")
+    assert shared["genai:prompt"].tolist() == merged["genai:prompt"].tolist()
+    assert shared["tokens:one"].tolist() == merged["tokens:one"].tolist()
+    assert np.array_equal(shared["logits:one"], merged["logits:one"])
+    r = CliRunner().invoke(main, ["package", "--check", str(out)])
+    assert r.exit_code == 0, r.output

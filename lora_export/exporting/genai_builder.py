@@ -161,13 +161,19 @@ def export_section(out: Path, dtype: str, precision: str, target: str, seconds: 
 References = list[tuple[list[int], list[torch.Tensor]]]  # per prompt: PyTorch's greedy tokens, logits per step
 
 
+def check_prompt(vocab: int, special: set[int], seed: int = 0) -> list[int]:
+    """The random prompt of the GenAI checks (8 ids): a merged variant's and a package's shared layout use the same,
+    so that one PyTorch pass per variant serves both."""
+    return random_prompt(vocab, special, 8, seed)
+
+
 def genai_references(merged_dir: Path, dtype: str, seed: int, n: int) -> tuple[list[list[int]], References]:
     """The GenAI check's prompts (a chat prompt, random ids) and PyTorch's references of n tokens; the model is freed
     after."""
     model = load_model(merged_dir, DTYPES[dtype])
     prompt, _eos, _tokenizer = prompt_tokens(merged_dir)
     vocab = int(model.config.get_text_config().vocab_size)
-    prompts = [p for p in (prompt, random_prompt(vocab, model_special_ids(merged_dir), 8, seed)) if p]
+    prompts = [p for p in (prompt, check_prompt(vocab, model_special_ids(merged_dir), seed)) if p]
     references = pytorch_references(model, prompts, n)
     del model
     gc.collect()

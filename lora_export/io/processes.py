@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -120,11 +121,25 @@ class WorkerPool:
         self.temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}workers-"))  # the workers' temporary files, and ours
         initargs = (self._queue, max(1, cores() // self.workers), str(self.temp), self.warm)
         self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init, initargs=initargs)
-        self._futures = [self._pool.submit(_started) for _ in range(self.workers)]  # one spawned per submit
+        self._start_error: BaseException | None = None
+        self._starting = threading.Thread(target=self._start, name="lora-export-workers", daemon=True)
+        self._starting.start()  # a forkserver imports its modules first: this process goes on meanwhile
         return self
+
+    def _start(self) -> None:
+        try:
+            self._futures = [self._pool.submit(_started) for _ in range(self.workers)]  # one spawned per submit
+        except BaseException as e:  # noqa: BLE001 - raised where the pool is next used
+            self._start_error = e
+
+    def _wait_started(self) -> None:
+        self._starting.join()
+        if self._start_error is not None:
+            raise self._start_error
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Start the jobs, each with its share of the cores; `results` waits for them."""
+        self._wait_started()
         n, machine_cores = len(jobs), cores()
         self.jobs = [
             self._pool.submit(_call, name, job_threads(i, n, self.workers, machine_cores), fn, args)
@@ -160,6 +175,7 @@ class WorkerPool:
         _drain(self._queue, self.log)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._starting.join()
         try:
             if kind is not None:  # an error or Ctrl-C: the jobs still running are stopped, not waited for
                 for f in self._futures:

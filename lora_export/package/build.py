@@ -37,7 +37,7 @@ from ..model.loading import load_model
 from ..records import MergedVariant, PackageManifest, SharedLayout, files_of, versions
 from ..records.package import PackagePart
 from ..records.tolerances import tolerances_for
-from .genai import dtype_notes, shared_genai
+from .genai import PendingAdapters, dtype_notes, finish_adapters, shared_genai
 from .genai_quantized import shared_genai_quantized
 from .merged import merged_layout, variant_workers, warm_worker, worker_modules
 from .references import compare_logits, reference_inputs, torch_logits
@@ -61,9 +61,10 @@ def _shared(
     out: Path,
     log: Callable[[str], None],
     options: PackageOptions,
-) -> tuple[SharedLayout, GraphTemplate | str | None]:
+) -> tuple[SharedLayout | PendingAdapters, GraphTemplate | str | None]:
     """The shared layout of `variants` in out/shared, its graph with the LoRA inputs of `every` variant; and, on the
-    builder's float32 graph, that graph of the base as the merged variants' template (or why it cannot be one)."""
+    builder's float32 graph, that graph of the base as the merged variants' template (or why it cannot be one). On
+    the builder's graph with a merged layout to follow, its adapters are checked after it (PendingAdapters)."""
     modules, loaded = union_modules(base_dir, {v.name: v.adapters for v in every})
     shared, exporter = out / "shared", options.exporter
     shared.mkdir()
@@ -74,7 +75,7 @@ def _shared(
     if use == "genai":
         log(f"shared layout: the GenAI model builder's graph of the base ({why}) …")
         try:
-            layout, template = shared_genai(base_dir, variants, out, modules, loaded, log)
+            layout, template = shared_genai(base_dir, variants, out, modules, loaded, log, options.mode == "both")
             return replace(layout, notes=(*layout.notes, f"exporter: genai ({why})")), template
         except UnsupportedError as e:
             if exporter == "genai":
@@ -210,6 +211,8 @@ def _package(
             shared, template = _shared(base_dir, every, variants, tmp, log, options)
         if mode in ("merged", "both"):
             merged, sharing = merged_layout(base_dir, variants, tmp, log, options, template, pool)
+    if isinstance(shared, PendingAdapters):  # on the merged variants' references: one PyTorch pass each
+        shared = finish_adapters(shared, base_dir, variants, tmp, merged, log)
     variant_info = {
         v.name: {
             "dtype": v.dtype,

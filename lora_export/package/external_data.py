@@ -7,6 +7,33 @@ from pathlib import Path
 from typing import Any
 
 from ..exporting.genai_reuse import link_or_copy, place, point
+from ..io.errors import ExportError
+
+
+def load_with_data(path: Path) -> Any:
+    """A graph this package wrote, with its external data read in. onnx.load refuses a data file with several hard
+    links (a guard for files it did not write), and a merged variant's common.data is one: a link to the base
+    graph's data. The data files must lie beside the graph."""
+    import numpy as np
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    files: dict[str, Any] = {}
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        name = info["location"]
+        if Path(name).name != name:
+            raise ExportError(f"{path}: tensor {tensor.name} points outside its folder ({name})")
+        data = files.setdefault(name, np.memmap(path.parent / name, dtype=np.uint8, mode="r"))
+        start = int(info.get("offset", 0))
+        end = start + int(info["length"]) if "length" in info else len(data)
+        tensor.raw_data = data[start:end].tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
 
 
 def write_external_data(models: dict[str, Any], folders: dict[str, Path], staging: Path) -> tuple[int, int, bool]:

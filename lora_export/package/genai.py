@@ -10,12 +10,19 @@ GenAI, where the graph runs: its inputs (no position_ids, a KV buffer GenAI owns
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..exporting.genai_builder import genai_build, genai_logits_check, pytorch_references, save_references
+from ..exporting.genai_builder import (
+    check_prompt,
+    genai_build,
+    genai_logits_check,
+    pytorch_references,
+    save_references,
+)
 from ..exporting.genai_reuse import GraphTemplate, template_of
 from ..exporting.runtime_files import (
     GENAI_CONFIG,
@@ -24,13 +31,12 @@ from ..exporting.runtime_files import (
     genai_installed,
     genai_special_ids,
     model_special_ids,
-    random_prompt,
 )
 from ..io.errors import InputError, UnsupportedError
 from ..model.adapters import LoraAdapter
 from ..model.config import ModelConfig
 from ..model.loading import load_model
-from ..records import Check, SharedLayout
+from ..records import Check, MergedVariant, SharedLayout
 from ..records.package import PACKAGE_FIX
 from ..verification.lora_runtime import load_unmerged
 from .genai_lora import add_lora_inputs
@@ -70,6 +76,22 @@ def rerun_genai_references(folder: Path, ref_path: Path, adapters: dict[str, Pat
     return genai_adapters_check(folder, adapters, prompt, references, dtype)
 
 
+@dataclass(frozen=True)
+class PendingAdapters:
+    """A shared layout on the builder's graph whose adapters are checked in GenAI after the merged layout
+    (`finish_adapters`): against the PyTorch references each merged variant's own GenAI check computed on the same
+    prompt — one PyTorch pass per variant for both layouts — or, where a variant has none, its unmerged model's."""
+
+    shared: Path
+    lora: list[str]
+    files: dict[str, str]
+    parameters: dict[str, dict[str, list[int]]]
+    checks: tuple[Check, ...]
+    notes: tuple[str, ...]
+    prompt: list[int]
+    base: tuple[list[int], np.ndarray]  # the base's greedy tokens and logits after the prompt
+
+
 def shared_genai(
     base_dir: Path,
     variants: list[Variant],
@@ -77,13 +99,15 @@ def shared_genai(
     modules: dict[str, tuple[int, int]],
     loaded: dict[str, list[tuple[LoraAdapter, float]]],
     log: Callable[[str], None],
-) -> tuple[SharedLayout, GraphTemplate | str]:
+    defer: bool = False,
+) -> tuple[SharedLayout | PendingAdapters, GraphTemplate | str]:
     """The shared layout on the builder's graph, in out/shared (which exists and is empty); and the builder's graph
-    of the base as it was before the LoRA inputs, the merged variants' template (or why it cannot be one)."""
+    of the base as it was before the LoRA inputs, the merged variants' template (or why it cannot be one). With
+    `defer` (a merged layout follows), its adapters are checked after it: PendingAdapters."""
 
     shared = out / "shared"
     with genai_build(base_dir, shared, "float32", log) as finish:  # PyTorch's references while the builder runs
-        prompt, references, base_references = _references(base_dir, variants)
+        prompt, references, base_references = _references(base_dir, [] if defer else variants)
         finish()
     if set(prompt) & genai_special_ids(shared / GENAI_CONFIG):  # GenAI would read the prompt otherwise than PyTorch
         raise UnsupportedError("the builder's genai_config.json names special tokens that config.json does not")
@@ -91,16 +115,67 @@ def shared_genai(
     template = template_of(shared, base_dir)
     log("shared layout: LoRA inputs with rank-0 defaults on the GenAI graph …")
     lora = add_lora_inputs(shared / "model.onnx", modules, ModelConfig.load(base_dir))
-    checks = [genai_logits_check(shared, [prompt], base_references, "float32")]
+    checks = (genai_logits_check(shared, [prompt], base_references, "float32"),)
     written = adapter_files(variants, loaded, shared)
     files = {n: f"shared/{path.name}" for n, (path, _) in written.items()}
     parameters = {n: shapes for n, (_, shapes) in written.items()}
+    notes = (
+        *dtype_notes(variants),
+        "graph: ONNX Runtime GenAI's model builder, with LoRA inputs added; runs in GenAI (og.Adapters)",
+    )
+    pending = PendingAdapters(shared, lora, files, parameters, checks, notes, prompt, references["__base__"])
+    if defer:
+        return pending, template
+    return _check_adapters(pending, out, references, log), template
+
+
+def finish_adapters(
+    pending: PendingAdapters,
+    base_dir: Path,
+    variants: list[Variant],
+    out: Path,
+    merged: dict[str, MergedVariant],
+    log: Callable[[str], None],
+) -> SharedLayout:
+    """The deferred adapters check, on the merged variants' references where they have float32 ones on this
+    prompt; the others' from their unmerged models."""
+    references = {"__base__": pending.base}
+    for v in variants:
+        found = _merged_reference(out, v.name, merged.get(v.name), pending.prompt)
+        if found is None:
+            unmerged = load_unmerged(base_dir, [p for p, _ in v.adapters], [w for _, w in v.adapters])
+            found = greedy_reference(unmerged, pending.prompt, NEW_TOKENS)
+            del unmerged
+        references[v.name] = found
+    return _check_adapters(pending, out, references, log)
+
+
+def _merged_reference(
+    out: Path, name: str, merged: MergedVariant | None, prompt: list[int]
+) -> tuple[list[int], np.ndarray] | None:
+    """A merged variant's PyTorch references on `prompt` (float32, checked), as its GenAI check stored them."""
+    if merged is None or merged.exporter != "genai" or merged.dtype != "float32":
+        return None
+    path = out / merged.folder / "reference.npz"
+    if not all(c.passed for c in merged.checks) or not path.is_file():
+        return None
+    with np.load(path) as ref:
+        if ref["genai:prompt"].tolist() != prompt or f"tokens:{name}" not in ref.files:
+            return None
+        return ref[f"tokens:{name}"].tolist(), ref[f"logits:{name}"]
+
+
+def _check_adapters(
+    pending: PendingAdapters, out: Path, references: References, log: Callable[[str], None]
+) -> SharedLayout:
     log("shared layout: checking the base and every adapter in ONNX Runtime GenAI …")
-    checks.append(genai_adapters_check(shared, {n: out / f for n, f in files.items()}, prompt, references))
-    save_references(shared / "reference.npz", prompt, references)
-    notes = dtype_notes(variants)
-    notes.append("graph: ONNX Runtime GenAI's model builder, with LoRA inputs added; runs in GenAI (og.Adapters)")
-    return builder_shared_layout(shared, lora, files, parameters, checks, notes), template
+    adapters = {n: out / f for n, f in pending.files.items()}
+    check = genai_adapters_check(pending.shared, adapters, pending.prompt, references)
+    save_references(pending.shared / "reference.npz", pending.prompt, references)
+    checks = [*pending.checks, check]
+    return builder_shared_layout(
+        pending.shared, pending.lora, pending.files, pending.parameters, checks, list(pending.notes)
+    )
 
 
 def _references(base_dir: Path, variants: list[Variant]) -> tuple[list[int], References, Any]:
@@ -108,7 +183,7 @@ def _references(base_dir: Path, variants: list[Variant]) -> tuple[list[int], Ref
     unmerged model's (tokens, logits after the prompt); one model in memory at a time."""
     base = load_model(base_dir)
     vocab = int(base.config.get_text_config().vocab_size)
-    prompt = random_prompt(vocab, model_special_ids(base_dir), 6, 3)
+    prompt = check_prompt(vocab, model_special_ids(base_dir))  # the merged variants' GenAI check's prompt too
     ((tokens, steps),) = base_references = pytorch_references(base, [prompt], NEW_TOKENS)
     references = {"__base__": (tokens, steps[0].numpy().reshape(-1))}  # the same run: no second one on the base
     del base

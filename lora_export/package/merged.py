@@ -27,7 +27,7 @@ from ..merging.merge import MergeOptions
 from ..model.loading import load_model
 from ..records import MergedVariant
 from ..verification.verify import VerifyOptions
-from .external_data import write_external_data
+from .external_data import load_with_data, write_external_data
 from .genai_quantized import merged_self_references
 from .references import reference_inputs, rerun_merged, torch_logits
 from .variants import Variant
@@ -216,11 +216,10 @@ def dedupe_merged(out: Path, merged: dict[str, MergedVariant]) -> tuple[dict[str
     tokenizer and genai_config.json), while storing the tensors identical in every variant once: they go to
     common.data, hard-linked into each variant's folder (ONNX Runtime wants external data beside the graph), the
     rest to the variant's model.onnx.data. Each rewritten graph is checked against the variant's reference outputs."""
-    import onnx
 
     names = list(merged)
     folders = {n: out / merged[n].folder for n in names}
-    models = {n: onnx.load(str(out / merged[n].graph)) for n in names}  # with their weights, before the rewrite
+    models = {n: load_with_data(out / merged[n].graph) for n in names}  # with their weights, before the rewrite
     for folder in folders.values():  # common.data too: it may be a link to the shared graph's data, never written into
         for f in [*folder.glob("model.onnx*"), folder / COMMON]:
             f.unlink(missing_ok=True)
