@@ -107,8 +107,8 @@ def assert_base_tensors_linked(out: Path, manifest: Any) -> None:
 
 def test_package_on_the_builder_graph_with_swappable_adapters(base: Path, tmp_path: Path) -> None:
     """package's default exporter (auto) on a model the builder builds: the shared layout is the builder's graph
-    with LoRA inputs, every variant checked in GenAI (og.Adapters) against PEFT's unmerged model; merged variants
-    are builder graphs too; package --check re-runs all of it in GenAI; swapped references fail."""
+    with LoRA inputs, every variant checked in GenAI (og.Adapters) against PyTorch (the merged variants' references,
+    verified against the unmerged model); merged variants are builder graphs too; package --check re-runs all of it in GenAI; swapped references fail."""
     import numpy as np
 
     from lora_export.exporting.runtime_files import genai_adapters_check
