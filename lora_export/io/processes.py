@@ -110,7 +110,6 @@ class WorkerPool:
     ) -> None:
         self.workers, self.log, self.warm, self.preload = workers, log, warm, list(preload)
         self._futures: list[Future[Any]] = []
-        self.jobs: list[Future[Any]] = []  # the submitted jobs, in their order
 
     def __enter__(self) -> WorkerPool:
         context: Any = multiprocessing.get_context("spawn")
@@ -137,19 +136,16 @@ class WorkerPool:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit(self, jobs: Sequence[Job]) -> None:
-        """Start the jobs, each with its share of the cores; `results` waits for them."""
+    def run(self, jobs: Sequence[Job]) -> list[Any]:
+        """Each job in the pool, with its share of the cores; the results in the jobs' order. A job's exception is
+        raised here as it was raised (the other jobs are then stopped); a worker that died is a WorkerError."""
         self._wait_started()
         n, machine_cores = len(jobs), cores()
-        self.jobs = [
+        futures = [
             self._pool.submit(_call, name, job_threads(i, n, self.workers, machine_cores), fn, args)
             for i, (name, fn, args) in enumerate(jobs)
         ]
-        self._futures += self.jobs
-
-    def results(self) -> list[Any]:
-        """The submitted jobs' results, in their order. A job's exception is raised here as it was raised (the other
-        jobs are then stopped); a worker that died is a WorkerError."""
+        self._futures += futures
         pending: set[Future[Any]] = set(self._futures)
         try:
             while pending:
@@ -164,14 +160,10 @@ class WorkerPool:
                 "use --workers 1 (workers=1) to check them one after another in this process"
             ) from None
         self._futures = []
-        return [f.result() for f in self.jobs]
-
-    def run(self, jobs: Sequence[Job]) -> list[Any]:
-        self.submit(jobs)
-        return self.results()
+        return [f.result() for f in futures]
 
     def drain(self) -> None:
-        """The workers' log lines so far, through the log (before a line of this process's own, say)."""
+        """The workers' log lines so far, through the log."""
         _drain(self._queue, self.log)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:

@@ -110,11 +110,8 @@ def variant_workers(base_dir: Path, variants: int, asked: int | None) -> int:
     parameters = parameter_count(base_dir)
     if asked is None and (variants < 2 or parameters < SMALL_MODEL):
         return 1
-    return worker_count(variants, _per_worker(parameters), asked)
-
-
-def _per_worker(parameters: int) -> int:
-    return MEMORY_PER_FP32 * 4 * parameters + 2**30  # + the interpreter, torch and GenAI
+    per_worker = MEMORY_PER_FP32 * 4 * parameters + 2**30  # + the interpreter, torch and GenAI
+    return worker_count(variants, per_worker, asked)
 
 
 def worker_modules(base_dir: Path) -> list[str]:
